@@ -76,7 +76,10 @@ class Datapath(Protocol):
         """Flows that are alive: push their soft-state deadlines forward."""
         ...
 
-    def counters(self) -> dict[Endpoint, FlowCounters]: ...
+    def counters(self, matches: Sequence[Endpoint] | None = None) -> dict[Endpoint, FlowCounters]:
+        """Counters of the given flows (all flows when None); unknown matches are left out.
+        The expiry sweep asks only for the flows whose deadline is due."""
+        ...
 
     def drops(self) -> dict[str, DropCounter]:
         """Packets not forwarded, by reason (``unallocated``, ``expired``, ...)."""
@@ -113,8 +116,10 @@ class FakeDatapath:
     def refresh(self, flows: Sequence[Flow]) -> None:
         self.refreshed.extend(f.match for f in flows)
 
-    def counters(self) -> dict[Endpoint, FlowCounters]:
-        return dict(self.stats)
+    def counters(self, matches: Sequence[Endpoint] | None = None) -> dict[Endpoint, FlowCounters]:
+        if matches is None:
+            return dict(self.stats)
+        return {m: self.stats[m] for m in matches if m in self.stats}
 
     def drops(self) -> dict[str, DropCounter]:
         return {}

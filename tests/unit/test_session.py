@@ -1,0 +1,182 @@
+"""The media session state machine, driven with a hand-stepped clock."""
+
+import random
+from ipaddress import IPv4Address, IPv6Address
+
+import pytest
+
+from xlat.addr import Endpoint
+from xlat.media.datapath import FakeDatapath, FlowCounters, Latch
+from xlat.media.ports import PortsExhausted, RelayPortPool
+from xlat.media.session import SessionManager, SessionNotFound, StreamMismatch, StreamSpec
+
+GW4 = IPv4Address("203.0.113.1")
+GW6 = IPv6Address("2001:db8:6::1")
+A6 = Endpoint.parse("[2001:db8:6::2]:4000")
+B4 = Endpoint.parse("203.0.113.2:5000")
+
+
+def make(ports: int = 999, **kw: object) -> tuple[SessionManager, FakeDatapath]:
+    mgr = SessionManager(
+        {4: RelayPortPool(GW4, 30000, 30000 + ports), 6: RelayPortPool(GW6, 30000, 30000 + ports)},
+        rng=random.Random(1), **kw,  # type: ignore[arg-type]
+    )
+    dp = FakeDatapath()
+
+    def apply() -> None:
+        batch = mgr.drain()
+        dp.remove(batch.remove)
+        dp.install(batch.install)
+        dp.refresh(batch.refresh)
+
+    mgr.on_change = apply
+    return mgr, dp
+
+
+def test_offer_answer_installs_four_flows_across_families() -> None:
+    mgr, dp = make()
+    (relay_b,) = mgr.offer("c1", "ta", [StreamSpec(A6)], toward=4, now=0.0)
+    assert relay_b is not None and relay_b.family == 4
+    # before the answer only B -> A can flow (early media)
+    assert {f.match for f in dp.flows.values()} == {relay_b, Endpoint(GW4, relay_b.port + 1)}
+    (relay_a,) = mgr.answer("c1", "ta", "tb", [StreamSpec(B4)], now=1.0)
+    assert relay_a is not None and relay_a.family == 6
+    rtp_ab = dp.flows[relay_a]
+    assert (rtp_ab.source, rtp_ab.to, rtp_ab.reverse) == (relay_b, B4, relay_b)
+    rtcp_ba = dp.flows[Endpoint(GW4, relay_b.port + 1)]
+    assert rtcp_ba.to == Endpoint(A6.host, A6.port + 1)
+    assert len(dp.flows) == 4
+
+
+def test_repeated_offer_returns_same_relays_and_reinvite_keeps_ports() -> None:
+    mgr, dp = make()
+    first = mgr.offer("c1", "ta", [StreamSpec(A6)], toward=4, now=0.0)
+    assert mgr.offer("c1", "ta", [StreamSpec(A6)], toward=4, now=0.5) == first
+    (relay_a,) = mgr.answer("c1", "ta", "tb", [StreamSpec(B4)], now=1.0)
+    # re-INVITE from the callee (its tag now the from-tag) puts A on hold
+    hold = Endpoint.parse("0.0.0.0:5000")
+    again = mgr.offer("c1", "tb", [StreamSpec(hold)], toward=6, now=2.0)
+    assert again == [relay_a]
+    assert relay_a not in dp.flows  # nothing sent to a party on hold
+    mgr.answer("c1", "tb", "ta", [StreamSpec(A6)], now=3.0)
+    mgr.offer("c1", "tb", [StreamSpec(B4)], toward=6, now=4.0)
+    assert dp.flows[relay_a].to == B4
+    assert len(mgr.sessions()) == 1
+
+
+def test_rejected_stream_and_rtcp_mux() -> None:
+    mgr, dp = make()
+    relays = mgr.offer("c", "a", [StreamSpec(A6, rtcp_mux=True), StreamSpec(None)], toward=4,
+                       now=0.0)
+    assert relays[1] is None
+    mgr.answer("c", "a", "b", [StreamSpec(B4), StreamSpec(None)], now=0.0)
+    assert relays[0] is not None
+    assert dp.flows[Endpoint(GW4, relays[0].port + 1)].to == A6  # RTCP muxed onto RTP
+
+
+def test_answer_without_offer_and_mismatched_answer() -> None:
+    mgr, _ = make()
+    with pytest.raises(SessionNotFound):
+        mgr.answer("nope", "a", "b", [StreamSpec(B4)], now=0.0)
+    mgr.offer("c", "a", [StreamSpec(A6)], toward=4, now=0.0)
+    with pytest.raises(StreamMismatch):
+        mgr.answer("c", "a", "b", [StreamSpec(B4), StreamSpec(B4)], now=0.0)
+
+
+def test_fork_gets_its_own_offerer_leg_and_shares_answerer_leg() -> None:
+    mgr, dp = make()
+    (relay_b,) = mgr.offer("c", "a", [StreamSpec(A6)], toward=4, now=0.0)
+    (ra1,) = mgr.answer("c", "a", "b1", [StreamSpec(B4)], now=0.1)
+    b2 = Endpoint.parse("203.0.113.3:6000")
+    (ra2,) = mgr.answer("c", "a", "b2", [StreamSpec(b2)], now=0.2)
+    assert ra1 != ra2 and len(mgr.find("c")) == 2
+    assert dp.flows[ra1].to == B4 and dp.flows[ra2].to == b2
+    assert dp.flows[relay_b].source == ra2  # the latest answer owns the shared leg
+    mgr.delete("c", "a", "b2", now=1.0, delay=0)
+    assert ra2 not in dp.flows and dp.flows[relay_b].source == ra1
+    mgr.delete("c", now=2.0, delay=0)
+    assert dp.flows == {} and mgr.sessions() == []
+
+
+def test_delete_delay_keeps_flows_then_frees_ports() -> None:
+    mgr, dp = make(ports=1, delete_delay=10.0)  # one pair per family
+    mgr.offer("c", "a", [StreamSpec(A6)], toward=4, now=0.0)
+    mgr.answer("c", "a", "b", [StreamSpec(B4)], now=0.0)
+    assert mgr.delete("c", now=1.0)
+    (s,) = mgr.sessions()
+    assert s.state == "deleting" and len(dp.flows) == 4
+    assert mgr.expire(10.9, dp.counters) == []
+    assert [x.id for x in mgr.expire(11.0, dp.counters)] == [s.id]
+    assert dp.flows == {}
+    with pytest.raises(PortsExhausted):  # quarantined for 5 s
+        mgr.offer("d", "a", [StreamSpec(A6)], toward=4, now=12.0)
+    assert mgr.offer("d", "a", [StreamSpec(A6)], toward=4, now=16.0)[0] is not None
+    assert not mgr.delete("unknown", now=0.0)
+
+
+def test_exhaustion_leaks_nothing() -> None:
+    mgr, _ = make(ports=1)
+    mgr.offer("c", "a", [StreamSpec(A6)], toward=4, now=0.0)
+    with pytest.raises(PortsExhausted):
+        mgr.offer("d", "a", [StreamSpec(A6)], toward=4, now=0.0)
+    assert [s.call_id for s in mgr.sessions()] == ["c"]
+    assert mgr.pools[4][0].in_use == 1 and mgr.pools[6][0].in_use == 1
+
+
+def test_idle_expiry_asks_only_due_sessions_and_respects_traffic() -> None:
+    mgr, dp = make(idle_timeout=30.0)
+    s = mgr.add(A6, B4, now=0.0)
+    other = mgr.add(A6, B4, now=20.0)
+    asked: list[int] = []
+
+    def lookup(matches):  # type: ignore[no-untyped-def]
+        asked.append(len(matches))
+        return dp.counters(matches)
+
+    legs = s.streams[0]
+    assert legs is not None
+    dp.stats[legs[0].relay] = FlowCounters(packets=3, bytes=300, last_seen=25.0)
+    assert mgr.expire(30.0, lookup) == []
+    assert asked == [4]  # only the due session was looked at
+    assert [x.id for x in mgr.expire(54.9, lookup)] == [other.id]  # never saw a packet
+    assert [x.id for x in mgr.expire(55.0, lookup)] == [s.id]  # 30 s after its last packet
+    assert mgr.sessions() == [] and dp.flows == {}
+
+
+def test_lifetime_caps_a_busy_session() -> None:
+    mgr, dp = make()
+    s = mgr.add(A6, B4, now=0.0, idle_timeout=60, lifetime=5.0)
+    assert [x.id for x in mgr.expire(5.0, dp.counters)] == [s.id]
+
+
+def test_manual_session_describe_matches_cli_contract() -> None:
+    mgr, dp = make()
+    s = mgr.add(A6, B4, now=0.0)
+    d = mgr.describe(s, now=1.0)
+    legs = d["legs"]
+    assert isinstance(legs, list)
+    assert legs[0]["peer"] == str(A6) and legs[0]["relay"].startswith("[2001:db8:6::1]:")
+    assert legs[1]["peer"] == str(B4) and legs[1]["relay"].startswith("203.0.113.1:")
+    assert d["state"] == "active" and d["id"] == s.id
+    mgr.remove(s.id, now=1.0)
+    assert dp.flows == {}
+    with pytest.raises(SessionNotFound):
+        mgr.remove(s.id, now=1.0)
+
+
+def test_strict_latch_expects_negotiated_sources() -> None:
+    mgr, dp = make(latch=Latch.STRICT)
+    s = mgr.add(A6, B4, now=0.0)
+    legs = s.streams[0]
+    assert legs is not None
+    assert dp.flows[legs[0].relay].expect == A6
+    assert dp.flows[legs[1].relay].latch is Latch.STRICT
+
+
+def test_nat64_offerer_leg_learns_its_peer() -> None:
+    mgr, dp = make()
+    (relay_b,) = mgr.offer("c", "a", [StreamSpec(A6)], toward=4, now=0.0, offerer_family=4)
+    flow = dp.flows[relay_b]
+    assert flow.to.port == 0 and flow.to.family == 4 and flow.latch is Latch.LEARN
+    (relay_a,) = mgr.answer("c", "a", "b", [StreamSpec(B4)], now=0.0)
+    assert relay_a is not None and relay_a.family == 4

@@ -1,0 +1,621 @@
+"""Media sessions: which parties talk through which relay ports, and for how long.
+
+Sans-I/O. Signalling (SIP proxy, NG, the CLI) calls ``offer``/``answer``/``delete``/
+``add``/``remove`` with the current time; the manager allocates relay pairs,
+derives the kernel flows each session needs, and queues the datapath changes.
+The daemon pulls them with ``drain()`` (it is told by ``on_change``), so changes
+made in one event-loop turn reach the kernel as one batch.
+
+A session has two *sides* (0: the offerer, 1: the answerer; for a manual relay:
+peer A and peer B) and one pair of *legs* per media stream: leg ``i`` faces side
+``i`` on that side's IP family. Packets a side sends to its own leg's relay leave
+from the other leg's relay towards the other side.
+
+Timers are soft state: each session has one deadline in a heap. When it is due
+the manager asks the datapath only for that session's counters; if media moved it
+pushes the deadline forward (and refreshes the nftables elements), otherwise the
+session ends. So a sweep costs what is due, not what exists.
+"""
+
+from __future__ import annotations
+
+import heapq
+import ipaddress
+import logging
+import random
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from xlat.addr import Endpoint
+from xlat.media.datapath import Flow, FlowCounters, Latch
+from xlat.media.ports import PortsExhausted, RelayPortPool
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "DatapathBatch",
+    "MediaSession",
+    "PortsExhausted",
+    "SessionManager",
+    "SessionNotFound",
+    "StreamMismatch",
+    "StreamSpec",
+]
+
+CountersLookup = Callable[[Sequence[Endpoint]], Mapping[Endpoint, FlowCounters]]
+
+
+class StreamMismatch(ValueError):
+    """An answer whose streams do not line up with the offer (RFC 3264 §6)."""
+
+
+class SessionNotFound(KeyError):
+    """No session matches the given id, or call-id and tags."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "no such session"
+
+
+@dataclass(frozen=True, slots=True)
+class StreamSpec:
+    """One m= line as a party offered or answered it."""
+
+    peer: Endpoint | None  # RTP address:port; None = rejected stream (port 0)
+    rtcp: Endpoint | None = None  # from a=rtcp; None = peer.port + 1
+    rtcp_mux: bool = False
+
+
+@dataclass(slots=True)
+class Leg:
+    """Our relay pair facing one side of one stream, and what that side told us."""
+
+    relay: Endpoint  # RTP; RTCP is relay.port + 1
+    peer: Endpoint | None = None
+    rtcp_peer: Endpoint | None = None
+    rtcp_mux: bool = False
+
+    def learn(self, spec: StreamSpec) -> None:
+        self.peer, self.rtcp_peer, self.rtcp_mux = spec.peer, spec.rtcp, spec.rtcp_mux
+
+
+@dataclass(slots=True)
+class MediaSession:
+    """Both sides of one dialog (or one manual relay)."""
+
+    id: str
+    origin: str  # "sip" | "ng" | "manual"
+    call_id: str | None
+    tags: list[str | None]  # [side 0, side 1]
+    families: tuple[int, int]
+    streams: list[tuple[Leg, Leg] | None]  # None: rejected stream
+    idle_timeout: float
+    lifetime: float | None
+    created: float
+    activity: float  # last time signalling or media showed it alive
+    state: str = "active"  # "active" | "deleting"
+    ends_at: float | None = None  # end of the delete delay
+    answered: int = 0  # order of answers within a call: the latest owns shared flows
+    via_branch: str | None = None
+    timer: float = 0.0  # the deadline in the heap that counts
+
+    def side_of(self, tag: str) -> int | None:
+        if self.tags[0] == tag:
+            return 0
+        if self.tags[1] == tag:
+            return 1
+        return None
+
+    def relays(self, side: int) -> list[Endpoint | None]:
+        return [None if s is None else s[side].relay for s in self.streams]
+
+    def legs(self) -> Iterable[Leg]:
+        for stream in self.streams:
+            if stream is not None:
+                yield from stream
+
+
+@dataclass(slots=True)
+class _Call:
+    """Sessions sharing a call-id (forks share the answer-side relay), and the flows
+    installed for them."""
+
+    sessions: list[MediaSession] = field(default_factory=list)
+    installed: dict[Endpoint, Flow] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class DatapathBatch:
+    """Changes for the datapath, applied in this order: remove, install, refresh."""
+
+    remove: list[Endpoint]
+    install: list[Flow]
+    refresh: list[Flow]
+
+    def __bool__(self) -> bool:
+        return bool(self.remove or self.install or self.refresh)
+
+
+def _usable(peer: Endpoint | None) -> bool:
+    return peer is not None and not peer.host.is_unspecified and peer.port != 0
+
+
+def _unknown(family: int) -> Endpoint:
+    """Placeholder destination: the datapath drops (``no_peer``) until latching learns it."""
+    host = ipaddress.IPv4Address(0) if family == 4 else ipaddress.IPv6Address(0)
+    return Endpoint(host, 0)
+
+
+def _shift(ep: Endpoint, by: int) -> Endpoint:
+    return Endpoint(ep.host, ep.port + by)
+
+
+class SessionManager:
+    """All media sessions of one gateway. See the module docstring."""
+
+    def __init__(
+        self,
+        pools: Mapping[int, RelayPortPool | Sequence[RelayPortPool]],
+        *,
+        idle_timeout: float = 60.0,
+        delete_delay: float = 10.0,
+        latch: Latch = Latch.LEARN,
+        rate_limit_pps: int = 0,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.pools: dict[int, list[RelayPortPool]] = {
+            fam: [p] if isinstance(p, RelayPortPool) else list(p) for fam, p in pools.items()
+        }
+        self.idle_timeout = idle_timeout
+        self.delete_delay = delete_delay
+        self.latch = latch
+        self.rate_limit_pps = rate_limit_pps
+        self.on_change: Callable[[], None] | None = None
+        self._rng = rng or random.Random()
+        self._sessions: dict[str, MediaSession] = {}
+        self._calls: dict[str, _Call] = {}  # by call-id, or by session id for manual ones
+        self._relay_refs: Counter[Endpoint] = Counter()
+        self._timers: list[tuple[float, str]] = []
+        self._answers = 0
+        self._remove: set[Endpoint] = set()
+        self._install: dict[Endpoint, Flow] = {}
+        self._refresh: list[Flow] = []
+        self.ended: Counter[str] = Counter()  # reason -> sessions ended
+
+    # ---- signalling API -------------------------------------------------------
+
+    def offer(
+        self,
+        call_id: str,
+        from_tag: str,
+        streams: Sequence[StreamSpec],
+        *,
+        toward: int,
+        now: float,
+        offerer_family: int | None = None,
+        origin: str = "sip",
+        via_branch: str | None = None,
+        to_tag: str | None = None,
+    ) -> list[Endpoint | None]:
+        """An offer from ``from_tag`` to be sent to a party of family ``toward``.
+
+        Returns per stream the relay (family ``toward``) for the SDP sent to the
+        answerer, None for a rejected stream. Repeating an offer returns the same
+        relays; a changed one updates the peers in place. Raises PortsExhausted
+        with nothing allocated."""
+        session = self._find(call_id, from_tag, to_tag) or self._latest(call_id, from_tag)
+        if session is None:
+            fam = offerer_family or self._family_of(streams, default=toward)
+            session = self._new_session(origin, call_id, [from_tag, to_tag], (fam, toward), now)
+            session.via_branch = via_branch
+        side = session.side_of(from_tag)
+        assert side is not None
+        self._update_streams(session, side, streams, now)
+        session.activity = now
+        self._sync(session)
+        return session.relays(1 - side)
+
+    def answer(
+        self,
+        call_id: str,
+        from_tag: str,
+        to_tag: str,
+        streams: Sequence[StreamSpec],
+        *,
+        now: float,
+    ) -> list[Endpoint | None]:
+        """The answer of ``to_tag`` to the offer of ``from_tag``. Returns per stream the
+        relay (offerer's family) for the SDP sent back to the offerer. A new to-tag on
+        an already answered offer is a fork and gets its own offerer-facing legs.
+        Raises SessionNotFound, PortsExhausted."""
+        session = self._find(call_id, from_tag, to_tag)
+        if session is None:
+            original = self._latest(call_id, from_tag)
+            if original is None:
+                raise SessionNotFound(f"no offer for call {call_id!r} from tag {from_tag!r}")
+            session = self._fork(original, now)
+        side = session.side_of(from_tag)
+        assert side is not None
+        session.tags[1 - side] = to_tag
+        self._answers += 1
+        session.answered = self._answers
+        self._update_streams(session, 1 - side, streams, now, answer=True)
+        session.activity = now
+        self._sync(session)
+        return session.relays(side)
+
+    def delete(
+        self,
+        call_id: str,
+        from_tag: str | None = None,
+        to_tag: str | None = None,
+        *,
+        now: float,
+        delay: float | None = None,
+    ) -> bool:
+        """End a call, or the sessions of one tag (and to-tag), after ``delay`` seconds
+        (default: the delete delay); flows keep forwarding until then."""
+        call = self._calls.get(call_id)
+        if call is None:
+            return False
+        hits = [
+            s
+            for s in call.sessions
+            if (from_tag is None or from_tag in s.tags) and (to_tag is None or to_tag in s.tags)
+        ]
+        wait = self.delete_delay if delay is None else delay
+        for s in hits:
+            if wait <= 0:
+                self._end(s, now, "deleted")
+            elif s.state != "deleting":
+                s.state, s.ends_at = "deleting", now + wait
+                self._schedule(s, now + wait)
+        return bool(hits)
+
+    # ---- manual relays (CLI) --------------------------------------------------
+
+    def add(
+        self,
+        peer_a: Endpoint,
+        peer_b: Endpoint,
+        *,
+        now: float,
+        idle_timeout: float | None = None,
+        lifetime: float | None = None,
+    ) -> MediaSession:
+        """A relay between two fixed peers: leg 0 faces A on A's family, leg 1 faces B."""
+        session = self._new_session("manual", None, [None, None], (peer_a.family, peer_b.family),
+                                    now, idle_timeout, lifetime)
+        self._update_streams(session, 0, [StreamSpec(peer_a)], now)
+        self._update_streams(session, 1, [StreamSpec(peer_b)], now, answer=True)
+        self._sync(session)
+        return session
+
+    def remove(self, session_id: str, *, now: float) -> MediaSession:
+        """End a session at once (no delete delay)."""
+        session = self.get(session_id)
+        self._end(session, now, "removed")
+        return session
+
+    def flush(self, *, now: float) -> int:
+        sessions = list(self._sessions.values())
+        for s in sessions:
+            self._end(s, now, "flushed")
+        return len(sessions)
+
+    # ---- queries -------------------------------------------------------------
+
+    def get(self, session_id: str) -> MediaSession:
+        try:
+            return self._sessions[session_id]
+        except KeyError:
+            raise SessionNotFound(f"no session {session_id!r}") from None
+
+    def find(self, call_id: str) -> list[MediaSession]:
+        call = self._calls.get(call_id)
+        return list(call.sessions) if call else []
+
+    def sessions(self) -> list[MediaSession]:
+        return list(self._sessions.values())
+
+    def flows(self, session: MediaSession) -> list[Flow]:
+        """The flows installed for a session (shared ones belong to the latest answer)."""
+        return [f for f in self._call_of(session).installed.values() if f.session == session.id]
+
+    def describe(self, session: MediaSession, now: float) -> dict[str, object]:
+        """The JSON object ``session list -j`` prints for a session."""
+
+        def leg(lg: Leg) -> dict[str, object]:
+            return {"peer": str(lg.peer) if lg.peer else None, "relay": str(lg.relay)}
+
+        streams = [[leg(a), leg(b)] for a, b in (s for s in session.streams if s is not None)]
+        return {
+            "id": session.id,
+            "legs": streams[0] if streams else [],
+            "state": session.state,
+            "origin": session.origin,
+            "call_id": session.call_id,
+            "tags": list(session.tags),
+            "streams": [{"legs": s} for s in streams],
+            "idle_timeout": session.idle_timeout,
+            "lifetime": session.lifetime,
+            "age": round(now - session.created, 3),
+            "idle": round(max(0.0, now - session.activity), 3),
+            "ends_in": None if session.ends_at is None else round(session.ends_at - now, 3),
+        }
+
+    def next_deadline(self) -> float | None:
+        return self._timers[0][0] if self._timers else None
+
+    # ---- timers ---------------------------------------------------------------
+
+    def expire(self, now: float, lookup: CountersLookup) -> list[MediaSession]:
+        """End what is due: delete delays that ran out, lifetimes, idle sessions.
+        ``lookup`` returns datapath counters for the given flow matches; it is only
+        asked about sessions whose deadline is due. Returns the sessions ended."""
+        ended: list[MediaSession] = []
+        while self._timers and self._timers[0][0] <= now:
+            when, sid = heapq.heappop(self._timers)
+            session = self._sessions.get(sid)
+            if session is None or session.timer != when:
+                continue  # superseded entry
+            if session.state == "deleting":
+                self._end(session, now, "deleted")
+            elif session.lifetime is not None and now >= session.created + session.lifetime:
+                self._end(session, now, "lifetime")
+            else:
+                flows = self.flows(session)
+                seen = lookup([f.match for f in flows]).values()
+                session.activity = max([session.activity, *(c.last_seen for c in seen)])
+                if now - session.activity >= session.idle_timeout:
+                    self._end(session, now, "idle")
+                else:
+                    self._arm(session)
+                    self._refresh.extend(flows)
+                    self._changed()
+                    continue
+            ended.append(session)
+        return ended
+
+    def drain(self) -> DatapathBatch:
+        """Take the queued datapath changes."""
+        batch = DatapathBatch(list(self._remove), list(self._install.values()), self._refresh)
+        self._remove, self._install, self._refresh = set(), {}, []
+        return batch
+
+    # ---- internals ------------------------------------------------------------
+
+    def _new_session(
+        self,
+        origin: str,
+        call_id: str | None,
+        tags: list[str | None],
+        families: tuple[int, int],
+        now: float,
+        idle_timeout: float | None = None,
+        lifetime: float | None = None,
+    ) -> MediaSession:
+        for fam in families:
+            if fam not in self.pools:
+                raise PortsExhausted(fam)
+        sid = f"{self._rng.getrandbits(48):012x}"
+        while sid in self._sessions:
+            sid = f"{self._rng.getrandbits(48):012x}"
+        session = MediaSession(
+            id=sid, origin=origin, call_id=call_id, tags=tags, families=families, streams=[],
+            idle_timeout=self.idle_timeout if idle_timeout is None else idle_timeout,
+            lifetime=lifetime, created=now, activity=now,
+        )
+        self._sessions[sid] = session
+        self._calls.setdefault(call_id or sid, _Call()).sessions.append(session)
+        self._arm(session)
+        return session
+
+    def _family_of(self, streams: Sequence[StreamSpec], default: int) -> int:
+        return next((s.peer.family for s in streams if s.peer is not None), default)
+
+    def _find(self, call_id: str, tag: str, other: str | None) -> MediaSession | None:
+        """The session of ``call_id`` with ``tag`` on one side and ``other`` on the
+        other; failing that, one whose other side is not known yet (unanswered)."""
+        call = self._calls.get(call_id)
+        if call is None:
+            return None
+        mine = [(s, s.side_of(tag)) for s in call.sessions if s.side_of(tag) is not None]
+        for s, side in mine:
+            if other is not None and s.tags[1 - side] == other:  # type: ignore[operator]
+                return s
+        return next((s for s, side in mine if s.tags[1 - side] is None), None)  # type: ignore[operator]
+
+    def _latest(self, call_id: str, tag: str) -> MediaSession | None:
+        """The most recently answered session of ``call_id`` that ``tag`` is part of."""
+        call = self._calls.get(call_id)
+        sessions = [s for s in call.sessions if s.side_of(tag) is not None] if call else []
+        return max(sessions, key=lambda s: s.answered, default=None)
+
+    def _allocate(self, family: int, now: float) -> Endpoint:
+        for pool in self.pools[family]:
+            try:
+                ep = pool.allocate(now)
+            except PortsExhausted:
+                continue
+            self._relay_refs[ep] += 1
+            return ep
+        raise PortsExhausted(family)
+
+    def _release(self, relay: Endpoint, now: float) -> None:
+        self._relay_refs[relay] -= 1
+        if self._relay_refs[relay] > 0:
+            return
+        del self._relay_refs[relay]
+        for pool in self.pools[relay.family]:
+            if pool.owns(relay):
+                pool.release(relay, now)
+
+    def _update_streams(
+        self,
+        session: MediaSession,
+        side: int,
+        specs: Sequence[StreamSpec],
+        now: float,
+        answer: bool = False,
+    ) -> None:
+        """Record what ``side`` said about each stream, allocating legs for new streams.
+        An offer may add or reject streams; an answer only fills in its side."""
+        if answer and len(specs) != len(session.streams):
+            raise StreamMismatch(
+                f"answer has {len(specs)} streams, the offer had {len(session.streams)}"
+            )
+        new: list[Endpoint] = []
+        if not answer and len(specs) > len(session.streams):
+            session.streams.extend([None] * (len(specs) - len(session.streams)))
+        try:
+            for i, spec in enumerate(specs):
+                stream = session.streams[i]
+                if spec.peer is None:  # rejected (port 0)
+                    if stream is not None and not answer:
+                        self._drop_stream(session, i, now)
+                    elif stream is not None:
+                        stream[side].learn(spec)
+                    continue
+                if stream is None:
+                    if answer:
+                        continue  # answer accepting a stream the offer rejected: ignore
+                    a = self._allocate(session.families[0], now)
+                    new.append(a)
+                    b = self._allocate(session.families[1], now)
+                    new.append(b)
+                    stream = session.streams[i] = (Leg(a), Leg(b))
+                stream[side].learn(spec)
+        except PortsExhausted:
+            for ep in new:
+                self._release(ep, now)
+            session.streams = [
+                s for s in session.streams if s is None or s[0].relay not in new
+            ]
+            if not any(session.streams):
+                self._end(session, now, "ports_exhausted")
+            raise
+
+    def _drop_stream(self, session: MediaSession, index: int, now: float) -> None:
+        stream = session.streams[index]
+        assert stream is not None
+        session.streams[index] = None
+        for leg in stream:
+            self._release(leg.relay, now)
+
+    def _fork(self, original: MediaSession, now: float) -> MediaSession:
+        """A second answer (new to-tag) to one offer: new offerer-facing legs, the
+        answerer-facing legs shared with the original."""
+        fork = self._new_session(original.origin, original.call_id,
+                                 [original.tags[0], None], original.families, now)
+        try:
+            for stream in original.streams:
+                if stream is None:
+                    fork.streams.append(None)
+                    continue
+                a = Leg(self._allocate(fork.families[0], now), stream[0].peer,
+                        stream[0].rtcp_peer, stream[0].rtcp_mux)
+                self._relay_refs[stream[1].relay] += 1
+                fork.streams.append((a, Leg(stream[1].relay)))
+        except PortsExhausted:
+            self._end(fork, now, "ports_exhausted")
+            raise
+        return fork
+
+    def _flows_of(self, session: MediaSession) -> list[Flow]:
+        flows: list[Flow] = []
+        for stream in session.streams:
+            if stream is None:
+                continue
+            for receiving, sending in (stream, stream[::-1]):
+                flows.extend(self._direction(session, receiving, sending))
+        return flows
+
+    def _direction(self, session: MediaSession, into: Leg, out: Leg) -> list[Flow]:
+        """Flows for packets arriving at ``into.relay`` (from its side) that leave from
+        ``out.relay`` to the other side. None while the other side is unknown or on hold."""
+        if out.peer is None or (out.peer.host.is_unspecified and out.peer.port != 0):
+            return []
+        family = out.relay.family
+        if not _usable(out.peer) or out.peer.family != family:
+            rtp_to = rtcp_to = _unknown(family)  # learnt from its first packet
+        else:
+            rtp_to = out.peer
+            if out.rtcp_mux:
+                rtcp_to = out.peer
+            elif out.rtcp_peer is not None and out.rtcp_peer.family == family:
+                rtcp_to = out.rtcp_peer
+            else:
+                rtcp_to = _shift(out.peer, 1)
+        strict = self.latch is Latch.STRICT and _usable(into.peer)
+        latch = Latch.STRICT if strict else (Latch.LEARN if self.latch else Latch.OFF)
+        if rtp_to.port == 0:
+            latch = Latch.LEARN if latch is Latch.OFF else latch
+        expect_rtcp = None
+        if strict and into.peer is not None:
+            expect_rtcp = into.peer if into.rtcp_mux else (into.rtcp_peer or _shift(into.peer, 1))
+
+        def flow(match: Endpoint, source: Endpoint, to: Endpoint, expect: Endpoint | None) -> Flow:
+            return Flow(session=session.id, match=match, source=source, to=to,
+                        idle_timeout=session.idle_timeout, latch=latch, reverse=source,
+                        expect=expect, rate_limit_pps=self.rate_limit_pps)
+
+        return [
+            flow(into.relay, out.relay, rtp_to, into.peer if strict else None),
+            flow(_shift(into.relay, 1), _shift(out.relay, 1), rtcp_to, expect_rtcp),
+        ]
+
+    def _call_of(self, session: MediaSession) -> _Call:
+        return self._calls[session.call_id or session.id]
+
+    def _sync(self, session: MediaSession) -> None:
+        """Bring the call's installed flows in line with its sessions (the latest answer
+        owns flows that forks share) and queue the difference."""
+        call = self._call_of(session)
+        wanted: dict[Endpoint, Flow] = {}
+        for s in sorted(call.sessions, key=lambda s: s.answered):
+            for f in self._flows_of(s):
+                wanted[f.match] = f
+        for match in call.installed.keys() - wanted.keys():
+            self._install.pop(match, None)
+            self._remove.add(match)
+        for match, flow in wanted.items():
+            if call.installed.get(match) != flow:
+                self._remove.discard(match)
+                self._install[match] = flow
+        call.installed = wanted
+        self._changed()
+
+    def _end(self, session: MediaSession, now: float, reason: str) -> None:
+        if self._sessions.pop(session.id, None) is None:
+            return
+        key = session.call_id or session.id
+        call = self._calls[key]
+        call.sessions.remove(session)
+        for leg in session.legs():
+            self._release(leg.relay, now)
+        session.streams = []
+        if call.sessions:
+            self._sync(call.sessions[0])
+        else:
+            for match in call.installed:
+                self._install.pop(match, None)
+                self._remove.add(match)
+            del self._calls[key]
+            self._changed()
+        self.ended[reason] += 1
+        log.info("session %s ended (%s)%s", session.id, reason,
+                 f" call-id {session.call_id}" if session.call_id else "")
+
+    def _arm(self, session: MediaSession) -> None:
+        self._schedule(session, session.activity + session.idle_timeout)
+
+    def _schedule(self, session: MediaSession, when: float) -> None:
+        if session.lifetime is not None and session.state == "active":
+            when = min(when, session.created + session.lifetime)
+        session.timer = when
+        heapq.heappush(self._timers, (when, session.id))
+
+    def _changed(self) -> None:
+        if self.on_change is not None and (self._install or self._remove or self._refresh):
+            self.on_change()
