@@ -1,0 +1,248 @@
+"""The ``xlat`` command line: object then verb, ``-j/--json`` everywhere.
+
+Every command but ``run``, ``check`` and ``lab`` is a client of the daemon's
+control socket. Errors are one line on stderr; exit 2 for usage, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from xlat.config import DEFAULT_BPFFS, DEFAULT_CONTROL, ConfigError
+from xlat.control.api import ControlError, call
+
+json_option = click.option("-j", "--json", "as_json", is_flag=True, help="Print JSON only.")
+
+
+def _emit(as_json: bool, data: Any, human: Callable[[Any], str]) -> None:
+    click.echo(json.dumps(data, indent=None if as_json else 2) if as_json else human(data))
+
+
+def _ask(ctx: click.Context, cmd: str, **args: Any) -> Any:
+    return call(ctx.obj["control"], cmd, **{k: v for k, v in args.items() if v is not None})
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--control", type=click.Path(path_type=Path), envvar="XLAT_CONTROL",
+              default=DEFAULT_CONTROL, show_default=True, help="The daemon's control socket.")
+@click.pass_context
+def cli(ctx: click.Context, control: Path) -> None:
+    """xlat: a kernel-assisted IPv4<->IPv6 gateway for VoIP."""
+    ctx.obj = {"control": control}
+
+
+@cli.command()
+@click.option("-c", "--config", "config_file", type=click.Path(path_type=Path, exists=True,
+              dir_okay=False), help="TOML file; options given here override it.")
+@click.option("--media-v4", multiple=True, metavar="ADDR", help="IPv4 media (and SIP) address.")
+@click.option("--media-v6", multiple=True, metavar="ADDR", help="IPv6 media (and SIP) address.")
+@click.option("--interface", "interfaces", multiple=True, metavar="IF",
+              help="Attach the datapath here (default: every non-loopback interface up).")
+@click.option("--ports", metavar="MIN-MAX", help="Relay port range on each media address. "
+              "[default: 30000-39999]")
+@click.option("--sip-listen", multiple=True, metavar="A:P|none",
+              help="SIP listen address (default: port 5060 of each media address).")
+@click.option("--domain", "domains", multiple=True, metavar="NAME", help="A domain we serve.")
+@click.option("--route", "routes", multiple=True, metavar="'DOMAIN|*=sip:HOST:PORT'",
+              help="Static next hop for a domain.")
+@click.option("--ng-listen", metavar="A:P", help="rtpengine NG control (UDP); off by default.")
+@click.option("--datapath", type=click.Choice(["ebpf", "userspace"]), help="[default: ebpf]")
+@click.option("--delete-delay", type=float, metavar="S",
+              help="Seconds a BYE'd or NG-deleted session lingers. [default: 10]")
+@click.option("--timeout", "idle_timeout", type=float, metavar="S",
+              help="Idle timeout of every flow. [default: 60]")
+@click.option("--latch", type=click.Choice(["off", "learn", "strict"]),
+              help="Symmetric RTP: learn the real source, or accept only the SDP's. "
+                   "[default: learn]")
+@click.option("--rate-limit", "rate_limit_pps", type=int, metavar="PPS",
+              help="Per-flow packet-rate cap, 0 = none. [default: 2000]")
+@click.option("--no-fallback-relay", "no_fallback", is_flag=True,
+              help="eBPF mode: do not bind relay sockets for packets the kernel passes up.")
+@click.option("--keep-datapath", is_flag=True, default=None,
+              help="On exit leave maps, filters and the nft table for the next daemon.")
+@click.option("--bpffs", type=click.Path(path_type=Path),
+              help=f"Where maps are pinned. [default: {DEFAULT_BPFFS}]")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]))
+@click.pass_context
+def run(ctx: click.Context, config_file: Path | None, no_fallback: bool, **options: Any) -> None:
+    """Run the gateway daemon (in the foreground)."""
+    from xlat import config, daemon
+
+    if no_fallback:
+        options["fallback_relay"] = False
+    cfg = config.build(config_file, control=ctx.obj["control"], **options)
+    logging.basicConfig(level=cfg.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    sys.exit(daemon.run(cfg))
+
+
+# ---- sessions ----------------------------------------------------------------------
+
+
+def _leg(leg: dict[str, Any]) -> str:
+    return f"{leg['peer'] or '?'} <-> {leg['relay']}"
+
+
+def _sessions_table(sessions: list[dict[str, Any]]) -> str:
+    if not sessions:
+        return "no sessions"
+    rows = [f"{'ID':<13}{'STATE':<10}{'ORIGIN':<8}{'PACKETS':>9}  LEGS"]
+    for s in sessions:
+        legs = "   ".join(_leg(lg) for lg in s["legs"])
+        rows.append(f"{s['id']:<13}{s['state']:<10}{s['origin']:<8}{s['packets']:>9}  {legs}")
+    return "\n".join(rows)
+
+
+@cli.group()
+def session() -> None:
+    """Media sessions (from SIP, NG or made by hand)."""
+
+
+@session.command("list")
+@json_option
+@click.pass_context
+def session_list(ctx: click.Context, as_json: bool) -> None:
+    """List sessions."""
+    _emit(as_json, _ask(ctx, "session.list"), _sessions_table)
+
+
+@session.command("show")
+@click.argument("session_id", metavar="ID")
+@json_option
+@click.pass_context
+def session_show(ctx: click.Context, session_id: str, as_json: bool) -> None:
+    """Show one session with its flows."""
+    _emit(as_json, _ask(ctx, "session.show", id=session_id),
+          lambda s: _sessions_table([s]) + "\n" + _flows_table(s["flows"]))
+
+
+@session.command("add")
+@click.option("--peer-a", required=True, metavar="ADDR:PORT", help="Peer A (RTP).")
+@click.option("--peer-b", required=True, metavar="ADDR:PORT", help="Peer B (RTP).")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), metavar="S",
+              help="Idle timeout. [default: 60]")
+@click.option("--lifetime", type=click.FloatRange(min=0, min_open=True), metavar="S",
+              help="Absolute cap. [default: none]")
+@json_option
+@click.pass_context
+def session_add(ctx: click.Context, peer_a: str, peer_b: str, timeout: float | None,
+                lifetime: float | None, as_json: bool) -> None:
+    """Relay between two fixed peers: A talks to legs[0].relay, B to legs[1].relay."""
+    from xlat.addr import AddressError, Endpoint
+
+    for opt, value in (("--peer-a", peer_a), ("--peer-b", peer_b)):
+        try:
+            Endpoint.parse(value)
+        except AddressError as e:
+            raise click.BadParameter(str(e), param_hint=opt) from None
+    result = _ask(ctx, "session.add", peer_a=peer_a, peer_b=peer_b, timeout=timeout,
+                  lifetime=lifetime)
+    if as_json:
+        click.echo(json.dumps({"id": result["id"], "legs": result["legs"]}))
+    else:
+        click.echo(_sessions_table([result]))
+
+
+@session.command("del")
+@click.argument("session_id", metavar="ID")
+@json_option
+@click.pass_context
+def session_del(ctx: click.Context, session_id: str, as_json: bool) -> None:
+    """Remove a session at once."""
+    _emit(as_json, _ask(ctx, "session.del", id=session_id), lambda r: f"deleted {r['id']}")
+
+
+@session.command("flush")
+@json_option
+@click.pass_context
+def session_flush(ctx: click.Context, as_json: bool) -> None:
+    """Remove every session."""
+    _emit(as_json, _ask(ctx, "session.flush"), lambda r: f"deleted {r['deleted']} session(s)")
+
+
+# ---- flows and stats -----------------------------------------------------------------
+
+
+def _flows_table(flows: list[dict[str, Any]]) -> str:
+    if not flows:
+        return "no flows"
+    rows = [f"{'SESSION':<13}{'MATCH':<28}{'TO':<28}{'PACKETS':>9}{'BYTES':>12}"]
+    rows += [f"{f['session']:<13}{f['match']:<28}{f['to'] or '(learning)':<28}"
+             f"{f['packets']:>9}{f['bytes']:>12}" for f in flows]
+    return "\n".join(rows)
+
+
+@cli.group()
+def flow() -> None:
+    """Kernel flows (one per direction per RTP/RTCP port)."""
+
+
+@flow.command("list")
+@json_option
+@click.pass_context
+def flow_list(ctx: click.Context, as_json: bool) -> None:
+    """List flows with their counters."""
+    _emit(as_json, _ask(ctx, "flow.list"), _flows_table)
+
+
+def _stats_text(s: dict[str, Any]) -> str:
+    lines = [f"datapath {s['datapath']}, up {s['uptime']} s",
+             f"sessions {s['sessions']} ({s['deleting']} deleting), flows {s['flows']}"]
+    lines += [f"ports {fam}: {p['in_use']}/{p['capacity']} pairs" for fam, p in s["ports"].items()]
+    lines += [f"drop {r}: {d['packets']} packets, {d['bytes']} bytes"
+              for r, d in s["drops"].items()]
+    return "\n".join(lines)
+
+
+@cli.command()
+@json_option
+@click.pass_context
+def stats(ctx: click.Context, as_json: bool) -> None:
+    """Counters: sessions, ports, drops by reason."""
+    _emit(as_json, _ask(ctx, "stats"), _stats_text)
+
+
+@cli.command()
+@json_option
+def check(as_json: bool) -> None:
+    """Check that every kernel feature and tool the datapath needs is here."""
+    from xlat.media.ebpf import check_kernel
+    from xlat.media.nft import check_nft
+
+    results = [*check_kernel(), *check_nft()]
+    if as_json:
+        click.echo(json.dumps([{"check": n, "ok": ok, "detail": d} for n, ok, d in results]))
+    else:
+        for name, ok, detail in results:
+            click.echo(f"{'ok  ' if ok else 'FAIL'} {name}: {detail}")
+    missing = [name for name, ok, _ in results if not ok]
+    if missing:
+        raise ControlError(f"missing: {', '.join(missing)}")
+
+
+def main() -> None:
+    """Entry point: one-line errors, exit 2 for usage and 1 for everything else."""
+    try:
+        cli.main(standalone_mode=False)
+    except click.UsageError as e:
+        click.echo(f"xlat: error: {e.format_message()}", err=True)
+        sys.exit(2)
+    except (ControlError, ConfigError, click.ClickException) as e:
+        msg = e.format_message() if isinstance(e, click.ClickException) else str(e)
+        click.echo(f"xlat: {msg}", err=True)
+        sys.exit(1)
+    except click.exceptions.Abort:
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

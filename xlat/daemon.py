@@ -1,0 +1,395 @@
+"""``xlat run``: the asyncio daemon that wires signalling, sessions and datapath.
+
+Start-up order: refuse if a live daemon holds the control socket or an
+interface; attach the datapath; start SIP and NG; open the control socket last,
+so a client that can connect talks to a daemon that is ready. Shutdown undoes it
+in reverse and removes tc filters and the nft table unless ``keep_datapath``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import fcntl
+import logging
+import os
+import signal
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from xlat.addr import Endpoint
+from xlat.config import Config
+from xlat.control.api import ControlError, ControlServer, Registry, listening
+from xlat.media.datapath import Datapath, DropCounter, FlowCounters
+from xlat.media.ports import RelayPortPool
+from xlat.media.session import SessionManager
+
+log = logging.getLogger("xlat")
+
+LOCK_DIR = Path("/run/xlat/locks")
+TICK = 0.5  # longest sleep of the timer loop: idle expiry lands within 1 s of its deadline
+
+
+class ExitCode(enum.IntEnum):
+    OK = 0
+    FAILURE = 1
+    USAGE = 2
+    STARTUP_FAILURE = 3
+
+
+class StartupError(Exception):
+    """The daemon cannot start; the message says why in one line."""
+
+
+def default_interfaces() -> list[str]:
+    """Every non-loopback interface that is up, in this network namespace."""
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        return [
+            link.get("IFLA_IFNAME")
+            for link in ipr.get_links()
+            if link.get("IFLA_IFNAME") != "lo" and link["flags"] & 1  # IFF_UP
+        ]
+
+
+class InterfaceLocks:
+    """One flock per (network namespace, interface): the kernel drops it when the
+    holder dies, so only a *live* daemon on the same interfaces blocks a new one."""
+
+    def __init__(self, interfaces: Sequence[str]) -> None:
+        self.interfaces = interfaces
+        self._fds: list[int] = []
+
+    def acquire(self) -> None:
+        LOCK_DIR.mkdir(parents=True, exist_ok=True)
+        netns = os.stat("/proc/self/ns/net").st_ino
+        for name in self.interfaces:
+            path = LOCK_DIR / f"net{netns}-{name}.lock"
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                self.release()
+                raise StartupError(
+                    f"interface {name} is already served by a running xlat (pid {holder})"
+                ) from None
+            os.ftruncate(fd, 0)
+            os.write(fd, str(os.getpid()).encode())
+            self._fds.append(fd)
+
+    def release(self) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        self._fds.clear()
+
+
+class Daemon:
+    """One gateway: see the module docstring."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.keep_datapath = config.keep_datapath
+        self.started = time.monotonic()
+        self.forwarders: list[Datapath] = []  # ebpf and/or userspace: they move packets
+        self.parts: list[Datapath] = []  # forwarders + the nft guard: all get every change
+        self.manager = SessionManager(
+            {
+                4: [RelayPortPool(a, config.port_min, config.port_max) for a in config.media_v4],
+                6: [RelayPortPool(a, config.port_min, config.port_max) for a in config.media_v6],
+            },
+            idle_timeout=config.idle_timeout,
+            delete_delay=config.delete_delay,
+            latch=config.latch,
+            rate_limit_pps=config.rate_limit_pps,
+        )
+        self.manager.on_change = self._schedule_flush
+        self._flush_pending = False
+        self._closers: list[Any] = []  # async-closable servers, closed in reverse
+        self._control: ControlServer | None = None
+        self._locks: InterfaceLocks | None = None
+        self._should_exit = asyncio.Event()
+        self._timer: asyncio.Task[None] | None = None
+
+    # ---- lifecycle --------------------------------------------------------------
+
+    async def serve(self) -> None:
+        """Run until SIGTERM/SIGINT (a second SIGINT exits at once)."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        try:
+            await self.start()
+            log.info("xlat ready: datapath %s, control %s",
+                     "+".join(p.name for p in self.parts), self.config.control)
+            await self._should_exit.wait()
+        finally:
+            await self.stop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        if self._should_exit.is_set() and sig == signal.SIGINT:
+            log.warning("second SIGINT: exiting now")
+            os._exit(ExitCode.FAILURE)
+        log.info("%s: shutting down", signal.Signals(sig).name)
+        self._should_exit.set()
+
+    def request_exit(self) -> None:
+        self._should_exit.set()
+
+    async def start(self) -> None:
+        cfg = self.config
+        if listening(cfg.control):
+            raise StartupError(f"another xlat is running on {cfg.control}")
+        interfaces = list(cfg.interfaces) or default_interfaces()
+        if not interfaces:
+            raise StartupError("no interface to attach to (none is up)")
+        self._locks = InterfaceLocks(interfaces)
+        self._locks.acquire()
+        self._attach_datapath(interfaces)
+        await self._start_signalling()
+        self._timer = asyncio.create_task(self._timers())
+        self._control = ControlServer(self._registry(), cfg.control)
+        await self._control.start()
+
+    async def stop(self) -> None:
+        keep = self.keep_datapath
+        if self._control is not None:
+            await self._control.close()
+        if self._timer is not None:
+            self._timer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._timer
+        for server in reversed(self._closers):
+            try:
+                result = server.close()
+                if asyncio.iscoroutine(result):
+                    await result
+            except Exception:
+                log.exception("closing %s failed", type(server).__name__)
+        for part in reversed(self.parts):
+            try:
+                part.close(keep=keep)
+            except Exception:
+                log.exception("closing the %s datapath failed", part.name)
+        if self._locks is not None:
+            self._locks.release()
+        log.info("stopped%s", " (kernel state kept for the next daemon)" if keep else "")
+
+    # ---- datapath -----------------------------------------------------------------
+
+    def _attach_datapath(self, interfaces: list[str]) -> None:
+        cfg = self.config
+        if cfg.datapath == "ebpf":
+            try:
+                from xlat.media.ebpf import EbpfDatapath
+
+                self.forwarders.append(EbpfDatapath(interfaces, cfg.bpffs))
+            except Exception as e:
+                log.warning("!!! eBPF datapath unavailable (%s): falling back to the userspace "
+                            "relay; every media packet will go through Python !!!", e)
+        if not self.forwarders or cfg.datapath == "userspace" or cfg.fallback_relay:
+            from xlat.media.userspace import UserspaceRelay
+
+            self.forwarders.append(UserspaceRelay())
+        from xlat.media.nft import NftGuard
+
+        sip_ports = sorted({e.port for e in cfg.sip_endpoints()})
+        guard = NftGuard(cfg.media, cfg.port_min, cfg.port_max, sip_ports=sip_ports,
+                         sip_rate=cfg.sip_rate)
+        self.parts = [*self.forwarders, guard]
+        log.info("datapath attached to %s: %s", ", ".join(interfaces),
+                 " + ".join(p.name for p in self.parts))
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_pending:
+            self._flush_pending = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """Hand the changes queued during this loop turn to every datapath part."""
+        self._flush_pending = False
+        batch = self.manager.drain()
+        for part in self.parts:
+            try:
+                if batch.remove:
+                    part.remove(batch.remove)
+                if batch.install:
+                    part.install(batch.install)
+                if batch.refresh:
+                    part.refresh(batch.refresh)
+            except Exception:
+                log.exception("datapath %s rejected a batch (%d install, %d remove)",
+                              part.name, len(batch.install), len(batch.remove))
+
+    def counters(self, matches: Sequence[Endpoint] | None = None) -> dict[Endpoint, FlowCounters]:
+        """Per-flow counters summed over the forwarders (the kernel and the relay
+        sockets for what the kernel passed up); the latest last_seen wins."""
+        merged: dict[Endpoint, FlowCounters] = {}
+        for part in self.forwarders:
+            for match, c in part.counters(matches).items():
+                m = merged.setdefault(match, FlowCounters())
+                m.packets += c.packets
+                m.bytes += c.bytes
+                if c.last_seen >= m.last_seen:
+                    m.last_seen, m.to = c.last_seen, c.to or m.to
+        return merged
+
+    def drops(self) -> dict[str, DropCounter]:
+        total: dict[str, DropCounter] = {}
+        for part in self.parts:
+            for reason, d in part.drops().items():
+                t = total.setdefault(reason, DropCounter())
+                t.packets += d.packets
+                t.bytes += d.bytes
+        return total
+
+    async def _timers(self) -> None:
+        while True:
+            now = time.monotonic()
+            self.manager.expire(now, self.counters)
+            deadline = self.manager.next_deadline()
+            wait = TICK if deadline is None else min(TICK, max(0.01, deadline - now))
+            await asyncio.sleep(wait)
+
+    # ---- signalling -----------------------------------------------------------------
+
+    async def _start_signalling(self) -> None:
+        cfg = self.config
+        if cfg.ng_listen is not None:
+            from xlat.control.ng import NgCore, start_ng
+
+            core = NgCore(self.manager, interfaces=cfg.ng_interfaces)
+            self._closers.append(await start_ng(core, cfg.ng_listen))
+            log.info("NG control listening on udp %s", cfg.ng_listen)
+        if cfg.sip_endpoints():
+            from xlat.sip.service import start_proxy
+
+            self._closers.append(await start_proxy(cfg, self.manager))
+            log.info("SIP listening on %s", ", ".join(map(str, cfg.sip_endpoints())))
+
+    # ---- control commands -------------------------------------------------------------
+
+    def _registry(self) -> Registry:
+        reg = Registry()
+        reg.add("version", lambda: {"version": _version(), "pid": os.getpid()})
+        reg.add("session.list", self._session_list)
+        reg.add("session.show", self._session_show, required=("id",))
+        reg.add("session.add", self._session_add, required=("peer_a", "peer_b"),
+                optional=("timeout", "lifetime"))
+        reg.add("session.del", self._session_del, required=("id",))
+        reg.add("session.flush", self._session_flush)
+        reg.add("flow.list", self._flow_list)
+        reg.add("stats", self._stats)
+        reg.add("exit", self._exit, optional=("keep_datapath",))
+        return reg
+
+    def _describe(self, session: Any, now: float) -> dict[str, Any]:
+        d = self.manager.describe(session, now)
+        flows = self.manager.flows(session)
+        counts = self.counters([f.match for f in flows])
+        d["packets"] = sum(c.packets for c in counts.values())
+        d["bytes"] = sum(c.bytes for c in counts.values())
+        return d
+
+    def _session_list(self) -> list[dict[str, Any]]:
+        now = time.monotonic()
+        return [self._describe(s, now) for s in self.manager.sessions()]
+
+    def _session_show(self, id: str) -> dict[str, Any]:
+        now = time.monotonic()
+        session = self.manager.get(id)
+        d = self._describe(session, now)
+        d["flows"] = self._flows_of([session], now)
+        return d
+
+    def _session_add(self, peer_a: str, peer_b: str, timeout: float | None = None,
+                     lifetime: float | None = None) -> dict[str, Any]:
+        a, b = Endpoint.parse(peer_a), Endpoint.parse(peer_b)
+        for label, ep in (("peer-a", a), ("peer-b", b)):
+            if ep.host.is_unspecified or ep.port == 0:
+                raise ControlError(f"{label} {ep} is not a usable address")
+        if timeout is not None and timeout <= 0:
+            raise ControlError("timeout must be positive")
+        if lifetime is not None and lifetime <= 0:
+            raise ControlError("lifetime must be positive")
+        now = time.monotonic()
+        session = self.manager.add(a, b, now=now, idle_timeout=timeout, lifetime=lifetime)
+        return self._describe(session, now)
+
+    def _session_del(self, id: str) -> dict[str, Any]:
+        session = self.manager.remove(id, now=time.monotonic())
+        return {"id": session.id, "deleted": True}
+
+    def _session_flush(self) -> dict[str, int]:
+        return {"deleted": self.manager.flush(now=time.monotonic())}
+
+    def _flows_of(self, sessions: Sequence[Any], now: float) -> list[dict[str, Any]]:
+        flows = [f for s in sessions for f in self.manager.flows(s)]
+        counts = self.counters([f.match for f in flows])
+        out = []
+        for f in flows:
+            c = counts.get(f.match, FlowCounters())
+            to = c.to or f.to
+            out.append({
+                "session": f.session,
+                "match": str(f.match),
+                "source": str(f.source),
+                "to": str(to) if to.port else None,
+                "latch": f.latch.name.lower(),
+                "packets": c.packets,
+                "bytes": c.bytes,
+                "idle": round(now - c.last_seen, 3) if c.last_seen else None,
+            })
+        return out
+
+    def _flow_list(self) -> list[dict[str, Any]]:
+        return self._flows_of(self.manager.sessions(), time.monotonic())
+
+    def _stats(self) -> dict[str, Any]:
+        sessions = self.manager.sessions()
+        pools = {
+            f"ipv{fam}": {"in_use": sum(p.in_use for p in ps),
+                          "capacity": sum(p.capacity for p in ps)}
+            for fam, ps in self.manager.pools.items() if ps
+        }
+        return {
+            "uptime": round(time.monotonic() - self.started, 1),
+            "datapath": "+".join(p.name for p in self.parts),
+            "sessions": len(sessions),
+            "deleting": sum(s.state == "deleting" for s in sessions),
+            "flows": sum(len(self.manager.flows(s)) for s in sessions),
+            "ports": pools,
+            "ended": dict(self.manager.ended),
+            "drops": {r: {"packets": d.packets, "bytes": d.bytes}
+                      for r, d in sorted(self.drops().items())},
+        }
+
+    def _exit(self, keep_datapath: bool | None = None) -> dict[str, bool]:
+        if keep_datapath is not None:
+            self.keep_datapath = bool(keep_datapath)
+        asyncio.get_running_loop().call_soon(self.request_exit)
+        return {"exiting": True}
+
+
+def _version() -> str:
+    from importlib.metadata import version
+
+    return version("xlat")
+
+
+def run(config: Config) -> ExitCode:
+    """Run the daemon to completion; returns the process exit code."""
+    daemon = Daemon(config)
+    try:
+        asyncio.run(daemon.serve())
+    except StartupError as e:
+        log.error("%s", e)
+        return ExitCode.STARTUP_FAILURE
+    return ExitCode.OK
