@@ -16,7 +16,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -367,6 +367,7 @@ class Daemon:
             "flows": sum(len(self.manager.flows(s)) for s in sessions),
             "ports": pools,
             "ended": dict(self.manager.ended),
+            "forwarded": {p.name: _totals(p.counters().values()) for p in self.forwarders},
             "drops": {r: {"packets": d.packets, "bytes": d.bytes}
                       for r, d in sorted(self.drops().items())},
         }
@@ -376,6 +377,14 @@ class Daemon:
             self.keep_datapath = bool(keep_datapath)
         asyncio.get_running_loop().call_soon(self.request_exit)
         return {"exiting": True}
+
+
+def _totals(counters: Iterable[FlowCounters]) -> dict[str, int]:
+    packets = bytes_ = 0
+    for c in counters:
+        packets += c.packets
+        bytes_ += c.bytes
+    return {"packets": packets, "bytes": bytes_}
 
 
 def _version() -> str:
