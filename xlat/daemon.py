@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import enum
 import fcntl
+import json
 import logging
 import os
 import signal
@@ -153,6 +154,7 @@ class Daemon:
         self._locks = InterfaceLocks(interfaces)
         self._locks.acquire()
         self._attach_datapath(interfaces)
+        self._adopt()
         await self._start_signalling()
         self._timer = asyncio.create_task(self._timers())
         self._control = ControlServer(self._registry(), cfg.control)
@@ -173,6 +175,8 @@ class Daemon:
                     await result
             except Exception:
                 log.exception("closing %s failed", type(server).__name__)
+        if keep:
+            self._save_state()
         for part in reversed(self.parts):
             try:
                 part.close(keep=keep)
@@ -206,6 +210,37 @@ class Daemon:
         self.parts = [*self.forwarders, guard]
         log.info("datapath attached to %s: %s", ", ".join(interfaces),
                  " + ".join(p.name for p in self.parts))
+
+    @property
+    def state_file(self) -> Path:
+        """Sessions handed from a daemon stopped with --keep-datapath to the next one."""
+        return self.config.control.with_suffix(".state.json")
+
+    def _save_state(self) -> None:
+        self.state_file.write_text(json.dumps(self.manager.snapshot(time.monotonic())))
+        log.info("saved %d session(s) to %s", len(self.manager.sessions()), self.state_file)
+
+    def _adopt(self) -> None:
+        """Take over what a previous daemon left: its sessions (if it saved them) and
+        its kernel flows; flows that no session explains are removed."""
+        try:
+            saved = json.loads(self.state_file.read_text())
+            self.state_file.unlink()
+        except FileNotFoundError:
+            saved = []
+        except (OSError, ValueError) as e:
+            log.warning("ignoring unreadable %s: %s", self.state_file, e)
+            saved = []
+        if saved:
+            log.info("adopted %d session(s) from the previous daemon",
+                     self.manager.restore(saved, time.monotonic()))
+        wanted = {f.match for s in self.manager.sessions() for f in self.manager.flows(s)}
+        stale = [m for p in self.forwarders for m in p.counters() if m not in wanted]
+        if stale:
+            log.info("removing %d stale kernel flow(s) left by a previous daemon", len(stale))
+            for part in self.parts:
+                part.remove(stale)
+        self._flush()
 
     def _schedule_flush(self) -> None:
         if not self._flush_pending:

@@ -180,3 +180,25 @@ def test_nat64_offerer_leg_learns_its_peer() -> None:
     assert flow.to.port == 0 and flow.to.family == 4 and flow.latch is Latch.LEARN
     (relay_a,) = mgr.answer("c", "a", "b", [StreamSpec(B4)], now=0.0)
     assert relay_a is not None and relay_a.family == 4
+
+
+def test_snapshot_restore_keeps_sessions_ports_and_flows() -> None:
+    mgr, dp = make(delete_delay=5.0)
+    mgr.offer("c", "a", [StreamSpec(A6)], toward=4, now=0.0)
+    mgr.answer("c", "a", "b", [StreamSpec(B4)], now=1.0)
+    manual = mgr.add(A6, B4, now=2.0, idle_timeout=30, lifetime=100)
+    mgr.delete("c", now=3.0)
+    data = mgr.snapshot(now=4.0)
+
+    mgr2, dp2 = make(delete_delay=5.0)
+    assert mgr2.restore(data, now=1000.0) == 2
+    assert dp2.flows.keys() == dp.flows.keys()
+    restored = mgr2.get(manual.id)
+    assert restored.created == 998.0 and restored.lifetime == 100
+    assert mgr2.pools[4][0].in_use == 2 and mgr2.pools[6][0].in_use == 2
+    # the deleting call still ends 5 s after its BYE, on the new clock
+    assert [s.call_id for s in mgr2.expire(1003.9, dp2.counters)] == []
+    assert [s.call_id for s in mgr2.expire(1004.0, dp2.counters)] == ["c"]
+    # new allocations do not collide with restored ones
+    relays = mgr2.offer("d", "a", [StreamSpec(A6)], toward=4, now=1005.0)
+    assert relays[0] not in {lg.relay for lg in restored.legs()}

@@ -26,6 +26,7 @@ import random
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from xlat.addr import Endpoint
 from xlat.media.datapath import Flow, FlowCounters, Latch
@@ -138,6 +139,10 @@ class DatapathBatch:
 
 def _usable(peer: Endpoint | None) -> bool:
     return peer is not None and not peer.host.is_unspecified and peer.port != 0
+
+
+def _text(ep: Endpoint | None) -> str | None:
+    return None if ep is None else str(ep)
 
 
 def _unknown(family: int) -> Endpoint:
@@ -302,6 +307,67 @@ class SessionManager:
         for s in sessions:
             self._end(s, now, "flushed")
         return len(sessions)
+
+    # ---- hitless restart ----------------------------------------------------------
+
+    def snapshot(self, now: float) -> list[dict[str, object]]:
+        """Sessions as JSON-able data, for the next daemon to ``restore``. Times are
+        stored relative to ``now``: monotonic clocks do not survive a reboot."""
+
+        def leg(lg: Leg) -> list[str | bool | None]:
+            return [str(lg.relay), _text(lg.peer), _text(lg.rtcp_peer), lg.rtcp_mux]
+
+        return [
+            {
+                "id": s.id, "origin": s.origin, "call_id": s.call_id, "tags": s.tags,
+                "families": s.families, "idle_timeout": s.idle_timeout, "lifetime": s.lifetime,
+                "age": now - s.created, "idle": now - s.activity, "state": s.state,
+                "ends_in": None if s.ends_at is None else s.ends_at - now,
+                "answered": s.answered, "via_branch": s.via_branch,
+                "streams": [None if st is None else [leg(st[0]), leg(st[1])] for st in s.streams],
+            }
+            for s in self._sessions.values()
+        ]
+
+    def restore(self, items: Sequence[Mapping[str, object]], now: float) -> int:
+        """Re-create sessions from ``snapshot`` data, claiming their relay pairs; their
+        flows are queued for install (the datapath keeps counters of flows it has)."""
+
+        def ep(text: object) -> Endpoint | None:
+            return None if text is None else Endpoint.parse(str(text))
+
+        def leg(data: list[object]) -> Leg:
+            relay = ep(data[0])
+            assert relay is not None
+            return Leg(relay, ep(data[1]), ep(data[2]), bool(data[3]))
+
+        for item in items:
+            d: dict[str, Any] = dict(item)
+            session = MediaSession(
+                id=d["id"], origin=d["origin"], call_id=d["call_id"], tags=list(d["tags"]),
+                families=tuple(d["families"]),
+                streams=[None if st is None else (leg(st[0]), leg(st[1]))
+                         for st in d["streams"]],
+                idle_timeout=d["idle_timeout"], lifetime=d["lifetime"],
+                created=now - d["age"], activity=now - d["idle"], state=d["state"],
+                ends_at=None if d["ends_in"] is None else now + d["ends_in"],
+                answered=d["answered"], via_branch=d["via_branch"],
+            )
+            for lg in session.legs():
+                if self._relay_refs[lg.relay] == 0:
+                    for pool in self.pools.get(lg.relay.family, []):
+                        if pool.address == lg.relay.host:
+                            pool.claim(lg.relay)
+                self._relay_refs[lg.relay] += 1
+            self._sessions[session.id] = session
+            self._calls.setdefault(session.call_id or session.id, _Call()).sessions.append(session)
+            self._answers = max(self._answers, session.answered)
+            if session.ends_at is not None:
+                self._schedule(session, session.ends_at)
+            else:
+                self._arm(session)
+            self._sync(session)
+        return len(items)
 
     # ---- queries -------------------------------------------------------------
 
