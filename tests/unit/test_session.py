@@ -202,3 +202,12 @@ def test_snapshot_restore_keeps_sessions_ports_and_flows() -> None:
     # new allocations do not collide with restored ones
     relays = mgr2.offer("d", "a", [StreamSpec(A6)], toward=4, now=1005.0)
     assert relays[0] not in {lg.relay for lg in restored.legs()}
+
+
+def test_stream_rejected_by_the_answer_is_released() -> None:
+    mgr, dp = make()
+    mgr.offer("c", "a", [StreamSpec(A6), StreamSpec(Endpoint.parse("[2001:db8:6::2]:4002"))],
+              toward=4, now=0.0)
+    relays = mgr.answer("c", "a", "b", [StreamSpec(B4), StreamSpec(None)], now=0.0)
+    assert relays[0] is not None and relays[1] is None
+    assert mgr.pools[4][0].in_use == 1 and len(dp.flows) == 4

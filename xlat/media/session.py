@@ -537,11 +537,9 @@ class SessionManager:
         try:
             for i, spec in enumerate(specs):
                 stream = session.streams[i]
-                if spec.peer is None:  # rejected (port 0)
-                    if stream is not None and not answer:
+                if spec.peer is None:  # rejected (port 0), by the offer or the answer
+                    if stream is not None:
                         self._drop_stream(session, i, now)
-                    elif stream is not None:
-                        stream[side].learn(spec)
                     continue
                 if stream is None:
                     if answer:
