@@ -1,0 +1,983 @@
+"""SIP messages (RFC 3261 §7, §20, §25) that keep their bytes.
+
+A parsed message remembers the raw bytes of its start line, of every header line
+(including folding) and of the blank line; ``to_bytes()`` writes those back, so a message
+parsed and serialised with no change equals its input exactly, and an edit changes only
+the header lines it touches. Header values are read unfolded (§7.3.1); compact forms
+(``v:``, ``f:``, ...) and names compare case-insensitively.
+
+The RFC 3261 §25 ABNF encoded here::
+
+    generic-message = start-line *message-header CRLF [ message-body ]
+    Request-Line    = Method SP Request-URI SP SIP-Version CRLF
+    Status-Line     = SIP-Version SP Status-Code SP Reason-Phrase CRLF
+    SIP-Version     = "SIP" "/" 1*DIGIT "." 1*DIGIT
+    message-header  = field-name HCOLON field-value CRLF      ; HCOLON = *( SP / HTAB ) ":" SWS
+    LWS             = [*WSP CRLF] 1*WSP                       ; folding, read as one SP
+    token           = 1*(alphanum / "-" / "." / "!" / "%" / "*" / "_" / "+" / "`" / "'" / "~" )
+    word            = 1*(alphanum / "-" / "." / "!" / "%" / "*" / "_" / "+" / "`" / "'" / "~" /
+                         "(" / ")" / "<" / ">" / ":" / "\\" / DQUOTE / "/" / "[" / "]" / "?" /
+                         "{" / "}" )
+    Call-ID         = ( "Call-ID" / "i" ) HCOLON word [ "@" word ]
+    CSeq            = "CSeq" HCOLON 1*DIGIT LWS Method
+    Max-Forwards    = "Max-Forwards" HCOLON 1*DIGIT
+    Content-Length  = ( "Content-Length" / "l" ) HCOLON 1*DIGIT
+    Via             = ( "Via" / "v" ) HCOLON via-parm *(COMMA via-parm)
+    via-parm        = sent-protocol LWS sent-by *( SEMI via-params )
+    sent-protocol   = protocol-name SLASH protocol-version SLASH transport
+    sent-by         = host [ COLON port ]
+    via-received    = "received" EQUAL (IPv4address / IPv6address)   ; RFC 5118 §4.5: or
+                                                                     ; an IPv6reference
+    name-addr       = [ display-name ] LAQUOT addr-spec RAQUOT
+    display-name    = *(token LWS) / quoted-string
+    quoted-string   = SWS DQUOTE *(qdtext / quoted-pair ) DQUOTE
+    Contact         = ("Contact" / "m" ) HCOLON ( STAR / (contact-param *(COMMA contact-param)))
+    contact-param   = (name-addr / addr-spec) *( SEMI contact-params )
+    generic-param   = token [ EQUAL gen-value ]
+    gen-value       = token / host / quoted-string
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Literal, Self, TypeVar
+
+from xlat.sip.errors import SipParseError
+from xlat.sip.uri import IPAddress, SipUri, format_host, host_ip, parse_host, parse_port, parse_uri
+
+__all__ = [
+    "MAX_MESSAGE_SIZE",
+    "REASONS",
+    "Header",
+    "NameAddr",
+    "SipMessage",
+    "SipParseError",
+    "SipRequest",
+    "SipResponse",
+    "StreamFramer",
+    "Via",
+    "canonical_name",
+    "make_response",
+    "parse_message",
+    "split_list",
+]
+
+# Cap on one message (start line + headers + body). A UDP datagram cannot carry more
+# (16-bit length, RFC 768), and it is Kamailio's receive buffer (BUF_SIZE 65535); over TCP
+# it bounds what one connection may make us buffer (h11's HTTP_DEFAULT_MAX_BUFFER_SIZE
+# habit: every buffer has a cap).
+MAX_MESSAGE_SIZE = 65535
+
+# Compact forms (RFC 3261 §7.3.3 and the RFCs defining each header) -> canonical name.
+_COMPACT = {
+    "a": "accept-contact",
+    "b": "referred-by",
+    "c": "content-type",
+    "d": "request-disposition",
+    "e": "content-encoding",
+    "f": "from",
+    "i": "call-id",
+    "j": "reject-contact",
+    "k": "supported",
+    "l": "content-length",
+    "m": "contact",
+    "o": "event",
+    "r": "refer-to",
+    "s": "subject",
+    "t": "to",
+    "u": "allow-events",
+    "v": "via",
+    "x": "session-expires",
+    "y": "identity",
+}
+
+# Headers whose grammar is a comma-separated list (RFC 3261 §7.3.1: only these may be
+# split or combined). Others may hold commas that are not separators (Date,
+# Authorization, Subject, ...), so get_all() never splits them.
+_LIST_HEADERS = frozenset(
+    {
+        "accept",
+        "accept-encoding",
+        "accept-language",
+        "alert-info",
+        "allow",
+        "allow-events",
+        "call-info",
+        "contact",
+        "content-encoding",
+        "content-language",
+        "error-info",
+        "history-info",
+        "in-reply-to",
+        "p-asserted-identity",
+        "path",
+        "proxy-require",
+        "reason",
+        "record-route",
+        "require",
+        "route",
+        "service-route",
+        "supported",
+        "unsupported",
+        "via",
+        "warning",
+    }
+)
+
+_TOKEN = r"[A-Za-z0-9\-.!%*_+`'~]+"
+_TOKEN_RE = re.compile(_TOKEN)
+_WORD_RE = re.compile(r"[A-Za-z0-9\-.!%*_+`'~()<>:\\\"/\[\]?{}]+")
+_CALL_ID_RE = re.compile(rf"{_WORD_RE.pattern}(?:@{_WORD_RE.pattern})?")
+_VERSION_RE = re.compile(r"SIP/(\d+)\.(\d+)", re.IGNORECASE)
+_CSEQ_RE = re.compile(rf"(\d+)[ \t]+({_TOKEN})")
+_QUOTED = r'"(?:[^"\\]|\\.)*"'
+_QUOTED_RE = re.compile(_QUOTED)
+# gen-value = token / host / quoted-string; ":" admits an unbracketed IPv6 received=
+# (RFC 5118 §4.5) and a bracketed one is a host.
+_GEN_VALUE = rf"(?:[A-Za-z0-9\-.!%*_+`'~:]+|\[[0-9A-Fa-f:.]+\]|{_QUOTED})"
+_PARAM_RE = re.compile(rf"[ \t]*;[ \t]*({_TOKEN})(?:[ \t]*=[ \t]*({_GEN_VALUE}))?[ \t]*")
+_VIA_RE = re.compile(
+    rf"({_TOKEN})[ \t]*/[ \t]*({_TOKEN})[ \t]*/[ \t]*({_TOKEN})[ \t]+"
+    r"(\[[^\]]*\]|[^\s:;\[]+)(?:[ \t]*:[ \t]*([^\s;]+))?"
+)
+_CONTROL_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_QUOTED_PAIR_RE = re.compile(r"\\[\x00-\x09\x0b\x0c\x0e-\x7f]")
+_BLANK_LINE_RE = re.compile(rb"\n\r?\n")
+_EOL_RE = re.compile(rb"\r?\n\Z")
+_CRLF = "\r\n"
+
+# Mandatory in every request and response (§8.1.1; Max-Forwards may be absent, §16.6).
+_REQUIRED = ("via", "from", "to", "call-id", "cseq")
+_SINGLE = ("from", "to", "call-id", "cseq", "max-forwards", "content-type")
+_SPELLING = {
+    "via": "Via",
+    "from": "From",
+    "to": "To",
+    "call-id": "Call-ID",
+    "cseq": "CSeq",
+    "max-forwards": "Max-Forwards",
+    "content-type": "Content-Type",
+}
+
+# Reason phrases of RFC 3261 §21 (and the few later codes a proxy emits).
+REASONS = {
+    100: "Trying",
+    180: "Ringing",
+    181: "Call Is Being Forwarded",
+    182: "Queued",
+    183: "Session Progress",
+    200: "OK",
+    202: "Accepted",
+    300: "Multiple Choices",
+    301: "Moved Permanently",
+    302: "Moved Temporarily",
+    305: "Use Proxy",
+    380: "Alternative Service",
+    400: "Bad Request",
+    401: "Unauthorized",
+    402: "Payment Required",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    406: "Not Acceptable",
+    407: "Proxy Authentication Required",
+    408: "Request Timeout",
+    410: "Gone",
+    413: "Request Entity Too Large",
+    414: "Request-URI Too Long",
+    415: "Unsupported Media Type",
+    416: "Unsupported URI Scheme",
+    420: "Bad Extension",
+    421: "Extension Required",
+    423: "Interval Too Brief",
+    480: "Temporarily Unavailable",
+    481: "Call/Transaction Does Not Exist",
+    482: "Loop Detected",
+    483: "Too Many Hops",
+    484: "Address Incomplete",
+    485: "Ambiguous",
+    486: "Busy Here",
+    487: "Request Terminated",
+    488: "Not Acceptable Here",
+    491: "Request Pending",
+    493: "Undecipherable",
+    500: "Server Internal Error",
+    501: "Not Implemented",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+    504: "Server Time-out",
+    505: "Version Not Supported",
+    513: "Message Too Large",
+    600: "Busy Everywhere",
+    603: "Decline",
+    604: "Does Not Exist Anywhere",
+    606: "Not Acceptable",
+}
+
+
+def _has_control(text: str) -> bool:
+    """A control character other than HT, except as a quoted-pair (RFC 4475 §3.1.1.4:
+    ``\\`` may escape any but CR and LF)."""
+    return bool(_CONTROL_RE.search(text) and _CONTROL_RE.search(_QUOTED_PAIR_RE.sub("", text)))
+
+
+@lru_cache(maxsize=512)  # bounded: names come from the network
+def canonical_name(name: str) -> str:
+    """The lower-case long form of a header name (compact forms expanded)."""
+    lower = name.lower()
+    return _COMPACT.get(lower, lower)
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    """One header line: `name` as written, `value` unfolded and stripped, `raw` the
+    original line(s) including folding and line ending (None for a new line). Frozen so
+    a value cannot change under its raw bytes: edits replace the line (SipMessage.set)."""
+
+    name: str
+    value: str
+    raw: bytes | None = None
+
+    def __post_init__(self) -> None:
+        """A new line must be one well-formed line: no header injection through a value."""
+        if self.raw is None and (not _TOKEN_RE.fullmatch(self.name) or _has_control(self.value)):
+            raise ValueError(f"not a valid header line: {self.name!r}: {self.value!r}")
+
+    def to_bytes(self, eol: str = _CRLF) -> bytes:
+        """The line as it goes out: raw if untouched, else ``name: value`` + eol."""
+        if self.raw is not None:
+            return self.raw
+        return f"{self.name}: {self.value}{eol}".encode("utf-8", "surrogateescape")
+
+
+def split_list(value: str) -> list[str]:
+    """Split a comma-separated header value at commas outside quoted strings and <...>;
+    elements are stripped, empty ones dropped. Raises SipParseError on an unterminated
+    quote or angle bracket."""
+    parts = value.split(",") if '"' not in value and "<" not in value else _split_quoted(value)
+    return [p for p in (part.strip(" \t") for part in parts) if p]
+
+
+def _split_quoted(value: str) -> list[str]:
+    """The slow path of split_list: walk the characters, tracking quotes and <>."""
+    parts = []
+    start = 0
+    in_quote = in_angle = False
+    i = 0
+    while i < len(value):
+        ch = value[i]
+        if in_quote:
+            if ch == "\\":
+                i += 1
+            elif ch == '"':
+                in_quote = False
+        elif ch == '"':
+            in_quote = True
+        elif ch == "<":
+            in_angle = True
+        elif ch == ">":
+            in_angle = False
+        elif ch == "," and not in_angle:
+            parts.append(value[start:i])
+            start = i + 1
+        i += 1
+    if in_quote:
+        raise SipParseError(f"unterminated quoted string: {value!r}")
+    if in_angle:
+        raise SipParseError(f"unterminated <: {value!r}")
+    parts.append(value[start:])
+    return parts
+
+
+def _parse_params(text: str, what: str) -> dict[str, str | None]:
+    """``*( SEMI generic-param )`` -> ordered dict, names lower-cased."""
+    params: dict[str, str | None] = {}
+    pos = 0
+    while pos < len(text):
+        m = _PARAM_RE.match(text, pos)
+        if not m:
+            raise SipParseError(f"bad {what} parameter: {text[pos:]!r}")
+        params[m.group(1).lower()] = m.group(2)
+        pos = m.end()
+    return params
+
+
+def _find_or_len(text: str, sub: str) -> int:
+    at = text.find(sub)
+    return len(text) if at < 0 else at
+
+
+def _format_params(params: dict[str, str | None]) -> str:
+    return "".join(f";{k}" if v is None else f";{k}={v}" for k, v in params.items())
+
+
+@dataclass(slots=True)
+class Via:
+    """One via-parm. `host` keeps IPv6 brackets (RFC 5118); `params` are ordered, names
+    lower-cased. ``str()`` gives the parsed text back until a field changes."""
+
+    transport: str
+    host: str
+    port: int | None = None
+    params: dict[str, str | None] = field(default_factory=dict)
+    _text: str | None = field(default=None, init=False, repr=False, compare=False)
+    _snapshot: tuple[object, ...] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
+
+    def __post_init__(self) -> None:
+        self.host = format_host(self.host)
+
+    @classmethod
+    def parse(cls, value: str) -> Via:
+        """Parse one via-parm (not a comma list). Raises SipParseError."""
+        text = value.strip(" \t")
+        m = _VIA_RE.match(text)
+        if not m:
+            raise SipParseError(f"bad Via: {value!r}")
+        name, version, transport, host, port = m.groups()
+        if port is not None and ":" in port:
+            raise SipParseError(f"IPv6 address must be bracketed: {value!r}")
+        if name.upper() != "SIP" or version != "2.0":
+            raise SipParseError(f"bad Via protocol: {value!r}")
+        via = cls(
+            transport=transport,
+            host=parse_host(host),
+            port=None if port is None else parse_port(port),
+            params=_parse_params(text[m.end() :], "Via"),
+        )
+        if via.received is not None and host_ip(via.received) is None:
+            raise SipParseError(f"bad Via received: {value!r}")
+        via._text = text
+        via._snapshot = via._key()
+        return via
+
+    @property
+    def branch(self) -> str | None:
+        return self.params.get("branch")
+
+    @property
+    def received(self) -> str | None:
+        """The received= value as written (IPv6 with or without brackets, RFC 5118 §4.5)."""
+        return self.params.get("received")
+
+    @property
+    def rport(self) -> int | None:
+        """The rport= value (RFC 3581); None when absent or present without a value."""
+        value = self.params.get("rport")
+        return int(value) if value and value.isdigit() else None
+
+    @property
+    def host_ip(self) -> IPAddress | None:
+        """The sent-by host as an IP address; None for a domain name."""
+        return host_ip(self.host)
+
+    def _key(self) -> tuple[object, ...]:
+        return (self.transport, self.host, self.port, tuple(self.params.items()))
+
+    def __str__(self) -> str:
+        if self._text is not None and self._key() == self._snapshot:
+            return self._text
+        port = "" if self.port is None else f":{self.port}"
+        host = format_host(self.host)
+        return f"SIP/2.0/{self.transport} {host}{port}{_format_params(self.params)}"
+
+
+@dataclass(slots=True)
+class NameAddr:
+    """``[display] <uri>;params`` or ``uri;params`` (From, To, Contact, Route, ...).
+    `display` is as written (quotes kept); `uri` is a SipUri for sip:/sips: and the raw
+    text for other schemes (tel:, ...); `angle` says whether <> were used. ``str()`` gives
+    the parsed text back until a field changes."""
+
+    uri: SipUri | str
+    display: str | None = None
+    params: dict[str, str | None] = field(default_factory=dict)
+    angle: bool = True
+    _text: str | None = field(default=None, init=False, repr=False, compare=False)
+    _snapshot: tuple[object, ...] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
+
+    @classmethod
+    def parse(cls, value: str) -> NameAddr:
+        """Parse one name-addr or addr-spec with its header parameters."""
+        text = value.strip(" \t")
+        display: str | None = None
+        rest = text
+        if text.startswith('"'):
+            m = _QUOTED_RE.match(text)
+            if not m:
+                raise SipParseError(f"unterminated quoted string: {value!r}")
+            display, rest = m.group(0), text[m.end() :].lstrip(" \t")
+            if not rest.startswith("<"):
+                raise SipParseError(f"quoted display name without <uri>: {value!r}")
+        elif 0 <= (lt := text.find("<")) < _find_or_len(text, ";"):
+            # a "<" after the first ";" belongs to a parameter of an addr-spec
+            words = text[:lt].split()
+            if not all(_TOKEN_RE.fullmatch(w) or not w.isascii() for w in words):
+                raise SipParseError(f"bad display name: {value!r}")
+            display, rest = text[:lt].strip(" \t") or None, text[lt:]
+        if rest.startswith("<"):
+            gt = rest.find(">")
+            if gt < 0:
+                raise SipParseError(f"unterminated <: {value!r}")
+            uri_text, params_text, angle = rest[1:gt], rest[gt + 1 :], True
+        else:
+            uri_text, semi, params_text = rest.partition(";")
+            uri_text, params_text, angle = uri_text.rstrip(" \t"), semi + params_text, False
+            if any(c in uri_text for c in ' \t,?"'):
+                raise SipParseError(f"bad addr-spec: {value!r}")
+        addr = cls(
+            uri=parse_uri(uri_text),
+            display=display,
+            params=_parse_params(params_text, "header"),
+            angle=angle,
+        )
+        addr._text = text
+        addr._snapshot = addr._key()
+        return addr
+
+    @property
+    def tag(self) -> str | None:
+        return self.params.get("tag")
+
+    def _key(self) -> tuple[object, ...]:
+        return (self.display, str(self.uri), tuple(self.params.items()), self.angle)
+
+    def __str__(self) -> str:
+        if self._text is not None and self._key() == self._snapshot:
+            return self._text
+        uri = str(self.uri)
+        # An addr-spec cannot hold ",", ";" or "?" (§20.10): such a URI needs <>.
+        if self.angle or self.display or any(c in uri for c in ",;?"):
+            uri = f"<{uri}>" if not self.display else f"{self.display} <{uri}>"
+        return uri + _format_params(self.params)
+
+
+class SipMessage(ABC):
+    """Start line, headers in order, body. Base of SipRequest and SipResponse."""
+
+    __slots__ = ("_blank", "_body", "_start_key", "_start_raw", "eol", "headers")
+
+    headers: list[Header]
+
+    def __init__(self, headers: Iterable[Header | tuple[str, str]] = (), body: bytes = b"") -> None:
+        self.headers = [h if isinstance(h, Header) else Header(*h) for h in headers]
+        self.eol = _CRLF
+        self._body = body
+        self._blank: bytes | None = None
+        self._start_raw: bytes | None = None
+        self._start_key: tuple[object, ...] | None = None
+        if self.get("content-length") is None:
+            self.headers.append(Header("Content-Length", str(len(body))))
+
+    def copy(self) -> Self:
+        """An independent copy to edit (§16.6 step 1: one copy per forwarded target)."""
+        return copy.deepcopy(self)
+
+    # -- reading -------------------------------------------------------------------------
+
+    @property
+    def body(self) -> bytes:
+        return self._body
+
+    @body.setter
+    def body(self, value: bytes) -> None:
+        """Setting a different body rewrites Content-Length (and only then)."""
+        if value != self._body:
+            self._body = value
+            self.set("Content-Length", str(len(value)))
+
+    def get(self, name: str) -> str | None:
+        """The first value of a header (the whole line; compact forms understood)."""
+        key = canonical_name(name)
+        for h in self.headers:
+            if canonical_name(h.name) == key:
+                return h.value
+        return None
+
+    def get_all(self, name: str) -> list[str]:
+        """Every value of a header across its lines; list headers (Via, Route, Contact,
+        ...) split at commas outside quotes and <>."""
+        key = canonical_name(name)
+        values: list[str] = []
+        for h in self.headers:
+            if canonical_name(h.name) == key:
+                values += split_list(h.value) if key in _LIST_HEADERS else [h.value]
+        return values
+
+    def _require(self, name: str) -> str:
+        value = self.get(name)
+        if value is None:
+            raise SipParseError(f"missing {name}")
+        return value
+
+    @property
+    def call_id(self) -> str:
+        return self._require("Call-ID")
+
+    @property
+    def cseq(self) -> tuple[int, str]:
+        """(sequence number, method)."""
+        value = self._require("CSeq")
+        m = _CSEQ_RE.fullmatch(value)
+        if not m or len(m.group(1)) > 10 or int(m.group(1)) >= 2**31:
+            raise SipParseError(f"bad CSeq: {value!r}")
+        return int(m.group(1)), m.group(2)
+
+    @property
+    def vias(self) -> list[Via]:
+        return [Via.parse(v) for v in self.get_all("Via")]
+
+    @property
+    def from_(self) -> NameAddr:
+        return NameAddr.parse(self._require("From"))
+
+    @property
+    def to(self) -> NameAddr:
+        return NameAddr.parse(self._require("To"))
+
+    @property
+    def max_forwards(self) -> int:
+        """Max-Forwards, 70 when absent (§8.1.1.6)."""
+        value = self.get("Max-Forwards")
+        if value is None:
+            return 70
+        if not value.isascii() or not value.isdigit() or int(value) > 255:
+            raise SipParseError(f"bad Max-Forwards: {value!r}")
+        return int(value)
+
+    @property
+    def content_type(self) -> str | None:
+        return self.get("Content-Type")
+
+    @property
+    def wildcard_contact(self) -> bool:
+        """``Contact: *`` (REGISTER removing every binding, §10.2.2)."""
+        return self.get_all("Contact") == ["*"]
+
+    @property
+    def contacts(self) -> list[NameAddr]:
+        """Contact entries in order; empty for ``Contact: *``."""
+        values = self.get_all("Contact")
+        if "*" in values:
+            if len(values) > 1:
+                raise SipParseError("Contact: * mixed with other contacts")
+            return []
+        return [NameAddr.parse(v) for v in values]
+
+    @property
+    def routes(self) -> list[NameAddr]:
+        return [NameAddr.parse(v) for v in self.get_all("Route")]
+
+    @property
+    def record_routes(self) -> list[NameAddr]:
+        return [NameAddr.parse(v) for v in self.get_all("Record-Route")]
+
+    # -- editing: only the touched header lines change -----------------------------------
+
+    def _indexes(self, name: str) -> list[int]:
+        key = canonical_name(name)
+        return [i for i, h in enumerate(self.headers) if canonical_name(h.name) == key]
+
+    def set(self, name: str, value: str) -> None:
+        """Give a header exactly this one value: the first line of that name is rewritten
+        (keeping its name as written), further lines removed; appended when absent."""
+        idx = self._indexes(name)
+        if not idx:
+            self.headers.append(Header(name, value))
+            return
+        first = self.headers[idx[0]]
+        if first.value != value:
+            self.headers[idx[0]] = Header(first.name, value)
+        for i in reversed(idx[1:]):
+            del self.headers[i]
+
+    def insert(self, index: int | Literal["top"], name: str, value: str) -> None:
+        """Insert a new header line at `index` of `headers`, or "top": just above the
+        first line of that name (index 0 when there is none)."""
+        if index == "top":
+            idx = self._indexes(name)
+            index = idx[0] if idx else 0
+        self.headers.insert(index, Header(name, value))
+
+    def remove(self, name: str) -> int:
+        """Remove every line of a header; return how many went."""
+        idx = self._indexes(name)
+        for i in reversed(idx):
+            del self.headers[i]
+        return len(idx)
+
+    def replace_values(self, name: str, values: Sequence[str]) -> None:
+        """Make a list header hold `values` in order. Leading and trailing lines whose
+        values already match stay untouched; the lines between are replaced by one line
+        (at the first replaced position) holding the remaining values, or removed."""
+        idx = self._indexes(name)
+        lines = [split_list(self.headers[i].value) for i in idx]
+        values = list(values)
+        head = 0
+        while head < len(lines) and values[: len(lines[head])] == lines[head]:
+            values = values[len(lines[head]) :]
+            head += 1
+        tail = len(lines)
+        while (
+            tail > head and lines[tail - 1] and values[-len(lines[tail - 1]) :] == lines[tail - 1]
+        ):
+            values = values[: -len(lines[tail - 1])]
+            tail -= 1
+        touched = idx[head:tail]
+        if not touched and not values:
+            return
+        if touched:
+            first = self.headers[touched[0]]
+            at, written = touched[0], first.name
+        else:
+            # nothing replaced: the new values go between the kept head and tail lines
+            at = len(self.headers) if not idx else idx[head] if head < len(idx) else idx[-1] + 1
+            written = name
+        for i in reversed(touched):
+            del self.headers[i]
+        if values:
+            self.headers.insert(at, Header(written, ", ".join(values)))
+
+    def pop_top(self, name: str) -> str | None:
+        """Remove and return the first value of a list header (None when absent)."""
+        values = self.get_all(name)
+        if not values:
+            return None
+        self.replace_values(name, values[1:])
+        return values[0]
+
+    # -- writing -------------------------------------------------------------------------
+
+    @abstractmethod
+    def _start_line(self) -> tuple[tuple[object, ...], str]:
+        """(the fields the start line is made of, the line as they write it)."""
+
+    def to_bytes(self) -> bytes:
+        """The message on the wire: untouched parts as they came in."""
+        key, text = self._start_line()
+        if self._start_raw is not None and key == self._start_key:
+            out = [self._start_raw]
+        else:
+            if _has_control(text):
+                raise ValueError(f"not a valid start line: {text!r}")
+            out = [(text + self.eol).encode("utf-8", "surrogateescape")]
+        out += [h.to_bytes(self.eol) for h in self.headers]
+        out.append(self._blank if self._blank is not None else self.eol.encode())
+        out.append(self._body)
+        return b"".join(out)
+
+    def _validate(self) -> None:
+        """Check what a proxy relies on (§8.1.1, §8.2.2.x); raises SipParseError(400)."""
+        names = [canonical_name(h.name) for h in self.headers]
+        for name in _REQUIRED:
+            if name not in names:
+                raise SipParseError(f"missing {_SPELLING[name]} header")
+        for name in _SINGLE:
+            if names.count(name) > 1:
+                raise SipParseError(f"more than one {_SPELLING[name]} header")
+        call_id = self.call_id
+        if not _CALL_ID_RE.fullmatch(call_id):
+            raise SipParseError(f"bad Call-ID: {call_id!r}")
+        # Parsing each is the check; the values are not kept.
+        _ = (self.cseq, self.from_, self.to, self.max_forwards, self.contacts)
+        _ = (self.routes, self.record_routes)
+        if not self.vias:
+            raise SipParseError("empty Via")
+        expires = self.get("Expires")
+        if expires is not None and not (
+            expires.isascii() and expires.isdigit() and int(expires) < 2**32
+        ):
+            raise SipParseError(f"bad Expires: {expires!r}")
+
+
+class SipRequest(SipMessage):
+    """A request. `uri` is a SipUri for sip:/sips:, the raw text for other schemes."""
+
+    __slots__ = ("method", "uri", "version")
+
+    def __init__(
+        self,
+        method: str,
+        uri: SipUri | str,
+        headers: Iterable[Header | tuple[str, str]] = (),
+        body: bytes = b"",
+        version: str = "SIP/2.0",
+    ) -> None:
+        self.method = method
+        self.uri = uri
+        self.version = version
+        super().__init__(headers, body)
+
+    def _start_line(self) -> tuple[tuple[object, ...], str]:
+        key = (self.method, str(self.uri), self.version)
+        return key, f"{self.method} {key[1]} {self.version}"
+
+    def _validate(self) -> None:
+        super()._validate()
+        if self.cseq[1] != self.method:
+            raise SipParseError(f"CSeq method {self.cseq[1]} does not match {self.method}")
+
+    def __repr__(self) -> str:
+        return f"<SipRequest {self.method} {self.uri}>"
+
+
+class SipResponse(SipMessage):
+    """A response."""
+
+    __slots__ = ("reason", "status", "version")
+
+    def __init__(
+        self,
+        status: int,
+        reason: str | None = None,
+        headers: Iterable[Header | tuple[str, str]] = (),
+        body: bytes = b"",
+        version: str = "SIP/2.0",
+    ) -> None:
+        self.status = status
+        self.reason = REASONS.get(status, "") if reason is None else reason
+        self.version = version
+        super().__init__(headers, body)
+
+    def _start_line(self) -> tuple[tuple[object, ...], str]:
+        key = (self.version, self.status, self.reason)
+        return key, f"{self.version} {self.status} {self.reason}"
+
+    def __repr__(self) -> str:
+        return f"<SipResponse {self.status} {self.reason}>"
+
+
+# -- parsing ---------------------------------------------------------------------------
+
+
+def parse_message(data: bytes) -> SipRequest | SipResponse:
+    """Parse one message from a datagram. A body longer than Content-Length is cut to it,
+    a shorter one is an error (§18.3); with no Content-Length the body is the rest.
+    Raises SipParseError."""
+    if len(data) > MAX_MESSAGE_SIZE:
+        raise SipParseError(f"message of {len(data)} bytes over {MAX_MESSAGE_SIZE}", 413)
+    split = _split_head(data)
+    if split is None:
+        raise SipParseError("no blank line after the headers")
+    head, blank, body_at = split
+    msg = _parse_head(head, blank)
+    rest = data[body_at:]
+    length = _content_length(msg)
+    if length is not None:
+        if len(rest) < length:
+            raise SipParseError(f"body of {len(rest)} bytes shorter than Content-Length")
+        rest = rest[:length]
+    msg._body = rest
+    return msg
+
+
+class StreamFramer:
+    """Cuts a TCP/TLS byte stream into messages (§18.3: Content-Length mandatory). CRLFs
+    between messages (RFC 5626 keep-alives) are skipped. Any error is final: the stream
+    cannot be re-synchronised, so every later feed() raises it again. Work per byte fed is
+    bounded: the blank-line search resumes where it stopped and a parsed head waits for
+    its body without being parsed again."""
+
+    def __init__(self, max_size: int = MAX_MESSAGE_SIZE) -> None:
+        self.max_size = max_size
+        self._buf = bytearray()
+        self._scanned = 0  # no blank line ends before this offset of _buf
+        self._head: tuple[SipRequest | SipResponse, int, int] | None = None  # msg, at, len
+        self._error: SipParseError | None = None
+
+    def feed(self, data: bytes) -> list[SipRequest | SipResponse]:
+        """Append bytes; return the messages completed. Raises SipParseError."""
+        if self._error is not None:
+            raise self._error
+        self._buf += data
+        try:
+            return self._drain()
+        except SipParseError as exc:
+            self._error = exc
+            self._buf.clear()
+            raise
+
+    def _drain(self) -> list[SipRequest | SipResponse]:
+        out: list[SipRequest | SipResponse] = []
+        while True:
+            if self._head is None:
+                self._head = self._next_head()
+                if self._head is None:
+                    return out
+            msg, body_at, length = self._head
+            if len(self._buf) < body_at + length:
+                return out
+            msg._body = bytes(self._buf[body_at : body_at + length])
+            del self._buf[: body_at + length]
+            self._head = None
+            self._scanned = 0
+            out.append(msg)
+
+    def _next_head(self) -> tuple[SipRequest | SipResponse, int, int] | None:
+        """Parse the next head once its blank line is in; None while it is not."""
+        if self._scanned == 0:
+            keepalive = len(self._buf) - len(self._buf.lstrip(b"\r\n"))
+            del self._buf[:keepalive]
+        split = _split_head(self._buf, max(0, self._scanned - 2))
+        if split is None:
+            self._scanned = len(self._buf)
+            if len(self._buf) > self.max_size:
+                raise SipParseError(f"headers over {self.max_size} bytes", 413)
+            return None
+        head, blank, body_at = split
+        msg = _parse_head(head, blank)
+        length = _content_length(msg)
+        if length is None:
+            raise SipParseError("missing Content-Length on a stream transport")
+        if body_at + length > self.max_size:
+            raise SipParseError(f"message over {self.max_size} bytes", 413)
+        return msg, body_at, length
+
+
+def _split_head(data: bytes | bytearray, start: int = 0) -> tuple[bytes, bytes, int] | None:
+    """(start line + header lines, blank line, body offset), None without a blank line
+    (searched from `start`)."""
+    m = _BLANK_LINE_RE.search(data, start)
+    if m is None:
+        return None
+    return bytes(data[: m.start() + 1]), bytes(data[m.start() + 1 : m.end()]), m.end()
+
+
+def _lines(head: bytes) -> list[bytes]:
+    """Lines with their line endings; a bare CR is left inside a line (and rejected)."""
+    return [line for line in re.split(rb"(?<=\n)", head) if line]
+
+
+def _text(raw: bytes, what: str) -> str:
+    text = raw.decode("utf-8", "surrogateescape")
+    text = text[: -2 if text.endswith("\r\n") else -1]
+    if _has_control(text):
+        raise SipParseError(f"control character in {what}: {text!r}")
+    return text
+
+
+def _parse_head(head: bytes, blank: bytes) -> SipRequest | SipResponse:
+    lines = _lines(head)
+    start_raw = lines[0]
+    msg = _parse_start_line(_text(start_raw, "start line"))
+    msg.eol = "\r\n" if start_raw.endswith(b"\r\n") else "\n"
+    msg._start_raw = start_raw
+    msg._start_key = msg._start_line()[0]
+    msg._blank = blank
+    groups: list[list[bytes]] = []
+    for line in lines[1:]:
+        if line[:1] in (b" ", b"\t"):
+            if not groups:
+                raise SipParseError("continuation line before any header")
+            groups[-1].append(line)
+        else:
+            groups.append([line])
+    msg.headers = [_parse_header(group) for group in groups]
+    msg._validate()
+    return msg
+
+
+def _parse_header(lines: list[bytes]) -> Header:
+    parts = [_text(line, "header").strip(" \t") for line in lines]
+    unfolded = " ".join(p for p in parts if p)
+    name, colon, value = unfolded.partition(":")
+    name = name.rstrip(" \t")
+    if not colon or not _TOKEN_RE.fullmatch(name):
+        raise SipParseError(f"bad header line: {unfolded!r}")
+    return Header(name, value.strip(" \t"), b"".join(lines))
+
+
+_M = TypeVar("_M", bound=SipMessage)
+
+
+def _parse_start_line(line: str) -> SipRequest | SipResponse:
+    """Request-Line or Status-Line -> an empty message of the right kind."""
+    parts = line.split(" ", 2)
+    if len(parts) != 3:
+        raise SipParseError(f"bad start line: {line!r}")
+    if parts[0].upper().startswith("SIP/"):
+        version, code, reason = parts
+        _check_version(version)
+        if len(code) != 3 or not code.isascii() or not code.isdigit() or code[0] not in "123456":
+            raise SipParseError(f"bad status code: {line!r}")
+        return _empty(SipResponse, status=int(code), reason=reason, version=version)
+    method, uri_text, version = parts
+    if not _TOKEN_RE.fullmatch(method) or not uri_text or " " in version:
+        raise SipParseError(f"bad request line: {line!r}")
+    _check_version(version)
+    uri = parse_uri(uri_text)
+    if isinstance(uri, SipUri) and uri.headers is not None:
+        raise SipParseError(f"headers in a Request-URI (§19.1.1): {uri_text!r}")
+    return _empty(SipRequest, method=method, uri=uri, version=version)
+
+
+def _check_version(version: str) -> None:
+    m = _VERSION_RE.fullmatch(version)
+    if not m:
+        raise SipParseError(f"bad SIP version: {version!r}")
+    if (int(m.group(1)), int(m.group(2))) != (2, 0):
+        raise SipParseError(f"unsupported SIP version: {version!r}", 505)
+
+
+def _empty(cls: type[_M], **fields: object) -> _M:
+    msg = cls.__new__(cls)
+    for name, value in fields.items():
+        setattr(msg, name, value)
+    msg.headers = []
+    msg.eol = _CRLF
+    msg._body = b""
+    msg._blank = None
+    msg._start_raw = None
+    msg._start_key = None
+    return msg
+
+
+def _content_length(msg: SipMessage) -> int | None:
+    values = {v.strip() for v in msg.get_all("Content-Length")}
+    if not values:
+        return None
+    if len(values) > 1:
+        raise SipParseError("conflicting Content-Length headers")
+    (value,) = values
+    if not value.isascii() or not value.isdigit() or len(value) > 10:
+        raise SipParseError(f"bad Content-Length: {value!r}")
+    return int(value)
+
+
+# -- building responses (§8.2.6, §16.7) ---------------------------------------------------
+
+
+def make_response(
+    request: SipRequest,
+    status: int,
+    reason: str | None = None,
+    to_tag: str | None = None,
+    extra_headers: Iterable[tuple[str, str]] = (),
+) -> SipResponse:
+    """A response to `request`: Via (every line), From, Call-ID and CSeq copied byte for
+    byte, To copied with `to_tag` added when it has none (§8.2.6.2), Timestamp copied into
+    a 100 (§8.2.6.1), then `extra_headers`, then Content-Length: 0."""
+    headers: list[Header] = []
+    for h in request.headers:
+        name = canonical_name(h.name)
+        if name == "to" and to_tag is not None:
+            to = NameAddr.parse(h.value)
+            if to.tag is None:
+                to.params["tag"] = to_tag
+                h = Header(h.name, str(to))
+        if name in ("via", "from", "to", "call-id", "cseq") or (
+            name == "timestamp" and status == 100
+        ):
+            headers.append(Header(h.name, h.value, h.raw))
+    headers += [Header(name, value) for name, value in extra_headers]
+    response = SipResponse(status, reason, headers)
+    response.eol = request.eol
+    return response
