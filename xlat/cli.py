@@ -26,7 +26,7 @@ def _emit(as_json: bool, data: Any, human: Callable[[Any], str]) -> None:
 
 
 def _ask(ctx: click.Context, cmd: str, **args: Any) -> Any:
-    return call(ctx.obj["control"], cmd, **{k: v for k, v in args.items() if v is not None})
+    return call(ctx.obj["control"], cmd, {k: v for k, v in args.items() if v is not None})
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -80,6 +80,7 @@ def run(ctx: click.Context, config_file: Path | None, no_fallback: bool, **optio
     cfg = config.build(config_file, control=ctx.obj["control"], **options)
     logging.basicConfig(level=cfg.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pyroute2").setLevel(logging.WARNING)  # its debug is a netlink dump
     sys.exit(daemon.run(cfg))
 
 

@@ -148,12 +148,13 @@ class Daemon:
         cfg = self.config
         if listening(cfg.control):
             raise StartupError(f"another xlat is running on {cfg.control}")
-        interfaces = list(cfg.interfaces) or default_interfaces()
+        # pyroute2's synchronous API runs its own event loop: keep it off ours
+        interfaces = list(cfg.interfaces) or await asyncio.to_thread(default_interfaces)
         if not interfaces:
             raise StartupError("no interface to attach to (none is up)")
         self._locks = InterfaceLocks(interfaces)
         self._locks.acquire()
-        self._attach_datapath(interfaces)
+        await self._attach_datapath(interfaces)
         self._adopt()
         await self._start_signalling()
         self._timer = asyncio.create_task(self._timers())
@@ -179,7 +180,10 @@ class Daemon:
             self._save_state()
         for part in reversed(self.parts):
             try:
-                part.close(keep=keep)
+                if part.name == "ebpf":  # detaching uses pyroute2, which runs its own loop
+                    await asyncio.to_thread(part.close, keep)
+                else:
+                    part.close(keep)
             except Exception:
                 log.exception("closing the %s datapath failed", part.name)
         if self._locks is not None:
@@ -188,13 +192,14 @@ class Daemon:
 
     # ---- datapath -----------------------------------------------------------------
 
-    def _attach_datapath(self, interfaces: list[str]) -> None:
+    async def _attach_datapath(self, interfaces: list[str]) -> None:
         cfg = self.config
         if cfg.datapath == "ebpf":
             try:
                 from xlat.media.ebpf import EbpfDatapath
 
-                self.forwarders.append(EbpfDatapath(interfaces, cfg.bpffs))
+                ebpf = await asyncio.to_thread(EbpfDatapath, interfaces, cfg.bpffs)
+                self.forwarders.append(ebpf)
             except Exception as e:
                 log.warning("!!! eBPF datapath unavailable (%s): falling back to the userspace "
                             "relay; every media packet will go through Python !!!", e)
@@ -288,7 +293,10 @@ class Daemon:
     async def _timers(self) -> None:
         while True:
             now = time.monotonic()
-            self.manager.expire(now, self.counters)
+            try:
+                self.manager.expire(now, self.counters)
+            except Exception:  # a bug here must not stop every later expiry
+                log.exception("expiry sweep failed")
             deadline = self.manager.next_deadline()
             wait = TICK if deadline is None else min(TICK, max(0.01, deadline - now))
             await asyncio.sleep(wait)

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from xlat.lab import GW4, GW6, V4_HOST, V6_HOST, Lab, in_netns
 
 from xlat.addr import Endpoint
+from xlat.lab import GW4, GW6, V4_HOST, V6_HOST, Lab, in_netns
 
 pytestmark = pytest.mark.netns
 

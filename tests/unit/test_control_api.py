@@ -43,7 +43,7 @@ def test_server_round_trip_over_a_unix_socket(tmp_path: Path) -> None:
         await server.start()
         assert oct(path.stat().st_mode & 0o777) == "0o600"
         loop = asyncio.get_running_loop()
-        assert await loop.run_in_executor(None, lambda: call(path, "add", a=40, b=2)) == 42
+        assert await loop.run_in_executor(None, lambda: call(path, "add", {"a": 40, "b": 2})) == 42
         with pytest.raises(ControlError, match="unknown command"):
             await loop.run_in_executor(None, lambda: call(path, "nope"))
         reader, writer = await asyncio.open_unix_connection(str(path))
@@ -55,4 +55,4 @@ def test_server_round_trip_over_a_unix_socket(tmp_path: Path) -> None:
     asyncio.run(scenario())
     assert not path.exists() and not listening(path)
     with pytest.raises(ControlError, match="cannot reach xlat"):
-        call(path, "add", a=1)
+        call(path, "add", {"a": 1})

@@ -123,7 +123,8 @@ def listening(path: Path) -> bool:
         return True
 
 
-def call(path: Path, cmd: str, timeout: float = 30.0, **args: Any) -> Any:
+def call(path: Path, cmd: str, args: dict[str, Any] | None = None, *,
+         timeout: float = 30.0) -> Any:
     """Send one command to the daemon and return its result. Raises ControlError."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
@@ -131,7 +132,7 @@ def call(path: Path, cmd: str, timeout: float = 30.0, **args: Any) -> Any:
             s.connect(str(path))
         except OSError as e:
             raise ControlError(f"cannot reach xlat at {path}: {e.strerror or e}") from None
-        s.sendall(json.dumps({"cmd": cmd, "args": args}).encode() + b"\n")
+        s.sendall(json.dumps({"cmd": cmd, "args": args or {}}).encode() + b"\n")
         data = b""
         while not data.endswith(b"\n"):
             chunk = s.recv(1 << 20)

@@ -436,6 +436,8 @@ class SessionManager:
                 if now - session.activity >= session.idle_timeout:
                     self._end(session, now, "idle")
                 else:
+                    log.debug("session %s alive: last activity %.1f s ago", session.id,
+                              now - session.activity)
                     self._arm(session)
                     self._refresh.extend(flows)
                     self._changed()
