@@ -228,6 +228,52 @@ def check(as_json: bool) -> None:
         raise ControlError(f"missing: {', '.join(missing)}")
 
 
+# ---- the namespace lab -------------------------------------------------------------
+
+
+@cli.group()
+def lab() -> None:
+    """A namespace lab: IPv6 phone — xlat gateway — IPv4 phone (needs root)."""
+
+
+@lab.command("up")
+@click.option("--tag", default="demo", show_default=True, help="Names the lab's namespaces.")
+def lab_up(tag: str) -> None:
+    """Build the lab and start xlat in its gateway namespace."""
+    from xlat import demo
+
+    demo.up(tag)
+
+
+@lab.command("call")
+@click.option("--tag", default="demo", show_default=True)
+@click.option("--seconds", type=click.IntRange(1, 600), default=5, show_default=True,
+              help="How long the call lasts.")
+def lab_call(tag: str, seconds: int) -> None:
+    """Place a real SIPp call with RTP from the IPv6 phone to the IPv4 phone."""
+    from xlat import demo
+
+    if not demo.call(tag, seconds):
+        raise ControlError("the call failed (see above)")
+
+
+@lab.command("down")
+@click.option("--tag", default="demo", show_default=True)
+def lab_down(tag: str) -> None:
+    """Stop xlat and remove the lab."""
+    from xlat import demo
+
+    demo.down(tag)
+
+
+@lab.command("demo")
+def lab_demo() -> None:
+    """Up, one call with the kernel counters moving, down."""
+    from xlat import demo
+
+    sys.exit(demo.demo())
+
+
 def main() -> None:
     """Entry point: one-line errors, exit 2 for usage and 1 for everything else."""
     try:

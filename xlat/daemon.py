@@ -312,7 +312,7 @@ class Daemon:
             self._closers.append(await start_ng(core, cfg.ng_listen))
             log.info("NG control listening on udp %s", cfg.ng_listen)
         if cfg.sip_endpoints():
-            from xlat.sip.service import start_proxy
+            from xlat.sip.transport import start_proxy
 
             self._closers.append(await start_proxy(cfg, self.manager))
             log.info("SIP listening on %s", ", ".join(map(str, cfg.sip_endpoints())))

@@ -1,0 +1,1170 @@
+"""The transaction-stateful SIP proxy core (RFC 3261 §16) that joins IPv6 and IPv4.
+
+Sans-I/O: ``receive`` takes the bytes of one message, where they came from and the
+time, and returns the :class:`Send` actions to perform; ``handle_timer(now)`` runs the
+transaction timers; ``next_deadline()`` says when it wants to be called again.
+Randomness (branches, tags) comes from the injected ``rng``.
+
+What it adds to a plain proxy, for calls that cross address families:
+
+- the Via it pushes and the Record-Route it inserts are of the family each side
+  uses; a request that changes family gets two Record-Route entries (RFC 5658), one
+  per interface, so each party's route set names the gateway in its own family;
+- an IP literal that a party of the other family would have to use (Contact; From
+  and To when configured) becomes the gateway's own address of that party's family,
+  with the original encoded in a ``;xlat=`` URI parameter and restored on the way
+  back (a request whose Request-URI carries it goes to the original address);
+- SDP offers and answers go through the media layer (``SessionManager``), which
+  allocates relay ports, and are rewritten so every party sees a media address of
+  its own family;
+- NAT64 (RFC 6052): a request arriving over IPv4 whose top Via is IPv6 comes from an
+  IPv6-only phone behind NAT64: it is shown the gateway's synthetic IPv6 address
+  (prefix + our IPv4) in Via, Record-Route, Contact and SDP, and requests for it go
+  back through the NAT64 binding it came over (its registration, or the flow its
+  last request came on); a target whose IPv6 address is NAT64-synthesised is
+  reached directly on the IPv4 address it embeds.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import heapq
+import ipaddress
+import itertools
+import logging
+import random
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from netaddr import IPNetwork
+
+from xlat.addr import Endpoint, IPAddress
+from xlat.media.session import PortsExhausted, SessionManager, SessionNotFound
+from xlat.sdp import SdpError, parse_sdp, rewrite_sdp, stream_specs
+from xlat.sip.errors import SipParseError
+from xlat.sip.message import (
+    REASONS,
+    NameAddr,
+    SipRequest,
+    SipResponse,
+    Via,
+    canonical_name,
+    make_response,
+    parse_message,
+)
+from xlat.sip.registrar import Binding, Registrar
+from xlat.sip.transaction import (
+    Action,
+    Deliver,
+    Kind,
+    State,
+    Timeout,
+    Timers,
+    Transaction,
+    TransactionError,
+    Transmit,
+)
+from xlat.sip.uri import SipUri, format_host
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ProxyConfig", "Send", "SipProxy", "nat64_embedded", "nat64_synthesize"]
+
+MAGIC = "z9hG4bK"  # RFC 3261 §8.1.1.7 branch cookie
+BRANCH_PREFIX = MAGIC + "X"  # ours: z9hG4bKX<loop hash>.<token>
+XLAT_PARAM = "xlat"  # URI parameter holding the address we mapped away (base32)
+DEFAULT_PORT = 5060
+TRANSPORTS = ("udp", "tcp")
+# Methods that never get a Record-Route: REGISTER makes no dialog (RFC 3261 §10.2),
+# CANCEL and ACK are not forwarded as new requests.
+_NO_RECORD_ROUTE = frozenset({"REGISTER", "CANCEL", "ACK"})
+_SDP_TYPE = "application/sdp"
+# How long the NAT64 flow of a phone that is not registered (a caller behind NAT64) is
+# remembered after its last request: longer than any call between two requests.
+NAT64_FLOW_LIFETIME = 4 * 3600.0
+
+
+# ---- RFC 6052 address embedding -------------------------------------------------------
+
+
+def _v4_bit_positions(prefix_len: int) -> Iterator[int]:
+    """Where the 32 IPv4 bits go in an RFC 6052 §2.2 address: from the end of the
+    prefix on, skipping bits 64-71 (the "u" octet, zero)."""
+    pos = prefix_len
+    for _ in range(32):
+        if 64 <= pos < 72:
+            pos = 72
+        yield pos
+        pos += 1
+
+
+def nat64_synthesize(prefix: IPNetwork, v4: ipaddress.IPv4Address) -> ipaddress.IPv6Address:
+    """The IPv4-embedded IPv6 address of ``v4`` under ``prefix`` (RFC 6052 §2.2;
+    prefix lengths 32, 40, 48, 56, 64, 96)."""
+    value = int(prefix.network)
+    for i, pos in enumerate(_v4_bit_positions(prefix.prefixlen)):
+        if int(v4) >> (31 - i) & 1:
+            value |= 1 << (127 - pos)
+    return ipaddress.IPv6Address(value)
+
+
+def nat64_embedded(
+    prefixes: Sequence[IPNetwork], v6: ipaddress.IPv6Address
+) -> ipaddress.IPv4Address | None:
+    """The IPv4 address embedded in ``v6`` if it lies in one of ``prefixes``, else None."""
+    for prefix in prefixes:
+        if prefix.version == 6 and prefix.first <= int(v6) <= prefix.last:
+            bits = 0
+            for pos in _v4_bit_positions(prefix.prefixlen):
+                bits = bits << 1 | (int(v6) >> (127 - pos) & 1)
+            return ipaddress.IPv4Address(bits)
+    return None
+
+
+# ---- configuration and output -----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """Send ``data`` to ``dest`` over ``transport`` ("udp" | "tcp") from ``local`` (our
+    SIP endpoint to send from; for TCP, the connection to ``dest`` is reused if one
+    exists)."""
+
+    data: bytes
+    dest: Endpoint
+    transport: str
+    local: Endpoint | None
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    """What the proxy needs to know about the gateway.
+
+    ``sip``: the gateway's own SIP endpoint per family (4, 6), used in Via,
+    Record-Route and mapped URIs and listened on with every transport of
+    ``transports``. ``aliases``: further addresses that are ours (the media
+    addresses). ``domains``: host names that are ours. ``routes``: (domain or "*",
+    next-hop URI), see ``SipProxy``. ``delete_delay``: passed to the media layer when
+    a BYE ends a call (None: its default). ``register_expires``: the registrar's
+    default, minimum and maximum binding lifetimes (seconds)."""
+
+    sip: Mapping[int, Endpoint]
+    transports: tuple[str, ...] = TRANSPORTS
+    aliases: tuple[IPAddress, ...] = ()
+    domains: tuple[str, ...] = ()
+    routes: tuple[tuple[str, SipUri], ...] = ()
+    nat64_prefixes: tuple[IPNetwork, ...] = (IPNetwork("64:ff9b::/96"),)
+    map_contact: bool = True
+    map_from_to: bool = False
+    delete_delay: float | None = None
+    timers: Timers = field(default_factory=Timers)
+    timer_c: float = 180.0  # §16.8: proxy INVITE timer, > 3 minutes
+    retry_after: int = 5  # seconds, in 503 when no relay ports are free
+    register_expires: tuple[int, int, int] = (3600, 60, 86400)  # default, minimum, maximum
+
+    def __post_init__(self) -> None:
+        for family, ep in self.sip.items():
+            if ep.family != family:
+                raise ValueError(f"sip[{family}] is {ep}, not an IPv{family} endpoint")
+        for transport in self.transports:
+            if transport not in TRANSPORTS:
+                raise ValueError(f"unsupported SIP transport {transport!r}")
+
+    def listen(self) -> list[tuple[str, Endpoint]]:
+        """Every (transport, endpoint) the proxy expects to receive on."""
+        return [(t, ep) for ep in self.sip.values() for t in self.transports]
+
+
+class _Reject(Exception):
+    """Answer the request with this status instead of forwarding it."""
+
+    def __init__(
+        self, status: int, reason: str | None = None, headers: Sequence[tuple[str, str]] = ()
+    ) -> None:
+        super().__init__(reason or REASONS.get(status, ""))
+        self.status, self.reason, self.headers = status, reason, tuple(headers)
+
+
+@dataclass(frozen=True, slots=True)
+class _Hop:
+    """One side of a message: where it goes (transport level) and how that party sees
+    addresses: ``family`` is the family it uses in SIP and SDP; ``nat64`` the prefix
+    through which it reaches IPv4 hosts when it sits behind NAT64."""
+
+    dest: Endpoint
+    transport: str
+    local: Endpoint | None
+    family: int
+    nat64: IPNetwork | None = None
+
+    @property
+    def media_family(self) -> int:
+        """The family of our relay leg facing it (NAT64: our IPv4 side)."""
+        return 4 if self.nat64 is not None else self.family
+
+
+@dataclass(frozen=True, slots=True)
+class _Target:
+    uri: SipUri | str  # Request-URI of the branch
+    hop: _Hop
+
+
+@dataclass(eq=False)
+class _Server:
+    """A server transaction with the request it received (Via stamped, Routes naming
+    us popped) and, once proxied, its response context (§16.7)."""
+
+    key: tuple[str, ...]
+    txn: Transaction
+    request: SipRequest
+    hop: _Hop
+    context: _Context | None = None
+    pushed: float | None = None
+
+    def deadline(self) -> float | None:
+        return self.txn.next_deadline()
+
+
+@dataclass(eq=False)
+class _Context:
+    server: _Server
+    loop: str  # loop-detection hash of the request as received (§16.3 item 4)
+    branches: list[_Branch] = field(default_factory=list)
+    offer: bool = False  # the request carried an SDP offer: responses carry the answer
+    best: SipResponse | None = None
+    final_sent: bool = False
+
+    @property
+    def initial_invite(self) -> bool:
+        request = self.server.request
+        return request.method == "INVITE" and request.to.tag is None
+
+
+@dataclass(eq=False)
+class _Branch:
+    """A client transaction: one forwarded request (``context``), or a CANCEL we sent
+    (no context)."""
+
+    key: tuple[str, str]
+    txn: Transaction
+    request: SipRequest  # as sent
+    hop: _Hop
+    context: _Context | None
+    timer_c: float | None = None
+    provisional: bool = False
+    done: bool = False  # final response received (or timed out)
+    cancel_wanted: bool = False  # CANCEL once a provisional arrives (§9.1)
+    cancelled: bool = False
+    pushed: float | None = None
+
+    def deadline(self) -> float | None:
+        times = [t for t in (self.txn.next_deadline(), self.timer_c) if t is not None]
+        return min(times, default=None)
+
+
+_Entry = _Server | _Branch
+
+
+class SipProxy:
+    """See the module docstring. Where a request goes (DESIGN.md "CLI"): Route entries
+    naming us are popped and the next Route wins; else, for a Request-URI in our
+    domains (our names, or our addresses with no port or one of our ports): the
+    registrar, then a matching route, then the ``*`` route, else 404; for any other
+    Request-URI: the flow of a registered contact (TCP connection, NAT64 binding),
+    else a matching route, else its own host. A route is a next hop; the Request-URI
+    stays. Host names are not resolved (no DNS in the core): routes and targets are
+    IP literals."""
+
+    def __init__(self, config: ProxyConfig, media: SessionManager, rng: random.Random) -> None:
+        self.config = config
+        self.media = media
+        self.registrar = Registrar(*config.register_expires)
+        self._rng = rng
+        self._servers: dict[tuple[str, ...], _Server] = {}
+        self._clients: dict[tuple[str, str], _Branch] = {}
+        self._timers: list[tuple[float, int, _Entry]] = []
+        self._seq = itertools.count()
+        self._our_ips = self._own_addresses()
+        self._our_ports = frozenset(ep.port for ep in config.sip.values())
+        self._flows: dict[str, tuple[_Hop, float]] = {}  # NAT64 phone's Contact -> its flow
+
+    # ---- public API -----------------------------------------------------------------
+
+    def receive(
+        self, data: bytes, source: Endpoint, local: Endpoint, transport: str, now: float
+    ) -> list[Send]:
+        """One message from ``source`` received on our ``local`` endpoint. A malformed
+        request is answered 400 (or the parser's status hint) when its Via allows;
+        anything else malformed is dropped."""
+        if not data.strip(b"\r\n"):
+            return []  # CRLF keep-alive (RFC 5626 §4.4.1)
+        try:
+            message = parse_message(data)
+        except SipParseError as exc:
+            return self._malformed(data, exc, source, local, transport)
+        return self.receive_message(message, source, local, transport, now)
+
+    def receive_message(
+        self,
+        message: SipRequest | SipResponse,
+        source: Endpoint,
+        local: Endpoint,
+        transport: str,
+        now: float,
+    ) -> list[Send]:
+        """Like ``receive``, for a message already parsed (stream transports)."""
+        if isinstance(message, SipResponse):
+            return self._on_response(message, now)
+        return self._on_request(message, source, local, transport, now)
+
+    def handle_timer(self, now: float) -> list[Send]:
+        """Run every transaction timer due at ``now``."""
+        out: list[Send] = []
+        while self._timers and self._timers[0][0] <= now:
+            when, _, entry = heapq.heappop(self._timers)
+            if entry.pushed == when:
+                entry.pushed = None
+            if not self._alive(entry):
+                continue
+            if entry.deadline() != when:
+                self._track(entry)
+                continue
+            if isinstance(entry, _Server):
+                out += self._server_actions(entry, entry.txn.handle_timer(now))
+            else:
+                out += self._branch_timer(entry, now)
+        return out
+
+    def next_deadline(self) -> float | None:
+        """When ``handle_timer`` must run next; None when nothing is pending."""
+        while self._timers:
+            when, _, entry = self._timers[0]
+            if self._alive(entry) and entry.deadline() == when:
+                return when
+            heapq.heappop(self._timers)
+            if entry.pushed == when:
+                entry.pushed = None
+            if self._alive(entry):
+                self._track(entry)
+        return None
+
+    @property
+    def transactions(self) -> int:
+        """Live transactions (server + client), for statistics."""
+        return len(self._servers) + len(self._clients)
+
+    # ---- requests -------------------------------------------------------------------
+
+    def _on_request(
+        self, request: SipRequest, source: Endpoint, local: Endpoint, transport: str, now: float
+    ) -> list[Send]:
+        self._stamp_via(request, source)
+        hop = self._incoming_hop(request.vias[0], source, local, transport)
+        if hop.nat64 is not None:
+            self._learn_flow(request, hop, now)
+        if request.method == "ACK":
+            return self._on_ack(request, hop, now)
+        key = self._server_key(request, request.method)
+        server = self._servers.get(key)
+        if server is not None:  # a retransmission (§17.2.3)
+            return self._server_actions(server, server.txn.receive_request(False, request, now))
+        kind = Kind.INVITE_SERVER if request.method == "INVITE" else Kind.NON_INVITE_SERVER
+        txn = Transaction(kind, b"", reliable=transport != "udp", timers=self.config.timers)
+        server = _Server(key, txn, request, hop)
+        self._servers[key] = server
+        out = self._server_actions(server, txn.start(now))
+        if request.method == "INVITE":
+            out += self._respond(server, 100, now)
+        try:
+            out += self._proxy(server, now)
+        except _Reject as exc:
+            log.info("%s %s from %s: %d %s", request.method, request.uri, source, exc.status, exc)
+            out += self._respond(server, exc.status, now, exc.reason, exc.headers)
+        return out
+
+    def _proxy(self, server: _Server, now: float) -> list[Send]:
+        """§16.3-16.6 for a new request: validate, route, fork, forward."""
+        request = server.request
+        if request.method == "CANCEL":
+            return self._on_cancel(server, now)
+        if request.max_forwards == 0:
+            raise _Reject(483)
+        loop = self._loop_hash(request)
+        if self._looped(request, loop):
+            raise _Reject(482)
+        targets = self._route(request, now)
+        if targets is None:
+            return self._respond_locally(server, now)
+        context = _Context(server, loop)
+        server.context = context
+        relays = self._request_media(context, targets[0].hop, now)
+        out: list[Send] = []
+        for target in targets:
+            body = None
+            if relays is not None:
+                if target.hop.media_family != targets[0].hop.media_family:
+                    # the media layer has one answerer side (one family) per offer
+                    log.warning("call %s: offer not forked to %s (other family)",
+                                request.call_id, target.uri)
+                    continue
+                body = rewrite_sdp(request.body, self._present(relays, target.hop))
+            out += self._start_branch(context, target, body, now)
+        return out
+
+    def _respond_locally(self, server: _Server, now: float) -> list[Send]:
+        """A request addressed to the gateway itself: REGISTER, or OPTIONS (keepalive)."""
+        request = server.request
+        if request.method == "REGISTER":
+            response = self.registrar.register(
+                request,
+                source=server.hop.dest,
+                transport=server.hop.transport,
+                now=now,
+                to_tag=self._token(),
+            )
+            return self._server_actions(
+                server, server.txn.send_response(response.status, response.to_bytes(), now)
+            )
+        if request.method == "OPTIONS":
+            return self._respond(server, 200, now)
+        raise _Reject(404)
+
+    def _request_media(
+        self, context: _Context, toward: _Hop, now: float
+    ) -> list[Endpoint | None] | None:
+        """Tell the media layer what the request means: a BYE ends the call; an SDP
+        offer (INVITE, UPDATE) gets relays facing ``toward``, returned (None: no
+        offer). Raises _Reject with nothing allocated."""
+        request = context.server.request
+        if request.method == "BYE":
+            self.media.delete(request.call_id, request.from_.tag, request.to.tag,
+                              now=now, delay=self.config.delete_delay)
+        body = _sdp(request)
+        if body is None or request.method not in ("INVITE", "UPDATE"):
+            return None
+        try:
+            specs = stream_specs(parse_sdp(body))
+            relays = self.media.offer(
+                request.call_id,
+                request.from_.tag or "",
+                specs,
+                toward=toward.media_family,
+                now=now,
+                offerer_family=context.server.hop.media_family,
+                via_branch=request.vias[0].branch,
+                to_tag=request.to.tag,
+            )
+        except SdpError as exc:
+            raise _Reject(488, f"Bad SDP: {exc}"[:100]) from None
+        except PortsExhausted:
+            raise _Reject(503, "No Media Ports", [("Retry-After", str(self.config.retry_after))]) \
+                from None
+        try:
+            rewrite_sdp(body, self._present(relays, toward))
+        except ValueError as exc:  # relays on several addresses of one family
+            log.error("call %s: cannot write the relays into the SDP: %s", request.call_id, exc)
+            if request.to.tag is None:
+                self.media.delete(request.call_id, request.from_.tag, now=now, delay=0)
+            raise _Reject(500) from None
+        context.offer = True
+        return relays
+
+    def _start_branch(
+        self, context: _Context, target: _Target, body: bytes | None, now: float
+    ) -> list[Send]:
+        incoming = context.server.request
+        branch_id = f"{BRANCH_PREFIX}{context.loop}.{self._token()}"
+        record = incoming.to.tag is None and incoming.method not in _NO_RECORD_ROUTE
+        out = self._forwarded(incoming, target, context.server.hop, branch_id, record, body)
+        kind = Kind.INVITE_CLIENT if out.method == "INVITE" else Kind.NON_INVITE_CLIENT
+        txn = Transaction(
+            kind,
+            out.to_bytes(),
+            reliable=target.hop.transport != "udp",
+            timers=self.config.timers,
+            make_ack=lambda response: _ack_for(out, response).to_bytes(),  # type: ignore[arg-type]
+        )
+        branch = _Branch((branch_id, out.method), txn, out, target.hop, context)
+        if out.method == "INVITE":
+            branch.timer_c = now + self.config.timer_c
+        context.branches.append(branch)
+        self._clients[branch.key] = branch
+        return self._branch_actions(branch, txn.start(now), now)
+
+    def _forwarded(
+        self,
+        request: SipRequest,
+        target: _Target,
+        incoming: _Hop,
+        branch_id: str,
+        record_route: bool,
+        body: bytes | None,
+    ) -> SipRequest:
+        """§16.6: the copy of ``request`` that goes to ``target``."""
+        out = _copy(request)
+        assert isinstance(out, SipRequest)
+        if target.uri is not request.uri:
+            out.uri = target.uri
+        out.set("Max-Forwards", str(request.max_forwards - 1))
+        if record_route:
+            self._record_route(out, incoming, target.hop)
+        self._map_addresses(out, target.hop)
+        if body is not None:
+            out.body = body
+        local = self._our_endpoint(target.hop)
+        via = Via(target.hop.transport.upper(), format_host(local.host), local.port,
+                  {"branch": branch_id, "rport": None})
+        out.insert("top", "Via", str(via))
+        return out
+
+    def _on_cancel(self, server: _Server, now: float) -> list[Send]:
+        """§16.10: answer the CANCEL, cancel the INVITE's pending branches."""
+        invite = self._servers.get(self._server_key(server.request, "INVITE"))
+        if invite is None:
+            raise _Reject(481)
+        out = self._respond(server, 200, now)
+        context = invite.context
+        if context is not None and not context.final_sent:
+            out += self._cancel_branches(context, now)
+        return out
+
+    def _on_ack(self, request: SipRequest, hop: _Hop, now: float) -> list[Send]:
+        """An ACK for a failure ends its server transaction (hop by hop); an ACK for a
+        2xx is forwarded statelessly along its route (end to end), carrying the
+        answer to an offer made in the 2xx."""
+        server = self._servers.get(self._server_key(request, "INVITE"))
+        if server is not None and server.txn.state in (State.COMPLETED, State.CONFIRMED):
+            return self._server_actions(server, server.txn.receive_request(True, request, now))
+        loop = self._loop_hash(request)
+        if request.max_forwards == 0 or self._looped(request, loop):
+            return []
+        try:
+            targets = self._route(request, now)
+        except _Reject as exc:
+            log.info("ACK %s not forwarded: %s", request.uri, exc)
+            return []
+        if not targets:
+            return []
+        target = targets[0]
+        body = self._ack_media(request, target.hop, now)
+        token = hashlib.sha1((request.vias[0].branch or request.call_id).encode()).hexdigest()
+        branch_id = f"{BRANCH_PREFIX}{loop}.{token[:16]}"
+        out = self._forwarded(request, target, hop, branch_id, False, body)
+        return [self._send(out.to_bytes(), target.hop)]
+
+    def _ack_media(self, ack: SipRequest, hop: _Hop, now: float) -> bytes | None:
+        """The answer to a late offer (offer in the 2xx, answer in the ACK)."""
+        body = _sdp(ack)
+        if body is None:
+            return None
+        try:
+            specs = stream_specs(parse_sdp(body))
+            relays = self.media.answer(ack.call_id, ack.to.tag or "", ack.from_.tag or "", specs,
+                                       now=now)
+            return rewrite_sdp(body, self._present(relays, hop))
+        except (ValueError, SessionNotFound, PortsExhausted) as exc:  # SdpError, StreamMismatch
+            log.warning("call %s: SDP in ACK left as is: %s", ack.call_id, exc)
+            return None
+
+    # ---- responses ------------------------------------------------------------------
+
+    def _on_response(self, response: SipResponse, now: float) -> list[Send]:
+        top = response.vias[0]
+        branch = self._clients.get((top.branch or "", response.cseq[1]))
+        if branch is None:
+            log.debug("stray response %d %s dropped", response.status, response.call_id)
+            return []
+        return self._branch_actions(
+            branch, branch.txn.receive_response(response.status, response, now), now
+        )
+
+    def _on_branch_response(self, branch: _Branch, response: SipResponse, now: float) -> list[Send]:
+        """§16.7: a response of one branch, passed up by its client transaction."""
+        context = branch.context
+        if context is None:  # the response to a CANCEL of ours
+            return []
+        out: list[Send] = []
+        status = response.status
+        if status < 200:
+            if branch.cancel_wanted and not branch.provisional:
+                out += self._send_cancel(branch, now)
+            branch.provisional = True
+            if branch.timer_c is not None:
+                branch.timer_c = now + self.config.timer_c
+            if status == 100 or context.final_sent:
+                return out
+            return out + self._relay(context, response, now)
+        branch.done, branch.timer_c = True, None
+        if status < 300:
+            out += self._relay(context, response, now)
+            context.final_sent = True
+            if branch.request.method == "INVITE":
+                out += self._cancel_branches(context, now)
+            return out
+        if context.best is None or _rank(response) < _rank(context.best):
+            context.best = response
+        if status >= 600 and branch.request.method == "INVITE":
+            out += self._cancel_branches(context, now)
+        return out + self._final_if_done(context, now)
+
+    def _final_if_done(self, context: _Context, now: float) -> list[Send]:
+        """When every branch has its final response and none was a 2xx, send the best
+        one (§16.7 step 6) and release the call's media if it was a new call."""
+        if context.final_sent or not all(b.done for b in context.branches):
+            return []
+        context.final_sent = True
+        best = context.best
+        assert best is not None
+        if best.status == 503:  # §16.7 step 6: a 503 would make the caller fail over
+            best = _with_status(best, 500)
+        if context.initial_invite:
+            request = context.server.request
+            self.media.delete(request.call_id, request.from_.tag, now=now, delay=0)
+        return self._relay(context, best, now)
+
+    def _relay(self, context: _Context, response: SipResponse, now: float) -> list[Send]:
+        """Forward a branch's response upstream through the server transaction."""
+        server = context.server
+        response.pop_top("Via")
+        if not response.get_all("Via"):
+            return []
+        self._map_addresses(response, server.hop)
+        self._response_media(context, response, now)
+        data = response.to_bytes()
+        try:
+            actions = server.txn.send_response(response.status, data, now)
+        except TransactionError:
+            # Too late for the server transaction: a 2xx still goes up (every 2xx of
+            # every fork reaches the caller, RFC 6026 §7.1), anything else is dropped.
+            return [self._send(data, server.hop)] if 200 <= response.status < 300 else []
+        return self._server_actions(server, actions)
+
+    def _response_media(self, context: _Context, response: SipResponse, now: float) -> None:
+        """Rewrite the SDP of an 18x/2xx: the answer to the request's offer, or, for an
+        INVITE without SDP, the offer in the 2xx (late offer)."""
+        body = _sdp(response)
+        request = context.server.request
+        hop = context.server.hop
+        if body is None or response.status < 101 or response.status >= 300:
+            return
+        to_tag = response.to.tag
+        if to_tag is None:
+            return
+        try:
+            specs = stream_specs(parse_sdp(body))
+            if context.offer:
+                relays = self.media.answer(request.call_id, request.from_.tag or "", to_tag,
+                                           specs, now=now)
+            elif request.method == "INVITE" and response.status >= 200:
+                relays = self.media.offer(request.call_id, to_tag, specs,
+                                          toward=hop.media_family, now=now,
+                                          to_tag=request.from_.tag)
+            else:
+                return
+            response.body = rewrite_sdp(body, self._present(relays, hop))
+        except (ValueError, SessionNotFound, PortsExhausted) as exc:  # SdpError, StreamMismatch
+            log.warning("call %s: SDP in %d left as is: %s", request.call_id, response.status, exc)
+
+    # ---- branches and cancellation ----------------------------------------------------
+
+    def _branch_actions(self, branch: _Branch, actions: list[Action], now: float) -> list[Send]:
+        out: list[Send] = []
+        for action in actions:
+            if isinstance(action, Transmit):
+                out.append(self._send(action.data, branch.hop))
+            elif isinstance(action, Deliver):
+                assert isinstance(action.message, SipResponse)
+                out += self._on_branch_response(branch, action.message, now)
+            elif isinstance(action, Timeout) and branch.context is not None:
+                # §16.7 step 6 / §16.8: a timed-out branch counts as a 408
+                out += self._on_branch_response(branch, make_response(branch.request, 408), now)
+        self._track(branch)
+        return out
+
+    def _branch_timer(self, branch: _Branch, now: float) -> list[Send]:
+        out: list[Send] = []
+        if branch.timer_c is not None and branch.timer_c <= now:
+            branch.timer_c = None  # §16.8: Timer C fired: give up on the branch
+            if not branch.done:
+                out += self._send_cancel(branch, now)
+        return out + self._branch_actions(branch, branch.txn.handle_timer(now), now)
+
+    def _cancel_branches(self, context: _Context, now: float) -> list[Send]:
+        out: list[Send] = []
+        for branch in context.branches:
+            if branch.done or branch.request.method != "INVITE":
+                continue
+            if branch.provisional:
+                out += self._send_cancel(branch, now)
+            else:
+                branch.cancel_wanted = True
+        return out
+
+    def _send_cancel(self, branch: _Branch, now: float) -> list[Send]:
+        """§9.1: a CANCEL for a branch that had a provisional response."""
+        if branch.cancelled:
+            return []
+        branch.cancelled = True
+        invite = branch.request
+        headers = [("Via", str(invite.vias[0]))]
+        headers += [("Route", value) for value in invite.get_all("Route")]
+        headers += [
+            ("From", invite.get("From") or ""),
+            ("To", invite.get("To") or ""),
+            ("Call-ID", invite.call_id),
+            ("CSeq", f"{invite.cseq[0]} CANCEL"),
+            ("Max-Forwards", "70"),
+        ]
+        cancel = SipRequest("CANCEL", invite.uri, headers)
+        txn = Transaction(Kind.NON_INVITE_CLIENT, cancel.to_bytes(),
+                          reliable=branch.hop.transport != "udp", timers=self.config.timers)
+        client = _Branch((branch.key[0], "CANCEL"), txn, cancel, branch.hop, None)
+        self._clients[client.key] = client
+        return self._branch_actions(client, txn.start(now), now)
+
+    # ---- server side helpers ----------------------------------------------------------
+
+    def _respond(
+        self,
+        server: _Server,
+        status: int,
+        now: float,
+        reason: str | None = None,
+        headers: Sequence[tuple[str, str]] = (),
+    ) -> list[Send]:
+        tag = self._token() if status > 100 else None
+        response = make_response(server.request, status, reason, tag, headers)
+        return self._server_actions(server, server.txn.send_response(status, response.to_bytes(),
+                                                                     now))
+
+    def _server_actions(self, server: _Server, actions: list[Action]) -> list[Send]:
+        out = [self._send(a.data, server.hop) for a in actions if isinstance(a, Transmit)]
+        self._track(server)
+        return out
+
+    def _malformed(
+        self, data: bytes, error: SipParseError, source: Endpoint, local: Endpoint, transport: str
+    ) -> list[Send]:
+        """Answer an unparseable request from what can be salvaged of its Via, From,
+        To, Call-ID and CSeq lines; drop responses, ACKs and what has no usable Via."""
+        head = data.split(b"\n\n", 1)[0].split(b"\r\n\r\n", 1)[0]
+        lines = head.decode("utf-8", "surrogateescape").splitlines()
+        start = lines[0].split(" ", 1)[0] if lines else ""
+        if not start or start.upper().startswith("SIP/") or start == "ACK":
+            log.info("malformed message from %s dropped: %s", source, error.reason)
+            return []
+        kept: list[str] = []
+        via: Via | None = None
+        for line in lines[1:]:
+            name, colon, value = line.partition(":")
+            canon = canonical_name(name.strip())
+            if colon and canon in ("via", "from", "to", "call-id", "cseq"):
+                kept.append(line)
+                if canon == "via" and via is None:
+                    try:
+                        via = Via.parse(value.split(",")[0])
+                    except SipParseError:
+                        break
+        if via is None:
+            log.info("malformed request from %s dropped (no usable Via): %s", source, error.reason)
+            return []
+        log.info("malformed request from %s: %d %s", source, error.status, error.reason)
+        phrase = "".join(c if c.isprintable() and c != '"' else "?" for c in error.reason)[:120]
+        response = f"SIP/2.0 {error.status} {phrase}\r\n" + "".join(f"{line}\r\n" for line in kept)
+        response += "Content-Length: 0\r\n\r\n"
+        _stamp(via, source)
+        hop = self._incoming_hop(via, source, local, transport)
+        return [self._send(response.encode("utf-8", "surrogateescape"), hop)]
+
+    @staticmethod
+    def _stamp_via(request: SipRequest, source: Endpoint) -> None:
+        """§18.2.1 and RFC 3581: note where the request really came from in its top Via."""
+        vias = request.vias
+        if _stamp(vias[0], source):
+            request.replace_values("Via", [str(v) for v in vias])
+
+    def _incoming_hop(self, via: Via, source: Endpoint, local: Endpoint, transport: str) -> _Hop:
+        """Where responses to a request go (§18.2.2: the connection for TCP; received
+        + rport or sent-by port for UDP) and how its sender sees addresses."""
+        if transport == "udp":
+            port = via.rport if via.rport is not None else via.port or DEFAULT_PORT
+            dest = Endpoint(source.host, port)
+        else:
+            dest = source
+        sent_by = via.host_ip
+        if source.family == 4 and sent_by is not None and sent_by.version == 6:
+            # behind NAT64, hence behind a NAT: answer where it came from (RFC 3581 §4)
+            return _Hop(source, transport, local, 6, self._nat64_prefix())
+        return _Hop(dest, transport, local, source.family)
+
+    def _server_key(self, request: SipRequest, method: str) -> tuple[str, ...]:
+        """§17.2.3: branch + sent-by + method (ACK matches INVITE, CANCEL its own)."""
+        via = request.vias[0]
+        branch = via.branch or ""
+        if not branch.startswith(MAGIC):  # RFC 2543 peer: no unique branch
+            branch = f"{request.call_id}|{request.cseq[0]}|{request.from_.tag}|{branch}"
+        return (branch, via.host.lower(), str(via.port or DEFAULT_PORT), method)
+
+    # ---- routing --------------------------------------------------------------------
+
+    def _route(self, request: SipRequest, now: float) -> list[_Target] | None:
+        """§16.4-16.5: pop Route entries naming us, then pick the targets. None: the
+        request is for the gateway itself. Raises _Reject."""
+        routes = request.get_all("Route")
+        if routes and isinstance(request.uri, SipUri) and "lr" in request.uri.params \
+                and self._names_us(request.uri):
+            # §16.4: a strict router put our Record-Route URI in the Request-URI
+            request.uri = _route_uri(routes[-1])
+            request.replace_values("Route", routes[:-1])
+        while (routes := request.get_all("Route")) and self._names_us(_route_uri(routes[0])):
+            request.pop_top("Route")
+        if isinstance(request.uri, SipUri):
+            original = self._unmapped(request.uri)
+            if original is not None:
+                request.uri = original
+        if routes:
+            return [_Target(request.uri, self._hop_to(_route_uri(routes[0])))]
+        uri = request.uri
+        if not isinstance(uri, SipUri):
+            raise _Reject(416)
+        if not self._is_ours(uri.host) or uri.port not in (None, *self._our_ports):
+            flow = self._flow(uri, now)
+            if flow is not None:  # a registered phone or one behind NAT64: use its flow
+                return [_Target(uri, flow)]
+            route = self._match_route(uri.host, wildcard=False)
+            return [_Target(uri, self._hop_to(route or uri))]
+        if request.method == "REGISTER" or (request.method == "OPTIONS" and uri.user is None):
+            return None
+        key = Registrar.key(uri)
+        bindings = self.registrar.lookup(key, now=now) if key else []
+        if bindings:
+            return [_Target(b.uri, self._binding_hop(b)) for b in bindings]
+        route = self._match_route(uri.host, wildcard=True)
+        if route is None:
+            raise _Reject(404)
+        return [_Target(uri, self._hop_to(route))]
+
+    def _learn_flow(self, request: SipRequest, hop: _Hop, now: float) -> None:
+        """Remember how to reach a phone behind NAT64 at the Contact it gave: through
+        the NAT64 binding its request came over (the way a registration is used)."""
+        if request.get("Contact") is None or request.wildcard_contact:
+            return
+        for contact in request.contacts:
+            key = str(contact.uri)
+            self._flows.pop(key, None)
+            self._flows[key] = (hop, now)
+        while self._flows:
+            key, (_, seen) = next(iter(self._flows.items()))
+            if seen + NAT64_FLOW_LIFETIME > now:
+                break
+            del self._flows[key]
+
+    def _flow(self, uri: SipUri, now: float) -> _Hop | None:
+        """How to reach a Contact that registered here, or of a phone behind NAT64."""
+        binding = self.registrar.binding(uri, now=now)
+        if binding is not None:
+            return self._binding_hop(binding)
+        learnt = self._flows.get(str(uri))
+        if learnt is not None and learnt[1] + NAT64_FLOW_LIFETIME > now:
+            return learnt[0]
+        return None
+
+    def _binding_hop(self, binding: Binding) -> _Hop:
+        """How to reach a registered contact: over the connection it registered on
+        (TCP), through the NAT64 it registered through (an IPv6 contact registered
+        from an IPv4 source: RFC 5626-style flow reuse), else at its address."""
+        contact = binding.uri.host_ip
+        local4 = self.config.sip.get(4)
+        prefix = self._nat64_prefix()
+        behind_nat64 = (binding.source.family == 4 and contact is not None
+                        and contact.version == 6 and prefix is not None and local4 is not None
+                        and nat64_embedded(self.config.nat64_prefixes, contact) is None)
+        if behind_nat64:
+            return _Hop(binding.source, binding.transport, local4, 6, prefix)
+        return self._hop_to(binding.uri, binding.source if binding.transport == "tcp" else None)
+
+    def _match_route(self, host: str, *, wildcard: bool) -> SipUri | None:
+        wanted = _host_key(host)
+        for domain, uri in self.config.routes:
+            if _host_key(domain) == wanted:
+                return uri
+        if wildcard:
+            return next((uri for domain, uri in self.config.routes if domain == "*"), None)
+        return None
+
+    def _hop_to(self, uri: SipUri | str, connection: Endpoint | None = None) -> _Hop:
+        """The transport destination a URI names (IP literals only: no DNS in the
+        core). A NAT64-synthesised IPv6 address is reached on its IPv4 address."""
+        if not isinstance(uri, SipUri):
+            raise _Reject(416)
+        ip = uri.host_ip
+        if ip is None:
+            raise _Reject(404, f"Cannot resolve {uri.host}"[:100])
+        if ip.version == 6:
+            ip = nat64_embedded(self.config.nat64_prefixes, ip) or ip
+        transport = uri.transport or "udp"
+        if transport not in self.config.transports:
+            raise _Reject(503, f"Unsupported transport {transport}")
+        local = self.config.sip.get(ip.version)
+        if local is None:
+            raise _Reject(503, f"No IPv{ip.version} SIP address")
+        dest = connection or Endpoint(ip, uri.port or DEFAULT_PORT)
+        return _Hop(dest, transport, local, ip.version)
+
+    def _looped(self, request: SipRequest, loop: str) -> bool:
+        """§16.3 item 4: one of our Vias carries this very request's loop hash."""
+        for via in request.vias:
+            branch = via.branch or ""
+            ours = branch.startswith(BRANCH_PREFIX) and self._names_us_via(via)
+            if ours and branch[len(BRANCH_PREFIX):].split(".", 1)[0] == loop:
+                return True
+        return False
+
+    @staticmethod
+    def _loop_hash(request: SipRequest) -> str:
+        """§16.6 item 8: the fields a looping request keeps unchanged."""
+        routes = request.get_all("Route")
+        parts = [str(request.uri), request.from_.tag or "", request.to.tag or "",
+                 request.call_id, str(request.cseq[0]), routes[0] if routes else ""]
+        return hashlib.sha1("\x00".join(parts).encode("utf-8", "surrogateescape")).hexdigest()[:10]
+
+    # ---- what is ours, address mapping ------------------------------------------------
+
+    def _own_addresses(self) -> frozenset[IPAddress]:
+        mine: set[IPAddress] = {ep.host for ep in self.config.sip.values()}
+        mine |= set(self.config.aliases)
+        for prefix in self.config.nat64_prefixes:
+            mine |= {nat64_synthesize(prefix, ip) for ip in list(mine)
+                     if isinstance(ip, ipaddress.IPv4Address)}
+        return frozenset(mine)
+
+    def _is_ours(self, host: str) -> bool:
+        ip = _ip(host)
+        if ip is not None:
+            return ip in self._our_ips
+        domains = {_host_key(d) for d in self.config.domains}
+        return _host_key(host) in domains
+
+    def _names_us(self, uri: SipUri | str) -> bool:
+        """A Route/Record-Route URI naming this gateway (host and port)."""
+        if not isinstance(uri, SipUri) or not self._is_ours(uri.host):
+            return False
+        return (uri.port or DEFAULT_PORT) in self._our_ports
+
+    def _names_us_via(self, via: Via) -> bool:
+        return self._is_ours(via.host) and (via.port or DEFAULT_PORT) in self._our_ports
+
+    def _nat64_prefix(self) -> IPNetwork | None:
+        return self.config.nat64_prefixes[0] if self.config.nat64_prefixes else None
+
+    def _our_endpoint(self, hop: _Hop) -> Endpoint:
+        """The gateway's SIP endpoint as ``hop``'s party must address it."""
+        if hop.nat64 is not None:
+            v4 = self.config.sip[4]
+            assert isinstance(v4.host, ipaddress.IPv4Address)
+            return Endpoint(nat64_synthesize(hop.nat64, v4.host), v4.port)
+        return self.config.sip[hop.family]
+
+    def _record_route(self, request: SipRequest, incoming: _Hop, outgoing: _Hop) -> None:
+        """§16.6 item 4, RFC 5658: one entry, or two when the two sides address the
+        gateway differently (family, NAT64 or transport). The top entry faces the
+        next hop, the one below faces the previous hop."""
+        facing_in = self._rr_uri(incoming)
+        facing_out = self._rr_uri(outgoing)
+        if facing_in == facing_out:
+            request.insert("top", "Record-Route", f"<{facing_out}>")
+            return
+        request.insert("top", "Record-Route", f"<{facing_in};r2=on>")
+        request.insert("top", "Record-Route", f"<{facing_out};r2=on>")
+
+    def _rr_uri(self, hop: _Hop) -> str:
+        ep = self._our_endpoint(hop)
+        transport = ";transport=tcp" if hop.transport == "tcp" else ""
+        return f"sip:{format_host(ep.host)}:{ep.port}{transport};lr"
+
+    def _map_addresses(self, message: SipRequest | SipResponse, hop: _Hop) -> None:
+        """Contact (and From/To when configured) as ``hop``'s party must see them."""
+        if self.config.map_contact and message.get("Contact") is not None \
+                and not message.wildcard_contact:
+            contacts = message.contacts
+            changed = False
+            for contact in contacts:
+                mapped = self._mapped(contact.uri, hop)
+                if mapped is not None:
+                    contact.uri, changed = mapped, True
+            if changed:
+                message.replace_values("Contact", [str(c) for c in contacts])
+        if self.config.map_from_to:
+            for name, addr in (("From", message.from_), ("To", message.to)):
+                mapped = self._mapped(addr.uri, hop)
+                if mapped is not None:
+                    addr.uri = mapped
+                    message.set(name, str(addr))
+
+    def _mapped(self, uri: SipUri | str, hop: _Hop) -> SipUri | None:
+        """``uri`` as ``hop``'s party must see it, or None when it can use it as is."""
+        if not isinstance(uri, SipUri):
+            return None
+        original = self._unmapped(uri)
+        if original is not None:
+            ip = original.host_ip
+            return original if ip is None or _usable(ip, hop) else None
+        ip = uri.host_ip
+        if ip is None or _usable(ip, hop) or ip in self._our_ips:
+            return None
+        ours = self._our_endpoint(hop)
+        mapped = uri.with_host(ours.host, ours.port)
+        hostport = uri.host if uri.port is None else f"{uri.host}:{uri.port}"
+        encoded = base64.b32encode(hostport.encode()).decode().rstrip("=").lower()
+        mapped.params[XLAT_PARAM] = encoded
+        return mapped
+
+    def _unmapped(self, uri: SipUri) -> SipUri | None:
+        """The original of a URI we mapped (host ours, ``;xlat=`` present), else None."""
+        encoded = uri.params.get(XLAT_PARAM)
+        if not encoded or not self._is_ours(uri.host):
+            return None
+        try:
+            padded = encoded.upper() + "=" * (-len(encoded) % 8)
+            hostport = base64.b32decode(padded).decode()
+            host, port = _split_hostport(hostport)
+        except (binascii.Error, UnicodeDecodeError, ValueError):
+            log.info("bad %s parameter in %s", XLAT_PARAM, uri)
+            return None
+        original = uri.with_host(host, port)
+        del original.params[XLAT_PARAM]
+        return original
+
+    def _present(self, relays: Sequence[Endpoint | None], hop: _Hop) -> list[Endpoint | None]:
+        """Relays as ``hop``'s party must see them: an IPv4 relay shown to an IPv6 party
+        (behind NAT64) becomes its synthetic IPv6 address."""
+        prefix = hop.nat64 or self._nat64_prefix()
+        out: list[Endpoint | None] = []
+        for relay in relays:
+            v4 = relay is not None and isinstance(relay.host, ipaddress.IPv4Address)
+            if relay is not None and v4 and hop.family == 6 and prefix is not None:
+                assert isinstance(relay.host, ipaddress.IPv4Address)
+                relay = Endpoint(nat64_synthesize(prefix, relay.host), relay.port)
+            out.append(relay)
+        return out
+
+    # ---- bookkeeping ------------------------------------------------------------------
+
+    def _send(self, data: bytes, hop: _Hop) -> Send:
+        return Send(data, hop.dest, hop.transport, hop.local)
+
+    def _token(self) -> str:
+        return f"{self._rng.getrandbits(64):016x}"
+
+    def _alive(self, entry: _Entry) -> bool:
+        if isinstance(entry, _Server):
+            return self._servers.get(entry.key) is entry
+        return self._clients.get(entry.key) is entry
+
+    def _track(self, entry: _Entry) -> None:
+        """Forget a finished transaction; (re)schedule a live one's next deadline."""
+        if entry.txn.terminated:
+            if isinstance(entry, _Server):
+                if self._servers.get(entry.key) is entry:
+                    del self._servers[entry.key]
+            elif self._clients.get(entry.key) is entry:
+                del self._clients[entry.key]
+            return
+        when = entry.deadline()
+        if when is not None and when != entry.pushed:
+            entry.pushed = when
+            heapq.heappush(self._timers, (when, next(self._seq), entry))
+
+
+# ---- message helpers -------------------------------------------------------------------
+
+
+def _route_uri(value: str) -> SipUri | str:
+    return NameAddr.parse(value).uri
+
+
+def _copy(message: SipRequest | SipResponse) -> SipRequest | SipResponse:
+    return parse_message(message.to_bytes())
+
+
+def _sdp(message: SipRequest | SipResponse) -> bytes | None:
+    """The body if it is a non-empty SDP."""
+    ctype = message.content_type
+    if ctype is None or ctype.split(";")[0].strip().lower() != _SDP_TYPE:
+        return None
+    return message.body if message.body.strip() else None
+
+
+def _ack_for(invite: SipRequest, response: SipResponse) -> SipRequest:
+    """§17.1.1.3: the ACK a client transaction sends for a failure response."""
+    headers = [("Via", str(invite.vias[0]))]
+    headers += [("Route", value) for value in invite.get_all("Route")]
+    headers += [
+        ("From", invite.get("From") or ""),
+        ("To", response.get("To") or ""),
+        ("Call-ID", invite.call_id),
+        ("CSeq", f"{invite.cseq[0]} ACK"),
+        ("Max-Forwards", "70"),
+    ]
+    return SipRequest("ACK", invite.uri, headers)
+
+
+def _with_status(response: SipResponse, status: int) -> SipResponse:
+    copy = _copy(response)
+    assert isinstance(copy, SipResponse)
+    copy.status, copy.reason = status, REASONS[status]
+    return copy
+
+
+def _rank(response: SipResponse) -> tuple[int, int, int]:
+    """§16.7 step 6: lower is better: any 6xx, then the lowest class; a timeout (408)
+    last within its class."""
+    status = response.status
+    return (0 if status >= 600 else 1, status // 100, 1 if status == 408 else 0)
+
+
+def _stamp(via: Via, source: Endpoint) -> bool:
+    """Add received= (sent-by is not the source address) and fill in a requested
+    rport= (RFC 3581, which also asks for received=). True if the Via changed."""
+    wanted: dict[str, str] = {}
+    if "rport" in via.params:
+        wanted = {"received": str(source.host), "rport": str(source.port)}
+    elif via.host_ip != source.host:
+        wanted = {"received": str(source.host)}
+    changed = any(via.params.get(name) != value for name, value in wanted.items())
+    via.params.update(wanted)
+    return changed
+
+
+def _usable(ip: IPAddress, hop: _Hop) -> bool:
+    return ip.version == hop.family
+
+
+def _ip(host: str) -> IPAddress | None:
+    raw = host[1:-1] if host.startswith("[") else host
+    try:
+        return ipaddress.ip_address(raw)
+    except ValueError:
+        return None
+
+
+def _host_key(host: str) -> str:
+    ip = _ip(host)
+    return str(ip) if ip is not None else host.lower().rstrip(".")
+
+
+def _split_hostport(text: str) -> tuple[str, int | None]:
+    if text.startswith("["):
+        host, _, rest = text.partition("]")
+        host += "]"
+        port = rest[1:] if rest.startswith(":") else None
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    else:
+        host, port = text, None
+    if _ip(host) is None:
+        raise ValueError(f"not an IP literal: {host!r}")
+    return host, int(port) if port else None
+

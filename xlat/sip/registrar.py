@@ -1,0 +1,172 @@
+"""Registrar and location service for the gateway's own domains (RFC 3261 §10.3).
+
+Pure: requests in, responses out, time passed in as ``now``. The gateway's domains
+(its addresses and each ``--domain``) are aliases of one another, so an address of
+record is keyed by its user part alone (Kamailio's ``use_domain=0``): a phone that
+registers as ``sip:bob@[2001:db8:6::1]`` is reached by calling ``sip:bob@203.0.113.1``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from xlat.addr import Endpoint
+from xlat.sip.message import NameAddr, SipRequest, SipResponse, make_response
+from xlat.sip.uri import SipUri
+
+__all__ = ["Binding", "Registrar", "RegistrarError"]
+
+
+class RegistrarError(Exception):
+    """A REGISTER the registrar refuses; ``status`` and ``headers`` make the reply."""
+
+    def __init__(
+        self, status: int, reason: str, headers: Sequence[tuple[str, str]] = ()
+    ) -> None:
+        super().__init__(reason)
+        self.status, self.reason, self.headers = status, reason, tuple(headers)
+
+
+@dataclass(frozen=True, slots=True)
+class Binding:
+    """One contact of an address of record. ``source``/``transport``: where the
+    REGISTER came from (a TCP-registered phone is reached over that connection)."""
+
+    contact: NameAddr
+    uri: SipUri
+    q: float
+    expires_at: float
+    call_id: str
+    cseq: int
+    source: Endpoint
+    transport: str
+
+    def expires_in(self, now: float) -> int:
+        return max(0, round(self.expires_at - now))
+
+
+class Registrar:
+    """Bindings per user. ``min_expires``/``max_expires`` bound what phones ask for
+    (§10.3 step 7: 423 below the minimum, the maximum silently)."""
+
+    def __init__(
+        self, default_expires: int = 3600, min_expires: int = 60, max_expires: int = 86400
+    ) -> None:
+        self.default_expires = default_expires
+        self.min_expires = min_expires
+        self.max_expires = max_expires
+        self._bindings: dict[str, list[Binding]] = {}
+
+    @staticmethod
+    def key(uri: SipUri | str) -> str | None:
+        """The location-service key of an AOR or Request-URI: its user part."""
+        return uri.user if isinstance(uri, SipUri) else None
+
+    def register(
+        self, request: SipRequest, *, source: Endpoint, transport: str, now: float, to_tag: str
+    ) -> SipResponse:
+        """Process a REGISTER (§10.3 steps 5-8); the 200 lists the current contacts.
+        Refusals come back as responses too (400, 423)."""
+        try:
+            self._update(request, source, transport, now)
+        except RegistrarError as exc:
+            return make_response(request, exc.status, exc.reason, to_tag, exc.headers)
+        key = self.key(request.to.uri)
+        assert key is not None
+        contacts = [
+            f"{b.contact};expires={b.expires_in(now)}" for b in self.lookup(key, now=now)
+        ]
+        extra = [("Contact", c) for c in contacts]
+        return make_response(request, 200, None, to_tag, extra)
+
+    def lookup(self, key: str, *, now: float) -> list[Binding]:
+        """Live bindings of a user, highest q first (ties: most recent first)."""
+        live = [b for b in self._bindings.get(key, []) if b.expires_at > now]
+        if live:
+            self._bindings[key] = live
+        else:
+            self._bindings.pop(key, None)
+        return sorted(live, key=lambda b: (-b.q, -b.expires_at))
+
+    def binding(self, uri: SipUri, *, now: float) -> Binding | None:
+        """The live binding whose contact is exactly ``uri`` (an in-dialog request to a
+        registered phone), if any."""
+        key = self.key(uri)
+        text = str(uri)
+        found = self.lookup(key, now=now) if key else []
+        return next((b for b in found if str(b.uri) == text), None)
+
+    def _update(self, request: SipRequest, source: Endpoint, transport: str, now: float) -> None:
+        key = self.key(request.to.uri)
+        if key is None:
+            raise RegistrarError(404, "No user in the address of record")
+        call_id, (cseq, _) = request.call_id, request.cseq
+        header_expires = request.get("Expires")
+        current = {str(b.uri): b for b in self.lookup(key, now=now)}
+        if request.wildcard_contact:
+            if header_expires is None or int(header_expires) != 0:
+                raise RegistrarError(400, "Contact: * needs Expires: 0")
+            self._check_order(current.values(), call_id, cseq)
+            self._bindings.pop(key, None)
+            return
+        for contact in request.contacts:
+            if not isinstance(contact.uri, SipUri):
+                raise RegistrarError(400, f"Unsupported contact URI {contact.uri}")
+            expires = self._expires(contact, header_expires)
+            uri_key = str(contact.uri)
+            old = current.get(uri_key)
+            if old is not None:
+                self._check_order([old], call_id, cseq)
+            if expires == 0:
+                current.pop(uri_key, None)
+                continue
+            params = {k: v for k, v in contact.params.items() if k != "expires"}
+            stored = NameAddr(contact.uri, contact.display, params)
+            current[uri_key] = Binding(
+                contact=stored,
+                uri=contact.uri,
+                q=self._q(contact),
+                expires_at=now + expires,
+                call_id=call_id,
+                cseq=cseq,
+                source=source,
+                transport=transport,
+            )
+        self._bindings[key] = list(current.values())
+
+    def _expires(self, contact: NameAddr, header: str | None) -> int:
+        """§10.2.1.1: the contact's expires parameter, else the Expires header, else
+        the default; zero unregisters; over the maximum is cut to it."""
+        value = contact.params.get("expires", header)
+        if value is None:
+            return min(self.default_expires, self.max_expires)
+        if not value.isascii() or not value.isdigit():
+            raise RegistrarError(400, f"Bad expires value {value!r}")
+        expires = int(value)
+        if 0 < expires < self.min_expires:
+            raise RegistrarError(
+                423, "Interval Too Brief", [("Min-Expires", str(self.min_expires))]
+            )
+        return min(expires, self.max_expires)
+
+    @staticmethod
+    def _q(contact: NameAddr) -> float:
+        value = contact.params.get("q")
+        if value is None:
+            return 1.0
+        try:
+            q = float(value)
+        except ValueError:
+            raise RegistrarError(400, f"Bad q value {value!r}") from None
+        if not 0.0 <= q <= 1.0:
+            raise RegistrarError(400, f"Bad q value {value!r}")
+        return q
+
+    @staticmethod
+    def _check_order(bindings: Iterable[Binding], call_id: str, cseq: int) -> None:
+        """§10.3 step 7: the same Call-ID with a CSeq not above the stored one is an
+        old or reordered REGISTER."""
+        for b in bindings:
+            if b.call_id == call_id and cseq <= b.cseq:
+                raise RegistrarError(400, "Out-of-order REGISTER (CSeq not above the last)")
