@@ -1,0 +1,588 @@
+"""The kernel datapath: ``bpf/xlat.c`` at TC ingress, flows in pinned BPF maps.
+
+bcc compiles and loads the program (``BPF.SCHED_CLS``); pyroute2 attaches it as a
+direct-action ``bpf`` filter named ``xlat`` on the clsact ingress hook of each media
+interface. Two maps are pinned under ``bpffs`` so a restarted daemon adopts live flows:
+``flows`` (hash: relay address:port -> rewrite, latching, rate cap, soft state,
+counters) and ``reasons`` (per-CPU packets/bytes per reason a packet was not forwarded).
+The C headers are the single source of the layouts (bcc's generated Key/Leaf), the
+reason names (``bpf/reasons.h``) and the flag bits (``bpf/maps.h``).
+
+Everything runs in the caller's network namespace (``ip netns exec <gw> xlat run``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes as ct
+import errno
+import functools
+import os
+import platform
+import re
+import socket
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv6Address
+from pathlib import Path
+from typing import Any
+
+from pyroute2 import IPRoute, netns
+from pyroute2.netlink.exceptions import NetlinkError
+
+from xlat.addr import Endpoint
+from xlat.media.datapath import DropCounter, Flow, FlowCounters, Latch
+
+BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
+BPF_SOURCE = BPF_DIR / "xlat.c"
+DEFAULT_BPFFS = Path("/sys/fs/bpf/xlat")
+PROG_NAME = "xlat"  # function name in xlat.c and TCA_BPF_NAME of our filters
+MAP_NAMES = ("flows", "reasons")
+
+TC_INGRESS = 0xFFFFFFF2  # clsact ingress hook (TC_H_CLSACT:TC_H_MIN_INGRESS)
+TC_EGRESS = 0xFFFFFFF3
+TC_PRIO = 0xC0DE  # where a fresh filter goes; leftovers are replaced where they are
+TC_HANDLE = 1
+BPF_FS_MAGIC = 0xCAFE4A11
+BATCH_DUMP = 4096  # entries per BPF_MAP_LOOKUP_BATCH call
+_V4_MAPPED = bytes(10) + b"\xff\xff"
+_BATCH_UNSUPPORTED = (errno.EINVAL, errno.EOPNOTSUPP, 524)  # 524: kernel ENOTSUPP
+
+_libc = ct.CDLL(None, use_errno=True)
+
+
+class EbpfError(RuntimeError):
+    """The kernel side refused something; the message says what and where."""
+
+
+class BpffsError(EbpfError):
+    """The pin directory is not on a bpf filesystem."""
+
+
+class PinnedMapMismatch(EbpfError):
+    """A pinned map left by another xlat version has a different layout."""
+
+
+# ---- what the C headers say ----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Reason:
+    """One entry of ``bpf/reasons.h``: ``action`` is ``stack``, ``drop`` or ``sent``."""
+
+    name: str
+    action: str
+    text: str
+
+
+_REASON_RE = re.compile(
+    r"^\s*REASON_([A-Z0-9_]+)\b[^/\n]*/\*\s*\((stack|drop|sent)\)\s*(.*?)\s*\*/", re.M
+)
+
+
+@functools.cache
+def reasons() -> tuple[Reason, ...]:
+    """The reasons in enum order (index = counter slot); ``forwarded`` is first."""
+    text = (BPF_DIR / "reasons.h").read_text()
+    return tuple(Reason(m[1].lower(), m[2], m[3]) for m in _REASON_RE.finditer(text))
+
+
+@functools.cache
+def _flag(name: str) -> int:
+    """A ``#define FLOW_F_*`` value from ``bpf/maps.h``."""
+    m = re.search(rf"#define\s+{name}\s+(0x[0-9a-fA-F]+|\d+)", (BPF_DIR / "maps.h").read_text())
+    if m is None:
+        raise EbpfError(f"{name} not defined in {BPF_DIR / 'maps.h'}")
+    return int(m[1], 0)
+
+
+def _latch_flags(latch: Latch) -> int:
+    """``flow_value.flags`` for a latch mode."""
+    if latch is Latch.OFF:
+        return 0
+    return _flag("FLOW_F_LEARN" if latch is Latch.LEARN else "FLOW_F_STRICT")
+
+
+# ---- small kernel helpers ------------------------------------------------------------
+
+
+def is_bpffs(path: Path) -> bool:
+    """Is ``path`` (or, if missing, its nearest existing parent) on a bpf filesystem?"""
+    while not path.exists():
+        path = path.parent
+    buf = ct.create_string_buffer(256)  # struct statfs; f_type is the first long
+    if _libc.statfs(str(path).encode(), buf) != 0:
+        return False
+    return ct.c_long.from_buffer(buf).value == BPF_FS_MAGIC
+
+
+def _fdinfo(fd: int) -> dict[str, str]:
+    lines = Path(f"/proc/self/fdinfo/{fd}").read_text().splitlines()
+    return {k.strip(): v.strip() for k, _, v in (ln.partition(":") for ln in lines)}
+
+
+def _addr16(host: IPv4Address | IPv6Address) -> bytes:
+    """16-byte map form: IPv6 as is, IPv4 v4-mapped."""
+    return _V4_MAPPED + host.packed if host.version == 4 else host.packed
+
+
+def _endpoint(addr: Any, port_be: int) -> Endpoint:
+    raw = bytes(addr)
+    port = socket.ntohs(port_be)
+    if raw.startswith(_V4_MAPPED):
+        return Endpoint(IPv4Address(raw[12:]), port)
+    return Endpoint(IPv6Address(raw), port)
+
+
+def _counters(value: Any) -> FlowCounters:
+    return FlowCounters(
+        packets=value.packets,
+        bytes=value.bytes,
+        last_seen=value.last_seen_ns / 1e9,
+        to=_endpoint(value.dst_addr, value.dst_port),
+    )
+
+
+def _set_endpoint(value: Any, addr_field: str, port_field: str, ep: Endpoint) -> None:
+    ct.memmove(getattr(value, addr_field), _addr16(ep.host), 16)
+    setattr(value, port_field, socket.htons(ep.port))
+
+
+# ---- the datapath ----------------------------------------------------------------------
+
+
+class EbpfDatapath:
+    """``Datapath`` on the kernel's TC ingress hook (see the module doc).
+
+    ``interfaces``: where media arrives (clsact ingress of each). ``bpffs``: pin
+    directory, created if missing, on a mounted bpf filesystem. Adopts pinned maps of the
+    same layout and replaces its own leftover filters (hitless restart).
+    """
+
+    def __init__(
+        self, interfaces: Sequence[str], bpffs: Path = DEFAULT_BPFFS, name: str = "ebpf"
+    ) -> None:
+        from bcc import BPF  # Debian's python3-bpfcc; imported here so `xlat check` can say
+
+        self.name = name
+        self.bpffs = Path(bpffs)
+        if not is_bpffs(self.bpffs):
+            raise BpffsError(
+                f"{self.bpffs} is not on a bpf filesystem (mount -t bpf bpf <dir> first)"
+            )
+        self.bpffs.mkdir(parents=True, exist_ok=True)
+        self._ipr = IPRoute()
+        try:
+            self._ifindexes = [self._ifindex(ifname) for ifname in interfaces]
+        except BaseException:
+            self._ipr.close()
+            raise
+        self._bpf = BPF(src_file=str(BPF_SOURCE).encode(), cflags=_cflags(self.bpffs))
+        try:
+            self._flows = self._bpf[b"flows"]
+            self._reasons = self._bpf[b"reasons"]
+            self._check_layout()
+            self._fn = self._bpf.load_func(PROG_NAME.encode(), BPF.SCHED_CLS)
+            self._known = {bytes(k) for k, _ in self._dump()}
+            for idx in self._ifindexes:
+                self._attach(idx)
+        except BaseException:
+            self._bpf.cleanup()
+            self._ipr.close()
+            raise
+
+    # ---- Datapath protocol ----------------------------------------------------------
+
+    def install(self, flows: Sequence[Flow]) -> None:
+        """Add or replace flows in one batch. A replaced flow keeps packets/bytes/
+        last_seen (read just before; packets counted in between are lost) but restarts
+        latching and its rate bucket. Installing counts as activity for the idle timer."""
+        if not flows:
+            return
+        now = time.monotonic_ns()
+        keys = (self._flows.Key * len(flows))()
+        values = (self._flows.Leaf * len(flows))()
+        for i, flow in enumerate(flows):
+            keys[i] = self._key(flow.match)
+            values[i] = self._value(flow, now)
+            if bytes(keys[i]) in self._known:
+                old = self._flows.get(keys[i])
+                if old is not None:
+                    values[i].packets, values[i].bytes = old.packets, old.bytes
+                    values[i].last_seen_ns = old.last_seen_ns
+        self._update_batch(keys, values)
+        self._known.update(bytes(k) for k in keys)
+
+    def remove(self, matches: Sequence[Endpoint]) -> None:
+        """Delete flows in one batch; unknown matches are ignored. Forwarding stops at
+        once (the next packet misses the map)."""
+        if not matches:
+            return
+        keys = (self._flows.Key * len(matches))(*(self._key(m) for m in matches))
+        self._delete_batch(keys)
+        self._known.difference_update(bytes(k) for k in keys)
+
+    def refresh(self, flows: Sequence[Flow]) -> None:
+        """Nothing to do: the kernel's soft state is refreshed by the traffic itself
+        (last_seen_ns), and a flow without traffic is meant to expire."""
+
+    def counters(self, matches: Sequence[Endpoint] | None = None) -> dict[Endpoint, FlowCounters]:
+        """What the kernel counted per flow and where it sends now: for ``matches`` (one
+        lookup each, or one dump when they are many), or for every flow (``None``).
+        Unknown matches are left out."""
+        if matches is None or len(matches) > BATCH_DUMP:
+            wanted = None if matches is None else set(matches)
+            entries = ((_endpoint(k.addr, k.port), v) for k, v in self._dump())
+            return {m: _counters(v) for m, v in entries if wanted is None or m in wanted}
+        out = {}
+        for match in matches:
+            value = self._flows.get(self._key(match))
+            if value is not None:
+                out[match] = _counters(value)
+        return out
+
+    def drops(self) -> dict[str, DropCounter]:
+        """Every reason but ``forwarded``, summed over CPUs (zeros included)."""
+        out = {}
+        for i, reason in enumerate(reasons()):
+            if reason.name == "forwarded":
+                continue
+            per_cpu = self._reasons.getvalue(self._reasons.Key(i))
+            out[reason.name] = DropCounter(
+                packets=sum(c.packets for c in per_cpu), bytes=sum(c.bytes for c in per_cpu)
+            )
+        return out
+
+    def forwarded(self) -> DropCounter:
+        """Packets/bytes redirected by the kernel, summed over CPUs."""
+        per_cpu = self._reasons.getvalue(self._reasons.Key(0))
+        return DropCounter(sum(c.packets for c in per_cpu), sum(c.bytes for c in per_cpu))
+
+    def close(self, keep: bool) -> None:
+        """``keep``: leave filters attached and maps pinned, so media keeps flowing
+        until a restarted daemon adopts them. Otherwise detach our filters (and clsact,
+        when nothing else uses it) and unpin the maps."""
+        try:
+            if not keep:
+                for idx in self._ifindexes:
+                    self._detach(idx)
+                for map_name in MAP_NAMES:
+                    (self.bpffs / map_name).unlink(missing_ok=True)
+                with contextlib.suppress(OSError):  # not empty, or a mount point
+                    self.bpffs.rmdir()
+        finally:
+            self._bpf.cleanup()
+            self._ipr.close()
+
+    # ---- measuring --------------------------------------------------------------------
+
+    def test_run(self, frame: bytes, repeat: int = 1) -> tuple[int, int, bytes]:
+        """Run the program on ``frame`` (Ethernet) with BPF_PROG_TEST_RUN, in the
+        caller's netns (FIB lookups use its routes; the redirect is not carried out).
+        ``repeat`` runs reuse the same, already rewritten, packet.
+        Returns (TC_ACT_* verdict, mean duration in ns as the kernel measured it,
+        frame out). Counters and flows are updated as for real traffic.
+        """
+        return _test_run(self._fn.fd, frame, repeat)
+
+    # ---- maps ---------------------------------------------------------------------------
+
+    def _check_layout(self) -> None:
+        """bcc adopts a pinned map whatever its layout: compare it with the C types."""
+        for map_name in MAP_NAMES:
+            table = self._bpf[map_name.encode()]
+            leaf = getattr(table, "sLeaf", table.Leaf)  # per-CPU tables: one CPU's value
+            want = {
+                "map_type": str(table.ttype),
+                "key_size": str(ct.sizeof(table.Key)),
+                "value_size": str(ct.sizeof(leaf)),
+                "max_entries": str(table.max_entries),
+            }
+            info = _fdinfo(table.map_fd)
+            got = {k: info.get(k, "?") for k in want}
+            if got != want:
+                raise PinnedMapMismatch(
+                    f"pinned map {self.bpffs / map_name} has {got}, this xlat needs {want}; "
+                    "remove it (or stop the other xlat) first"
+                )
+        if self._reasons.max_entries != len(reasons()):
+            raise EbpfError(
+                f"reasons.h lists {len(reasons())} reasons, the map has "
+                f"{self._reasons.max_entries}: parse error in reasons.h"
+            )
+
+    def _key(self, ep: Endpoint) -> Any:
+        key = self._flows.Key()
+        _set_endpoint(key, "addr", "port", ep)
+        return key
+
+    def _value(self, flow: Flow, now_ns: int) -> Any:
+        if flow.source.family != flow.to.family:
+            raise ValueError(
+                f"flow {flow.match}: source {flow.source} and to {flow.to} differ in family"
+            )
+        if flow.latch is Latch.STRICT and flow.expect is None:
+            raise ValueError(f"flow {flow.match}: strict latching needs `expect`")
+        v = self._flows.Leaf()
+        v.family = flow.to.family
+        _set_endpoint(v, "src_addr", "src_port", flow.source)
+        _set_endpoint(v, "dst_addr", "dst_port", flow.to)
+        if flow.expect is not None:
+            _set_endpoint(v, "expect_addr", "expect_port", flow.expect)
+        if flow.reverse is not None:
+            _set_endpoint(v.reverse, "addr", "port", flow.reverse)
+        v.flags = _latch_flags(flow.latch)
+        v.rate_pps = flow.rate_limit_pps
+        v.idle_timeout_ns = int(flow.idle_timeout * 1e9)
+        v.installed_ns = now_ns
+        return v
+
+    def _update_batch(self, keys: Any, values: Any) -> None:
+        from bcc.libbcc import lib
+
+        count = ct.c_uint32(len(keys))
+        if lib.bpf_update_batch(self._flows.map_fd, keys, values, ct.byref(count)) == 0:
+            return
+        err = ct.get_errno()
+        if err not in _BATCH_UNSUPPORTED:
+            raise EbpfError(f"flow map update ({len(keys)} flows): {os.strerror(err)}")
+        for i in range(count.value, len(keys)):  # kernels without batch operations
+            self._flows[keys[i]] = values[i]
+
+    def _delete_batch(self, keys: Any) -> None:
+        """BPF_MAP_DELETE_BATCH stops at the first missing key: skip it, go on."""
+        from bcc.libbcc import lib
+
+        start = 0
+        size = ct.sizeof(self._flows.Key)
+        while start < len(keys):
+            count = ct.c_uint32(len(keys) - start)
+            ptr = ct.byref(keys, start * size)
+            if lib.bpf_delete_batch(self._flows.map_fd, ptr, ct.byref(count)) == 0:
+                return
+            err = ct.get_errno()
+            if err == errno.ENOENT:
+                start += count.value + 1
+            elif err in _BATCH_UNSUPPORTED and count.value == 0:
+                for k in keys[start:]:
+                    with contextlib.suppress(KeyError):
+                        del self._flows[k]
+                return
+            else:
+                raise EbpfError(f"flow map delete: {os.strerror(err)}")
+
+    def _dump(self) -> Iterator[tuple[Any, Any]]:
+        """Every (key, value) of the flow map, BATCH_DUMP at a time (copies)."""
+        from bcc.libbcc import lib
+
+        keys = (self._flows.Key * BATCH_DUMP)()
+        values = (self._flows.Leaf * BATCH_DUMP)()
+        token, next_token = ct.c_uint32(), ct.c_uint32()
+        first = True
+        while True:
+            count = ct.c_uint32(BATCH_DUMP)
+            res = lib.bpf_lookup_batch(
+                self._flows.map_fd,
+                None if first else ct.byref(token),
+                ct.byref(next_token),
+                keys,
+                values,
+                ct.byref(count),
+            )
+            err = ct.get_errno()
+            if res != 0 and err in _BATCH_UNSUPPORTED and first:
+                yield from list(self._flows.items())
+                return
+            for i in range(count.value):
+                yield (
+                    type(keys[i]).from_buffer_copy(keys[i]),
+                    type(values[i]).from_buffer_copy(values[i]),
+                )
+            if res != 0:
+                if err == errno.ENOENT:
+                    return
+                raise EbpfError(f"flow map dump: {os.strerror(err)}")
+            token.value, first = next_token.value, False
+
+    # ---- tc -----------------------------------------------------------------------------
+
+    def _ifindex(self, ifname: str) -> int:
+        found = self._ipr.link_lookup(ifname=ifname)
+        if not found:
+            raise EbpfError(f"no interface {ifname!r} in this network namespace")
+        return int(found[0])
+
+    def _filters(self, idx: int, parent: int) -> list[Any]:
+        """The real filters (not the per-prio chain headers) on one hook."""
+        return [
+            m
+            for m in self._ipr.get_filters(index=idx, parent=parent)
+            if m.get_attr("TCA_OPTIONS") is not None
+        ]
+
+    def _ours(self, idx: int) -> list[tuple[int, int]]:
+        """(prio, handle) of our filters on the ingress hook, by TCA_BPF_NAME."""
+        out = []
+        for m in self._filters(idx, TC_INGRESS):
+            bpf_name = m.get_attr("TCA_OPTIONS").get_attr("TCA_BPF_NAME") or ""
+            if m.get_attr("TCA_KIND") == "bpf" and bpf_name.split(":")[0] == PROG_NAME:
+                out.append((m["info"] >> 16, m["handle"]))
+        return out
+
+    def _attach(self, idx: int) -> None:
+        """Put our program on ``idx``'s ingress: replace a leftover of ours in place
+        (no gap in forwarding), else add one; extra leftovers are deleted."""
+        try:
+            self._ipr.tc("add", "clsact", idx)
+        except NetlinkError as e:
+            if e.code != errno.EEXIST:
+                raise EbpfError(f"clsact on ifindex {idx}: {e}") from e
+        spec = dict(
+            fd=self._fn.fd, name=PROG_NAME, parent=TC_INGRESS, classid=1, direct_action=True
+        )
+        ours = self._ours(idx)
+        try:
+            if ours:
+                prio, handle = ours.pop(0)
+                self._ipr.tc("replace-filter", "bpf", idx, handle, prio=prio, **spec)
+            else:
+                self._ipr.tc("add-filter", "bpf", idx, TC_HANDLE, prio=TC_PRIO, **spec)
+            for prio, handle in ours:
+                self._ipr.tc("del-filter", "bpf", idx, handle, prio=prio, parent=TC_INGRESS)
+        except NetlinkError as e:
+            raise EbpfError(f"attaching {PROG_NAME} to ifindex {idx}: {e}") from e
+
+    def _detach(self, idx: int) -> None:
+        """Delete our filters; delete clsact only if no other filter is left on it."""
+        with contextlib.suppress(NetlinkError):  # interface gone: nothing left to do
+            for prio, handle in self._ours(idx):
+                self._ipr.tc("del-filter", "bpf", idx, handle, prio=prio, parent=TC_INGRESS)
+            if not self._filters(idx, TC_INGRESS) and not self._filters(idx, TC_EGRESS):
+                self._ipr.tc("del", "clsact", idx)
+
+
+def _cflags(pin_dir: Path | None) -> list[str]:
+    flags = [f"-I{BPF_DIR}"]
+    if pin_dir is not None:
+        flags.append(f'-DXLAT_PIN_DIR="{pin_dir}"')
+    return flags
+
+
+# ---- BPF_PROG_TEST_RUN --------------------------------------------------------------------
+
+
+class _TestRunOpts(ct.Structure):
+    """libbpf's struct bpf_test_run_opts (libbpf >= 0.8 layout)."""
+
+    _fields_ = [
+        ("sz", ct.c_size_t),
+        ("data_in", ct.c_void_p),
+        ("data_out", ct.c_void_p),
+        ("data_size_in", ct.c_uint32),
+        ("data_size_out", ct.c_uint32),
+        ("ctx_in", ct.c_void_p),
+        ("ctx_out", ct.c_void_p),
+        ("ctx_size_in", ct.c_uint32),
+        ("ctx_size_out", ct.c_uint32),
+        ("retval", ct.c_uint32),
+        ("repeat", ct.c_int),
+        ("duration", ct.c_uint32),
+        ("flags", ct.c_uint32),
+        ("cpu", ct.c_uint32),
+        ("batch_size", ct.c_uint32),
+    ]
+
+
+def _test_run(prog_fd: int, frame: bytes, repeat: int) -> tuple[int, int, bytes]:
+    libbpf = ct.CDLL("libbpf.so.1", use_errno=True)
+    data_in = ct.create_string_buffer(frame, len(frame))
+    data_out = ct.create_string_buffer(len(frame) + 256)
+    opts = _TestRunOpts(sz=ct.sizeof(_TestRunOpts), repeat=repeat)
+    opts.data_in = ct.cast(data_in, ct.c_void_p)
+    opts.data_size_in = len(frame)
+    opts.data_out = ct.cast(data_out, ct.c_void_p)
+    opts.data_size_out = len(data_out)
+    if libbpf.bpf_prog_test_run_opts(prog_fd, ct.byref(opts)) != 0:
+        raise EbpfError(f"BPF_PROG_TEST_RUN: {os.strerror(ct.get_errno())}")
+    return opts.retval, opts.duration, data_out.raw[: opts.data_size_out]
+
+
+# ---- xlat check -------------------------------------------------------------------------
+
+
+def check_kernel(bpffs: Path = DEFAULT_BPFFS) -> list[tuple[str, bool, str]]:
+    """What ``xlat check`` reports for the eBPF datapath: (feature, ok, detail).
+    Touches nothing outside a throw-away network namespace."""
+    try:
+        import bcc
+    except ImportError as e:
+        return [("bcc", False, f"cannot import bcc ({e}): apt-get install python3-bpfcc")]
+    results = [("bcc", True, f"python3-bpfcc at {Path(bcc.__file__).parent}")]
+
+    build = Path("/lib/modules") / platform.release() / "build"
+    if build.exists():
+        results.append(("kernel headers", True, f"{build} -> {build.resolve()}"))
+    else:
+        results.append(("kernel headers", False, f"{build} missing: link linux-headers there"))
+    if is_bpffs(bpffs):
+        results.append(("bpffs", True, f"{bpffs} is on a bpf filesystem"))
+    else:
+        results.append(("bpffs", False, f"{bpffs}: mount -t bpf bpf {bpffs.parent} first"))
+    for key, path in (
+        ("ipv4 forwarding", "net/ipv4/ip_forward"),
+        ("ipv6 forwarding", "net/ipv6/conf/all/forwarding"),
+    ):
+        sysctl = path.replace("/", ".")
+        try:
+            value = Path("/proc/sys", path).read_text().strip()
+        except OSError as e:
+            results.append((key, False, f"{sysctl}: {e.strerror}"))
+            continue
+        results.append((key, value == "1", f"{sysctl} = {value} (bpf_fib_lookup needs 1)"))
+    results.extend(_check_program())
+    return results
+
+
+def _check_program() -> list[tuple[str, bool, str]]:
+    """Compile and load xlat.c with private maps, then attach it to clsact on the
+    loopback of a temporary network namespace."""
+    from bcc import BPF
+
+    try:
+        bpf = BPF(src_file=str(BPF_SOURCE).encode(), cflags=_cflags(None))
+        fn = bpf.load_func(PROG_NAME.encode(), BPF.SCHED_CLS)
+    except Exception as e:
+        return [("bpf program", False, f"{BPF_SOURCE}: {e}")]
+    results = [("bpf program", True, f"{BPF_SOURCE} compiles and passes the verifier")]
+    ns = f"xlat-check-{uuid.uuid4().hex[:8]}"
+    saved = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    try:
+        netns.create(ns)
+        netns.setns(ns, flags=0)
+        with IPRoute() as ipr:
+            (lo,) = ipr.link_lookup(ifname="lo")
+            ipr.tc("add", "clsact", lo)
+            ipr.tc(
+                "add-filter",
+                "bpf",
+                lo,
+                TC_HANDLE,
+                fd=fn.fd,
+                name=PROG_NAME,
+                parent=TC_INGRESS,
+                classid=1,
+                direct_action=True,
+                prio=TC_PRIO,
+            )
+        results.append(("clsact", True, "direct-action bpf filter attaches on clsact ingress"))
+    except (OSError, NetlinkError) as e:
+        results.append(("clsact", False, f"clsact/bpf filter in a scratch netns: {e}"))
+    finally:
+        netns.setns(saved, flags=0)
+        os.close(saved)
+        with contextlib.suppress(OSError):
+            netns.remove(ns)
+        bpf.cleanup()
+    return results
