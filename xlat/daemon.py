@@ -413,6 +413,7 @@ class Daemon:
             "forwarded": {p.name: _totals(p.counters().values()) for p in self.forwarders},
             "drops": {r: {"packets": d.packets, "bytes": d.bytes}
                       for r, d in sorted(self.drops().items())},
+            "reasons": _reason_meanings(),
         }
 
     def _exit(self, keep_datapath: bool | None = None) -> dict[str, bool]:
@@ -420,6 +421,15 @@ class Daemon:
             self.keep_datapath = bool(keep_datapath)
         asyncio.get_running_loop().call_soon(self.request_exit)
         return {"exiting": True}
+
+
+def _reason_meanings() -> dict[str, str]:
+    """What each drop/pass reason means, from the kernel program's list and nftables'."""
+    from xlat.media import ebpf, nft
+
+    meanings = {r.name: f"({r.action}) {r.text}" for r in ebpf.reasons()}
+    meanings.update(nft.MEANINGS)
+    return meanings
 
 
 def _totals(counters: Iterable[FlowCounters]) -> dict[str, int]:

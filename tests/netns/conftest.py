@@ -14,15 +14,26 @@ import pytest
 from xlat.lab import Lab
 
 
-@pytest.fixture(scope="module")
-def ebpf_lab() -> Iterator[Lab]:
-    """One lab per test module, tx checksum offload off (we validate checksums)."""
+def _lab(prefix: str, checksum_offload: bool = True) -> Iterator[Lab]:
     if os.geteuid() != 0 and os.environ.get("CI") != "true":
         pytest.skip("needs root (network namespaces, eBPF)")
-    lab = Lab(f"xk-{os.urandom(3).hex()}")
+    lab = Lab(f"{prefix}{os.urandom(3).hex()}")
     try:
         lab.up()
-        lab.checksum_offload_off()
+        if not checksum_offload:
+            lab.checksum_offload_off()
         yield lab
     finally:
         lab.down()
+
+
+@pytest.fixture(scope="module")
+def ebpf_lab() -> Iterator[Lab]:
+    """One lab per test module, tx checksum offload off (we validate checksums)."""
+    yield from _lab("xk-", checksum_offload=False)
+
+
+@pytest.fixture
+def lab() -> Iterator[Lab]:
+    """A fresh lab for one test."""
+    yield from _lab("xt")

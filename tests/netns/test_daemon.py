@@ -4,7 +4,6 @@ over the control socket, real UDP from the phones' namespaces through the kernel
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -93,16 +92,6 @@ def start_gateway(lab: Lab, tmp: Path, *extra: str, name: str = "xlat") -> Gatew
             raise AssertionError(f"daemon did not start:\n{log.read_text()}")
         time.sleep(0.05)
     return gw
-
-
-@pytest.fixture
-def lab() -> Iterator[Lab]:
-    lab = Lab(f"xd{os.urandom(3).hex()}")
-    try:
-        lab.up()
-        yield lab
-    finally:
-        lab.down()
 
 
 @pytest.fixture(params=["ebpf", "userspace"])

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import socket
 import time
-import uuid
 from collections.abc import Iterator
 from ipaddress import ip_address
 
@@ -18,16 +17,6 @@ from xlat.media.datapath import Flow
 from xlat.media.nft import NftError, NftGuard, check_nft
 
 pytestmark = pytest.mark.netns
-
-
-@pytest.fixture
-def lab() -> Iterator[Lab]:
-    lab = Lab(f"xn{uuid.uuid4().hex[:6]}")
-    try:
-        lab.up()
-        yield lab
-    finally:
-        lab.down()
 
 
 def nft_json(lab: Lab, *args: str) -> dict:

@@ -7,8 +7,7 @@ import asyncio
 import errno
 import re
 import socket
-import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from ipaddress import ip_address
 from typing import Any
@@ -27,16 +26,6 @@ RELAY4 = Endpoint.parse("203.0.113.1:30000")  # faces the v4 host
 PHONE6 = Endpoint.parse("[2001:db8:6::2]:6000")
 PHONE4 = Endpoint.parse("203.0.113.2:4000")
 PAYLOAD = bytes(range(256)) * 4 + b"\x80\x00"
-
-
-@pytest.fixture
-def lab() -> Iterator[Lab]:
-    lab = Lab(f"xn{uuid.uuid4().hex[:6]}")
-    try:
-        lab.up()
-        yield lab
-    finally:
-        lab.down()
 
 
 def plus(e: Endpoint, n: int) -> Endpoint:

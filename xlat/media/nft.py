@@ -32,6 +32,10 @@ RULESET = Path(__file__).resolve().parents[2] / "nft" / "xlat.nft"
 FAMILY = "inet"
 TABLE = "xlat"
 DROP_COUNTERS = ("unallocated", "sip_rate_limited")
+MEANINGS = {  # one line each, for `xlat stats`
+    "unallocated": "(drop) UDP to a relay port that no session holds (nftables)",
+    "sip_rate_limited": "(drop) SIP over the per-source rate: IPv4 address or IPv6 /64 (nftables)",
+}
 NAMED_COUNTERS = ("to_stack", *DROP_COUNTERS)
 _RELAY_SET = {4: "relay4", 6: "relay6"}
 _CONFIG_SETS = ("media4", "media6", "relay_ports", "sip_ports")
