@@ -15,6 +15,7 @@ import fcntl
 import json
 import logging
 import os
+import resource
 import signal
 import time
 from collections.abc import Iterable, Sequence
@@ -43,6 +44,19 @@ class ExitCode(enum.IntEnum):
 
 class StartupError(Exception):
     """The daemon cannot start; the message says why in one line."""
+
+
+def raise_fd_limit(want: int = 1 << 20) -> int:
+    """The userspace relay holds two sockets per RTP/RTCP pair: lift RLIMIT_NOFILE as far
+    as the kernel lets root. Returns the limit in force."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    for limit in (want, hard):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+            return limit
+        except (ValueError, OSError):
+            continue
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 def default_interfaces() -> list[str]:
@@ -154,6 +168,7 @@ class Daemon:
             raise StartupError("no interface to attach to (none is up)")
         self._locks = InterfaceLocks(interfaces)
         self._locks.acquire()
+        log.debug("file descriptor limit %d", raise_fd_limit())
         await self._attach_datapath(interfaces)
         self._adopt()
         await self._start_signalling()
