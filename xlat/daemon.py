@@ -323,7 +323,7 @@ class Daemon:
         if cfg.ng_listen is not None:
             from xlat.control.ng import NgCore, start_ng
 
-            core = NgCore(self.manager, interfaces=cfg.ng_interfaces)
+            core = NgCore(self.manager, interfaces=cfg.ng_interfaces, counters=self.counters)
             self._closers.append(await start_ng(core, cfg.ng_listen))
             log.info("NG control listening on udp %s", cfg.ng_listen)
         if cfg.sip_endpoints():
