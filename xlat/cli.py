@@ -243,7 +243,10 @@ def lab_up(tag: str) -> None:
     """Build the lab and start xlat in its gateway namespace."""
     from xlat import demo
 
-    demo.up(tag)
+    try:
+        demo.up(tag)
+    except demo.DemoError as e:
+        raise click.ClickException(str(e)) from None
 
 
 @lab.command("call")
@@ -254,8 +257,12 @@ def lab_call(tag: str, seconds: int) -> None:
     """Place a real SIPp call with RTP from the IPv6 phone to the IPv4 phone."""
     from xlat import demo
 
-    if not demo.call(tag, seconds):
-        raise ControlError("the call failed (see above)")
+    try:
+        ok = demo.call(tag, seconds)
+    except demo.DemoError as e:
+        raise click.ClickException(str(e)) from None
+    if not ok:
+        raise click.ClickException("the call failed (see above)")
 
 
 @lab.command("down")
