@@ -24,6 +24,7 @@ from xlat.sip.message import (
     SipResponse,
     StreamFramer,
     Via,
+    _split_quoted,
     make_response,
     parse_message,
     split_list,
@@ -739,3 +740,18 @@ def test_route_lists_pop_in_order_whatever_the_line_grouping(
         assert msg.pop_top("Route") == expected
         msg = parse_message(msg.to_bytes())
     assert msg.to_bytes() == base
+
+
+@given(st.text('<>,ab ;"\\', max_size=16))
+def test_split_list_fast_paths_agree_with_the_character_walk(value: str) -> None:
+    """split_list skips the walk when it can; what it returns (or raises) is the same."""
+    try:
+        walked: list[str] | type[Exception] = [
+            p for p in (part.strip(" \t") for part in _split_quoted(value)) if p]
+    except SipParseError:
+        walked = SipParseError
+    try:
+        got: list[str] | type[Exception] = split_list(value)
+    except SipParseError:
+        got = SipParseError
+    assert got == walked

@@ -8,6 +8,7 @@ send media to has to be of its own family."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import random
 import re
 import socket
@@ -21,7 +22,7 @@ from xlat.media.datapath import FakeDatapath
 from xlat.media.ports import RelayPortPool
 from xlat.media.session import SessionManager
 from xlat.sip.message import SipRequest, SipResponse, make_response, parse_message
-from xlat.sip.proxy import ProxyConfig, Send, SipProxy
+from xlat.sip.proxy import ProxyConfig, Send, SipProxy, _Branch, _Context, _Server
 from xlat.sip.transport import _endpoint, start_sip
 from xlat.sip.uri import SipUri, format_host
 
@@ -357,6 +358,25 @@ def test_call_across_families_every_address_each_party_sees_is_its_own(
     assert gw.proxy.transactions == 0 and gw.proxy.next_deadline() is None
 
 
+def test_finished_transactions_are_freed_without_the_cycle_collector() -> None:
+    """At 1,000 calls/s tens of thousands of transactions are alive: the ones that end
+    must go by refcounting alone, not wait for (and slow down) a full collection."""
+    gc.collect()
+    gc.disable()
+    try:
+        gw = Gateway()
+        caller, callee = Phone("alice", ALICE6), Phone("bob", BOB4)
+        caller_dialog, _, _, _ = call(gw, caller, callee)
+        got = request(gw.send(caller, caller.in_dialog("BYE", caller_dialog)), BOB4, "BYE")
+        gw.send(callee, callee.reply(got, 200))
+        gw.advance(40.0)
+        assert gw.proxy.transactions == 0
+        left = [o for o in gc.get_objects() if isinstance(o, (_Server, _Branch, _Context))]
+        assert left == []
+    finally:
+        gc.enable()
+
+
 def test_cancel_gets_487_and_releases_media() -> None:
     gw = Gateway()
     alice, bob = Phone("alice", ALICE6), Phone("bob", BOB4)
@@ -387,19 +407,24 @@ def test_cancel_gets_487_and_releases_media() -> None:
     assert gw.proxy.transactions == 0
 
 
-def test_cancel_before_any_provisional_waits_for_one() -> None:
+def test_cancel_before_any_provisional_ends_the_call_at_once() -> None:
+    """The caller gets its 487 at once (not after Timer B); the silent branch gets its
+    CANCEL only when a provisional response comes (RFC 3261 §9.1)."""
     gw = Gateway()
     alice, bob = Phone("alice", ALICE6), Phone("bob", BOB4)
-    invite, dialog = alice.invite("sip:bob@203.0.113.2")
+    invite, dialog = alice.invite("sip:bob@203.0.113.2", sdp(ALICE6.host, 6000))
     got = request(gw.send(alice, invite), BOB4, "INVITE")
     cancel = alice.request("CANCEL", str(invite.uri), dialog=dialog, cseq=1,
                            branch=invite.vias[0].branch)
     sends = gw.send(alice, cancel)
     assert response(sends, ALICE6, 200) and to(sends, BOB4) == []
+    final = response(sends, ALICE6, 487)
+    assert final.to.tag and final.cseq == (1, "INVITE")
+    assert gw.media.sessions() == []  # the call's relays are released
     sends = gw.send(bob, bob.reply(got, 180))
-    assert request(sends, BOB4, "CANCEL")  # RFC 3261 §9.1: sent once a provisional came
+    assert request(sends, BOB4, "CANCEL") and to(sends, ALICE6) == []
     sends = gw.send(bob, bob.reply(got, 487))
-    assert response(sends, ALICE6, 487)
+    assert request(sends, BOB4, "ACK") and to(sends, ALICE6) == []
 
 
 def test_busy_releases_media_and_acks_hop_by_hop() -> None:
@@ -648,6 +673,24 @@ def test_tcp_in_udp_out_and_responses_back_on_the_connection() -> None:
     assert gw.advance(1.0) == []
 
 
+def test_tcp_connection_failure_fails_the_branch_at_once() -> None:
+    """RFC 3261 §8.1.3.1, §17.1.4: no waiting for Timer B; the 503 goes up as 500."""
+    gw = Gateway()
+    alice = Phone("alice", ALICE6)
+    invite, _ = alice.invite("sip:bob@203.0.113.2;transport=tcp", sdp(ALICE6.host, 40000))
+    sends = gw.send(alice, invite)
+    assert [(s.dest, s.transport) for s in sends if s.dest != ALICE6] == [(BOB4, "tcp")]
+    assert gw.media.sessions()
+    assert gw.proxy.transport_error(Endpoint.parse("203.0.113.9:5060"), "tcp", gw.now) == []
+    assert gw.proxy.transport_error(BOB4, "udp", gw.now) == []
+    sends = gw.proxy.transport_error(BOB4, "tcp", gw.now)
+    final = response(sends, ALICE6, 500)
+    assert final.cseq == (1, "INVITE") and final.to.tag
+    assert gw.media.sessions() == []
+    # nothing more to bob, no late 408: only the 500's retransmissions (UDP, no ACK)
+    assert {(s.dest, s.data[:12]) for s in gw.advance(40.0)} == {(ALICE6, b"SIP/2.0 500 ")}
+
+
 def test_malformed_requests_get_400_and_the_next_call_completes() -> None:
     gw = Gateway()
     alice, bob = Phone("alice", ALICE6), Phone("bob", BOB4)
@@ -750,6 +793,60 @@ def test_asyncio_edge_udp_v6_in_tcp_v4_out_on_loopback() -> None:
     assert b"c=IN IP6 ::1" in ok
 
 
+def test_asyncio_edge_refused_tcp_fails_the_call_at_once_and_idle_tcp_is_closed() -> None:
+    """A TCP callee that refuses the connection: the caller has its final response
+    within a second (not after Timer B). Connections left idle are closed."""
+
+    def free_port(kind: int) -> int:
+        with socket.socket(socket.AF_INET, kind) as s:
+            s.bind(("127.0.0.1", 0))
+            return int(s.getsockname()[1])
+
+    async def scenario() -> tuple[list[bytes], float, bool, bool]:
+        port = free_port(socket.SOCK_DGRAM)
+        sip4 = Endpoint.parse(f"127.0.0.1:{port}")
+        media = SessionManager(pools={4: RelayPortPool(sip4.host, 31100, 31199)})
+        proxy = SipProxy(ProxyConfig(sip={4: sip4}), media, random.Random(6))
+        server = await start_sip(proxy, [sip4])
+        loop = asyncio.get_running_loop()
+        got: asyncio.Queue[bytes] = asyncio.Queue()
+
+        class Caller(asyncio.DatagramProtocol):
+            def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
+                got.put_nowait(data)
+
+        udp, _ = await loop.create_datagram_endpoint(Caller, local_addr=("127.0.0.1", 0))
+        alice = Phone("alice", _endpoint(udp.get_extra_info("sockname")))
+        closed = free_port(socket.SOCK_STREAM)  # nothing listens there
+        invite, _ = alice.invite(f"sip:bob@127.0.0.1:{closed};transport=tcp",
+                                 sdp(IPv4Address("127.0.0.1"), 40000))
+        started = loop.time()
+        udp.sendto(invite.to_bytes(), ("127.0.0.1", port))
+        try:
+            replies = [await asyncio.wait_for(got.get(), 5) for _ in range(2)]
+            elapsed = loop.time() - started
+            # a phone's connection, then idle past the limit
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            while not server.connections:
+                await asyncio.sleep(0.01)
+            (conn,) = server.connections.values()
+            server.sweep_idle()
+            kept = not conn.transport.is_closing()  # type: ignore[union-attr]
+            conn.active -= server.idle_accepted + 1
+            server.sweep_idle()
+            idle_closed = conn.transport.is_closing()  # type: ignore[union-attr]
+            writer.close()
+        finally:
+            udp.close()
+            server.close()
+        return replies, elapsed, kept, idle_closed
+
+    (trying, final), elapsed, kept, idle_closed = asyncio.run(scenario())
+    assert trying.startswith(b"SIP/2.0 100 ") and final.startswith(b"SIP/2.0 500 ")
+    assert elapsed < 1.0
+    assert kept and idle_closed
+
+
 def test_same_family_call_gets_one_record_route_and_no_mapping() -> None:
     gw = Gateway()
     alice, carol = Phone("alice", ALICE6), Phone("carol", Endpoint.parse("[2001:db8:6::3]:5060"))
@@ -771,6 +868,21 @@ def test_timer_c_cancels_a_ringing_branch() -> None:
     gw.send(bob, bob.reply(cancel, 200))
     assert response(gw.send(bob, bob.reply(got, 487)), ALICE6, 487)
     assert gw.media.sessions() == []
+
+
+def test_timer_c_on_a_silent_branch_is_a_408_and_no_cancel() -> None:
+    """§16.8: without a provisional response the branch counts as a 408 (a CANCEL may
+    only follow a provisional, §9.1; it does if one still comes)."""
+    gw = Gateway(timer_c=10.0)
+    alice, bob = Phone("alice", ALICE6), Phone("bob", BOB4)
+    invite, _ = alice.invite("sip:bob@203.0.113.2", sdp(ALICE6.host, 40000))
+    got = request(gw.send(alice, invite), BOB4, "INVITE")
+    sends = gw.advance(10.0)
+    assert response(sends, ALICE6, 408)
+    assert [m for m in to(sends, BOB4) if isinstance(m, SipRequest) and m.method != "INVITE"] \
+        == []  # INVITE retransmissions only
+    assert gw.media.sessions() == []
+    assert request(gw.send(bob, bob.reply(got, 180)), BOB4, "CANCEL")
 
 
 def test_from_to_mapping_is_reversible() -> None:

@@ -17,6 +17,7 @@ from xlat.sip.transaction import (
     Transaction,
     TransactionError,
     Transmit,
+    TransportFailure,
 )
 
 REQUEST = b"INVITE sip:bob@203.0.113.2 SIP/2.0\r\n\r\n"
@@ -178,3 +179,15 @@ def test_table_is_consistent() -> None:
             assert (kind, state, timer) in TRANSITIONS
     for timer in (Event.TIMER_E, Event.TIMER_F):
         assert (Kind.NON_INVITE_CLIENT, State.PROCEEDING, timer) in TRANSITIONS
+
+
+def test_transport_error_ends_a_client_transaction_before_its_final_response() -> None:
+    for kind in (Kind.INVITE_CLIENT, Kind.NON_INVITE_CLIENT):
+        txn = Transaction(kind, REQUEST, reliable=True, make_ack=lambda r: b"ACK")
+        txn.start(0.0)
+        assert txn.transport_error(0.1) == [TransportFailure()]
+        assert txn.terminated and txn.next_deadline() is None
+    done = Transaction(Kind.INVITE_CLIENT, REQUEST, reliable=False, make_ack=lambda r: b"ACK")
+    done.start(0.0)
+    done.receive_response(486, "busy", 0.1)
+    assert done.transport_error(0.2) == [] and done.state is State.COMPLETED

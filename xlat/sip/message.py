@@ -39,13 +39,12 @@ The RFC 3261 §25 ABNF encoded here::
 
 from __future__ import annotations
 
-import copy
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Literal, Self, TypeVar
+from typing import Literal, NamedTuple, Self, TypeVar
 
 from xlat.sip.errors import SipParseError
 from xlat.sip.uri import IPAddress, SipUri, format_host, host_ip, parse_host, parse_port, parse_uri
@@ -147,9 +146,17 @@ _VIA_RE = re.compile(
 )
 _CONTROL_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _QUOTED_PAIR_RE = re.compile(r"\\[\x00-\x09\x0b\x0c\x0e-\x7f]")
+# A list value whose only brackets are <...> pairs, none nested, and a comma outside
+# them (followed by no ">" before the next "<"): split_list's fast path.
+_ANGLES_RE = re.compile(r"[^<>]*(?:<[^<>]*>[^<>]*)*")
+_OUTSIDE_ANGLES_COMMA_RE = re.compile(r",(?=[^>]*(?:<|\Z))")
 _BLANK_LINE_RE = re.compile(rb"\n\r?\n")
+# A byte that makes header lines need the general parser: a control character other
+# than CR and LF, a non-ASCII byte (see _is_plain).
+_UNPLAIN_RE = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\xff]")
 _EOL_RE = re.compile(rb"\r?\n\Z")
 _CRLF = "\r\n"
+_WSP = " \t"
 
 # Mandatory in every request and response (§8.1.1; Max-Forwards may be absent, §16.6).
 _REQUIRED = ("via", "from", "to", "call-id", "cseq")
@@ -233,20 +240,29 @@ def canonical_name(name: str) -> str:
     return _COMPACT.get(lower, lower)
 
 
-@dataclass(frozen=True, slots=True)
-class Header:
-    """One header line: `name` as written, `value` unfolded and stripped, `raw` the
-    original line(s) including folding and line ending (None for a new line). Frozen so
-    a value cannot change under its raw bytes: edits replace the line (SipMessage.set)."""
-
+class _HeaderLine(NamedTuple):
     name: str
     value: str
-    raw: bytes | None = None
+    raw: bytes | None
+    key: str  # canonical_name(name)
 
-    def __post_init__(self) -> None:
+
+class Header(_HeaderLine):
+    """One header line: `name` as written, `value` unfolded and stripped, `raw` the
+    original line(s) including folding and line ending (None for a new line), `key` the
+    canonical name. Immutable (a tuple, cheap to make) so a value cannot change under
+    its raw bytes: edits replace the line (SipMessage.set)."""
+
+    __slots__ = ()
+
+    def __new__(cls, name: str, value: str, raw: bytes | None = None) -> Header:
         """A new line must be one well-formed line: no header injection through a value."""
-        if self.raw is None and (not _TOKEN_RE.fullmatch(self.name) or _has_control(self.value)):
-            raise ValueError(f"not a valid header line: {self.name!r}: {self.value!r}")
+        if raw is None and (not _TOKEN_RE.fullmatch(name) or _has_control(value)):
+            raise ValueError(f"not a valid header line: {name!r}: {value!r}")
+        return tuple.__new__(cls, (name, value, raw, canonical_name(name)))
+
+    def __repr__(self) -> str:
+        return f"Header({self.name!r}, {self.value!r}, {self.raw!r})"
 
     def to_bytes(self, eol: str = _CRLF) -> bytes:
         """The line as it goes out: raw if untouched, else ``name: value`` + eol."""
@@ -259,8 +275,16 @@ def split_list(value: str) -> list[str]:
     """Split a comma-separated header value at commas outside quoted strings and <...>;
     elements are stripped, empty ones dropped. Raises SipParseError on an unterminated
     quote or angle bracket."""
-    parts = value.split(",") if '"' not in value and "<" not in value else _split_quoted(value)
-    return [p for p in (part.strip(" \t") for part in parts) if p]
+    if '"' in value or ("<" in value and not _ANGLES_RE.fullmatch(value)):
+        parts = _split_quoted(value)
+    elif "," not in value:  # one element
+        value = value.strip(_WSP)
+        return [value] if value else []
+    elif "<" in value:  # <...> pairs, none nested: split at commas outside them
+        parts = _OUTSIDE_ANGLES_COMMA_RE.split(value)
+    else:
+        parts = value.split(",")
+    return [p for p in (part.strip(_WSP) for part in parts) if p]
 
 
 def _split_quoted(value: str) -> list[str]:
@@ -336,6 +360,18 @@ class Via:
     @classmethod
     def parse(cls, value: str) -> Via:
         """Parse one via-parm (not a comma list). Raises SipParseError."""
+        return _parse_via(value).copy()
+
+    def copy(self) -> Via:
+        """An independent copy (its own params), still writing the parsed text back."""
+        clone = Via.__new__(Via)
+        clone.transport, clone.host, clone.port = self.transport, self.host, self.port
+        clone.params = dict(self.params)
+        clone._text, clone._snapshot = self._text, self._snapshot
+        return clone
+
+    @staticmethod
+    def _parse(value: str) -> Via:
         text = value.strip(" \t")
         m = _VIA_RE.match(text)
         if not m:
@@ -345,7 +381,7 @@ class Via:
             raise SipParseError(f"IPv6 address must be bracketed: {value!r}")
         if name.upper() != "SIP" or version != "2.0":
             raise SipParseError(f"bad Via protocol: {value!r}")
-        via = cls(
+        via = Via(
             transport=transport,
             host=parse_host(host),
             port=None if port is None else parse_port(port),
@@ -407,6 +443,19 @@ class NameAddr:
     @classmethod
     def parse(cls, value: str) -> NameAddr:
         """Parse one name-addr or addr-spec with its header parameters."""
+        return _parse_name_addr(value).copy()
+
+    def copy(self) -> NameAddr:
+        """An independent copy (its own uri and params), still writing the parsed text
+        back."""
+        clone = NameAddr.__new__(NameAddr)
+        clone.uri = self.uri.copy() if isinstance(self.uri, SipUri) else self.uri
+        clone.display, clone.params, clone.angle = self.display, dict(self.params), self.angle
+        clone._text, clone._snapshot = self._text, self._snapshot
+        return clone
+
+    @staticmethod
+    def _parse(value: str) -> NameAddr:
         text = value.strip(" \t")
         display: str | None = None
         rest = text
@@ -433,7 +482,7 @@ class NameAddr:
             uri_text, params_text, angle = uri_text.rstrip(" \t"), semi + params_text, False
             if any(c in uri_text for c in ' \t,?"'):
                 raise SipParseError(f"bad addr-spec: {value!r}")
-        addr = cls(
+        addr = NameAddr(
             uri=parse_uri(uri_text),
             display=display,
             params=_parse_params(params_text, "header"),
@@ -460,10 +509,22 @@ class NameAddr:
         return uri + _format_params(self.params)
 
 
-class SipMessage(ABC):
-    """Start line, headers in order, body. Base of SipRequest and SipResponse."""
+# Parsed Via and name-addr values by their text: a call's From, To and Vias come back in
+# every message of it, the gateway's own Record-Route in every call. The cached objects
+# are templates: callers get copies. Bounded: the texts come from the network.
+_parse_via = lru_cache(maxsize=4096)(Via._parse)
+_parse_name_addr = lru_cache(maxsize=4096)(NameAddr._parse)
 
-    __slots__ = ("_blank", "_body", "_start_key", "_start_raw", "eol", "headers")
+
+class SipMessage(ABC):
+    """Start line, headers in order, body. Base of SipRequest and SipResponse.
+
+    Parsed header values (Via, From, To, CSeq, ...) are parsed once and kept until an edit
+    of that header (set, insert, remove, replace_values, pop_top); the objects returned
+    are the message's own: change one only to write it back with those methods. Edit
+    `headers` directly only on a message whose parsed values were never read."""
+
+    __slots__ = ("_blank", "_body", "_parsed", "_start_key", "_start_raw", "eol", "headers")
 
     headers: list[Header]
 
@@ -474,12 +535,32 @@ class SipMessage(ABC):
         self._blank: bytes | None = None
         self._start_raw: bytes | None = None
         self._start_key: tuple[object, ...] | None = None
+        self._parsed: dict[str, object] = {}
         if self.get("content-length") is None:
             self.headers.append(Header("Content-Length", str(len(body))))
 
     def copy(self) -> Self:
-        """An independent copy to edit (§16.6 step 1: one copy per forwarded target)."""
-        return copy.deepcopy(self)
+        """An independent copy to edit (§16.6 step 1: one copy per forwarded target).
+        Header lines are immutable and shared; parsed values are not."""
+        clone = self._clone_start()
+        clone.headers = list(self.headers)
+        clone.eol = self.eol
+        clone._body = self._body
+        clone._blank = self._blank
+        clone._start_raw = self._start_raw
+        clone._start_key = self._start_key
+        clone._parsed = {}
+        return clone
+
+    def compact(self) -> None:
+        """Forget the parsed header values (parsed again when read): a message kept for
+        long, such as a transaction's request, then holds fewer objects for the garbage
+        collector to walk."""
+        self._parsed = {}
+
+    @abstractmethod
+    def _clone_start(self) -> Self:
+        """A new message of this kind with copies of the start line fields only."""
 
     # -- reading -------------------------------------------------------------------------
 
@@ -498,7 +579,7 @@ class SipMessage(ABC):
         """The first value of a header (the whole line; compact forms understood)."""
         key = canonical_name(name)
         for h in self.headers:
-            if canonical_name(h.name) == key:
+            if h.key == key:
                 return h.value
         return None
 
@@ -507,9 +588,12 @@ class SipMessage(ABC):
         ...) split at commas outside quotes and <>."""
         key = canonical_name(name)
         values: list[str] = []
-        for h in self.headers:
-            if canonical_name(h.name) == key:
-                values += split_list(h.value) if key in _LIST_HEADERS else [h.value]
+        if key in _LIST_HEADERS:
+            for h in self.headers:
+                if h.key == key:
+                    values += split_list(h.value)
+        else:
+            values = [h.value for h in self.headers if h.key == key]
         return values
 
     def _require(self, name: str) -> str:
@@ -525,23 +609,35 @@ class SipMessage(ABC):
     @property
     def cseq(self) -> tuple[int, str]:
         """(sequence number, method)."""
-        value = self._require("CSeq")
-        m = _CSEQ_RE.fullmatch(value)
-        if not m or len(m.group(1)) > 10 or int(m.group(1)) >= 2**31:
-            raise SipParseError(f"bad CSeq: {value!r}")
-        return int(m.group(1)), m.group(2)
+        cached = self._parsed.get("cseq")
+        if cached is None:
+            value = self._require("CSeq")
+            m = _CSEQ_RE.fullmatch(value)
+            if not m or len(m.group(1)) > 10 or int(m.group(1)) >= 2**31:
+                raise SipParseError(f"bad CSeq: {value!r}")
+            cached = self._parsed["cseq"] = (int(m.group(1)), m.group(2))
+        return cached  # type: ignore[return-value]
 
     @property
     def vias(self) -> list[Via]:
-        return [Via.parse(v) for v in self.get_all("Via")]
+        cached = self._parsed.get("via")
+        if cached is None:
+            cached = self._parsed["via"] = [Via.parse(v) for v in self.get_all("Via")]
+        return cached  # type: ignore[return-value]
 
     @property
     def from_(self) -> NameAddr:
-        return NameAddr.parse(self._require("From"))
+        return self._name_addr("from", "From")
 
     @property
     def to(self) -> NameAddr:
-        return NameAddr.parse(self._require("To"))
+        return self._name_addr("to", "To")
+
+    def _name_addr(self, key: str, name: str) -> NameAddr:
+        cached = self._parsed.get(key)
+        if cached is None:
+            cached = self._parsed[key] = NameAddr.parse(self._require(name))
+        return cached  # type: ignore[return-value]
 
     @property
     def max_forwards(self) -> int:
@@ -565,31 +661,42 @@ class SipMessage(ABC):
     @property
     def contacts(self) -> list[NameAddr]:
         """Contact entries in order; empty for ``Contact: *``."""
-        values = self.get_all("Contact")
-        if "*" in values:
-            if len(values) > 1:
-                raise SipParseError("Contact: * mixed with other contacts")
-            return []
-        return [NameAddr.parse(v) for v in values]
+        cached = self._parsed.get("contact")
+        if cached is None:
+            values = self.get_all("Contact")
+            if "*" in values:
+                if len(values) > 1:
+                    raise SipParseError("Contact: * mixed with other contacts")
+                values = []
+            cached = self._parsed["contact"] = [NameAddr.parse(v) for v in values]
+        return cached  # type: ignore[return-value]
 
     @property
     def routes(self) -> list[NameAddr]:
-        return [NameAddr.parse(v) for v in self.get_all("Route")]
+        return self._name_addrs("route", "Route")
 
     @property
     def record_routes(self) -> list[NameAddr]:
-        return [NameAddr.parse(v) for v in self.get_all("Record-Route")]
+        return self._name_addrs("record-route", "Record-Route")
+
+    def _name_addrs(self, key: str, name: str) -> list[NameAddr]:
+        cached = self._parsed.get(key)
+        if cached is None:
+            cached = self._parsed[key] = [NameAddr.parse(v) for v in self.get_all(name)]
+        return cached  # type: ignore[return-value]
 
     # -- editing: only the touched header lines change -----------------------------------
 
-    def _indexes(self, name: str) -> list[int]:
-        key = canonical_name(name)
-        return [i for i, h in enumerate(self.headers) if canonical_name(h.name) == key]
+    def _indexes(self, key: str) -> list[int]:
+        """Where the lines of canonical header `key` are; forgets its parsed value (the
+        caller is about to edit them)."""
+        self._parsed.pop(key, None)
+        return [i for i, h in enumerate(self.headers) if h.key == key]
 
     def set(self, name: str, value: str) -> None:
         """Give a header exactly this one value: the first line of that name is rewritten
         (keeping its name as written), further lines removed; appended when absent."""
-        idx = self._indexes(name)
+        idx = self._indexes(canonical_name(name))
         if not idx:
             self.headers.append(Header(name, value))
             return
@@ -602,14 +709,15 @@ class SipMessage(ABC):
     def insert(self, index: int | Literal["top"], name: str, value: str) -> None:
         """Insert a new header line at `index` of `headers`, or "top": just above the
         first line of that name (index 0 when there is none)."""
-        if index == "top":
-            idx = self._indexes(name)
-            index = idx[0] if idx else 0
-        self.headers.insert(index, Header(name, value))
+        header = Header(name, value)
+        self._parsed.pop(header.key, None)
+        at = index if index != "top" else next(
+            (i for i, h in enumerate(self.headers) if h.key == header.key), 0)
+        self.headers.insert(at, header)
 
     def remove(self, name: str) -> int:
         """Remove every line of a header; return how many went."""
-        idx = self._indexes(name)
+        idx = self._indexes(canonical_name(name))
         for i in reversed(idx):
             del self.headers[i]
         return len(idx)
@@ -618,7 +726,7 @@ class SipMessage(ABC):
         """Make a list header hold `values` in order. Leading and trailing lines whose
         values already match stay untouched; the lines between are replaced by one line
         (at the first replaced position) holding the remaining values, or removed."""
-        idx = self._indexes(name)
+        idx = self._indexes(canonical_name(name))
         lines = [split_list(self.headers[i].value) for i in idx]
         values = list(values)
         head = 0
@@ -676,17 +784,19 @@ class SipMessage(ABC):
 
     def _validate(self) -> None:
         """Check what a proxy relies on (§8.1.1, §8.2.2.x); raises SipParseError(400)."""
-        names = [canonical_name(h.name) for h in self.headers]
+        counts: dict[str, int] = {}
+        for h in self.headers:
+            counts[h.key] = counts.get(h.key, 0) + 1
         for name in _REQUIRED:
-            if name not in names:
+            if name not in counts:
                 raise SipParseError(f"missing {_SPELLING[name]} header")
         for name in _SINGLE:
-            if names.count(name) > 1:
+            if counts.get(name, 0) > 1:
                 raise SipParseError(f"more than one {_SPELLING[name]} header")
         call_id = self.call_id
         if not _CALL_ID_RE.fullmatch(call_id):
             raise SipParseError(f"bad Call-ID: {call_id!r}")
-        # Parsing each is the check; the values are not kept.
+        # Parsing each is the check; the values are kept for the readers.
         _ = (self.cseq, self.from_, self.to, self.max_forwards, self.contacts)
         _ = (self.routes, self.record_routes)
         if not self.vias:
@@ -715,6 +825,12 @@ class SipRequest(SipMessage):
         self.uri = uri
         self.version = version
         super().__init__(headers, body)
+
+    def _clone_start(self) -> SipRequest:
+        clone = SipRequest.__new__(SipRequest)
+        clone.method, clone.version = self.method, self.version
+        clone.uri = self.uri.copy() if isinstance(self.uri, SipUri) else self.uri
+        return clone
 
     def _start_line(self) -> tuple[tuple[object, ...], str]:
         key = (self.method, str(self.uri), self.version)
@@ -746,6 +862,11 @@ class SipResponse(SipMessage):
         self.reason = REASONS.get(status, "") if reason is None else reason
         self.version = version
         super().__init__(headers, body)
+
+    def _clone_start(self) -> SipResponse:
+        clone = SipResponse.__new__(SipResponse)
+        clone.status, clone.reason, clone.version = self.status, self.reason, self.version
+        return clone
 
     def _start_line(self) -> tuple[tuple[object, ...], str]:
         key = (self.version, self.status, self.reason)
@@ -865,15 +986,19 @@ def _text(raw: bytes, what: str) -> str:
 
 
 def _parse_head(head: bytes, blank: bytes) -> SipRequest | SipResponse:
-    lines = _lines(head)
-    start_raw = lines[0]
+    start_raw = head[: head.index(b"\n") + 1]
     msg = _parse_start_line(_text(start_raw, "start line"))
     msg.eol = "\r\n" if start_raw.endswith(b"\r\n") else "\n"
     msg._start_raw = start_raw
     msg._start_key = msg._start_line()[0]
     msg._blank = blank
+    block = head[len(start_raw) :]
+    if _is_plain(block):
+        msg.headers = _plain_headers(block)
+        msg._validate()
+        return msg
     groups: list[list[bytes]] = []
-    for line in lines[1:]:
+    for line in _lines(block):
         if line[:1] in (b" ", b"\t"):
             if not groups:
                 raise SipParseError("continuation line before any header")
@@ -883,6 +1008,32 @@ def _parse_head(head: bytes, blank: bytes) -> SipRequest | SipResponse:
     msg.headers = [_parse_header(group) for group in groups]
     msg._validate()
     return msg
+
+
+def _is_plain(block: bytes) -> bool:
+    """Header lines with no folding, no control character but their line endings (no
+    bare CR) and only ASCII: one line per header, and text and bytes split alike."""
+    return (
+        block[:1] not in (b" ", b"\t")
+        and b"\n " not in block
+        and b"\n\t" not in block
+        and block.count(b"\r") == block.count(b"\r\n")
+        and _UNPLAIN_RE.search(block) is None
+    )
+
+
+def _plain_headers(block: bytes) -> list[Header]:
+    """The header lines of a block `_is_plain` accepts (the fast path of
+    `_parse_header`)."""
+    headers = []
+    for raw, line in zip(block.splitlines(keepends=True), block.decode().splitlines(),
+                         strict=True):
+        name, colon, value = line.partition(":")
+        name = name.rstrip(_WSP)
+        if not colon or not _TOKEN_RE.fullmatch(name):
+            raise SipParseError(f"bad header line: {line.rstrip(_WSP)!r}")
+        headers.append(Header(name, value.strip(_WSP), raw))
+    return headers
 
 
 def _parse_header(lines: list[bytes]) -> Header:
@@ -937,6 +1088,7 @@ def _empty(cls: type[_M], **fields: object) -> _M:
     msg._blank = None
     msg._start_raw = None
     msg._start_key = None
+    msg._parsed = {}
     return msg
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import heapq
 import ipaddress
@@ -46,7 +47,6 @@ from xlat.sdp import SdpError, parse_sdp, rewrite_sdp, stream_specs
 from xlat.sip.errors import SipParseError
 from xlat.sip.message import (
     REASONS,
-    NameAddr,
     SipRequest,
     SipResponse,
     Via,
@@ -65,8 +65,9 @@ from xlat.sip.transaction import (
     Transaction,
     TransactionError,
     Transmit,
+    TransportFailure,
 )
-from xlat.sip.uri import SipUri, format_host
+from xlat.sip.uri import SipUri, format_host, host_ip
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +212,7 @@ class _Target:
     hop: _Hop
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Server:
     """A server transaction with the request it received (Via stamped, Routes naming
     us popped) and, once proxied, its response context (§16.7)."""
@@ -227,7 +228,7 @@ class _Server:
         return self.txn.next_deadline()
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Context:
     server: _Server
     loop: str  # loop-detection hash of the request as received (§16.3 item 4)
@@ -242,7 +243,7 @@ class _Context:
         return request.method == "INVITE" and request.to.tag is None
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Branch:
     """A client transaction: one forwarded request (``context``), or a CANCEL we sent
     (no context)."""
@@ -288,6 +289,7 @@ class SipProxy:
         self._seq = itertools.count()
         self._our_ips = self._own_addresses()
         self._our_ports = frozenset(ep.port for ep in config.sip.values())
+        self._our_domains = frozenset(_host_key(d) for d in config.domains)
         self._flows: dict[str, tuple[_Hop, float]] = {}  # NAT64 phone's Contact -> its flow
 
     # ---- public API -----------------------------------------------------------------
@@ -337,6 +339,16 @@ class SipProxy:
                 out += self._branch_timer(entry, now)
         return out
 
+    def transport_error(self, dest: Endpoint, transport: str, now: float) -> list[Send]:
+        """Sending to ``dest`` over ``transport`` failed (a TCP connection refused or
+        timed out): every client transaction that sent there fails now, as if answered
+        503 (§8.1.3.1, §17.1.4), instead of waiting for Timer B or F."""
+        out: list[Send] = []
+        for branch in list(self._clients.values()):
+            if branch.hop.dest == dest and branch.hop.transport == transport:
+                out += self._branch_actions(branch, branch.txn.transport_error(now), now)
+        return out
+
     def next_deadline(self) -> float | None:
         """When ``handle_timer`` must run next; None when nothing is pending."""
         while self._timers:
@@ -382,6 +394,7 @@ class SipProxy:
         except _Reject as exc:
             log.info("%s %s from %s: %d %s", request.method, request.uri, source, exc.status, exc)
             out += self._respond(server, exc.status, now, exc.reason, exc.headers)
+        request.compact()  # kept as long as its transaction
         return out
 
     def _proxy(self, server: _Server, now: float) -> list[Send]:
@@ -399,17 +412,14 @@ class SipProxy:
             return self._respond_locally(server, now)
         context = _Context(server, loop)
         server.context = context
-        relays = self._request_media(context, targets[0].hop, now)
+        offers = self._request_media(context, targets, now)
         out: list[Send] = []
-        for target in targets:
-            body = None
-            if relays is not None:
-                if target.hop.media_family != targets[0].hop.media_family:
-                    # the media layer has one answerer side (one family) per offer
-                    log.warning("call %s: offer not forked to %s (other family)",
-                                request.call_id, target.uri)
-                    continue
-                body = rewrite_sdp(request.body, self._present(relays, target.hop))
+        for i, target in enumerate(targets):
+            body = None if offers is None else offers[i]
+            if offers is not None and body is None:
+                log.warning("call %s: offer not forked to %s (other family)",
+                            request.call_id, target.uri)
+                continue
             out += self._start_branch(context, target, body, now)
         return out
 
@@ -432,11 +442,13 @@ class SipProxy:
         raise _Reject(404)
 
     def _request_media(
-        self, context: _Context, toward: _Hop, now: float
-    ) -> list[Endpoint | None] | None:
+        self, context: _Context, targets: Sequence[_Target], now: float
+    ) -> list[bytes | None] | None:
         """Tell the media layer what the request means: a BYE ends the call; an SDP
-        offer (INVITE, UPDATE) gets relays facing ``toward``, returned (None: no
-        offer). Raises _Reject with nothing allocated."""
+        offer (INVITE, UPDATE) gets relays facing the first target, and the offer each
+        target is to get is returned (None for a target of another family: the media
+        layer has one answerer side per offer). None: no offer. Raises _Reject with
+        nothing allocated."""
         request = context.server.request
         if request.method == "BYE":
             self.media.delete(request.call_id, request.from_.tag, request.to.tag,
@@ -444,6 +456,7 @@ class SipProxy:
         body = _sdp(request)
         if body is None or request.method not in ("INVITE", "UPDATE"):
             return None
+        toward = targets[0].hop
         try:
             specs = stream_specs(parse_sdp(body))
             relays = self.media.offer(
@@ -461,15 +474,24 @@ class SipProxy:
         except PortsExhausted:
             raise _Reject(503, "No Media Ports", [("Retry-After", str(self.config.retry_after))]) \
                 from None
+        offers: list[bytes | None] = []
+        written: dict[tuple[Endpoint | None, ...], bytes] = {}  # one rewrite per view
         try:
-            rewrite_sdp(body, self._present(relays, toward))
+            for target in targets:
+                if target.hop.media_family != toward.media_family:
+                    offers.append(None)
+                    continue
+                shown = tuple(self._present(relays, target.hop))
+                if shown not in written:
+                    written[shown] = rewrite_sdp(body, shown)
+                offers.append(written[shown])
         except ValueError as exc:  # relays on several addresses of one family
             log.error("call %s: cannot write the relays into the SDP: %s", request.call_id, exc)
             if request.to.tag is None:
                 self.media.delete(request.call_id, request.from_.tag, now=now, delay=0)
             raise _Reject(500) from None
         context.offer = True
-        return relays
+        return offers
 
     def _start_branch(
         self, context: _Context, target: _Target, body: bytes | None, now: float
@@ -484,8 +506,9 @@ class SipProxy:
             out.to_bytes(),
             reliable=target.hop.transport != "udp",
             timers=self.config.timers,
-            make_ack=lambda response: _ack_for(out, response).to_bytes(),  # type: ignore[arg-type]
+            make_ack=functools.partial(_ack_for, out) if kind is Kind.INVITE_CLIENT else None,
         )
+        out.compact()  # kept as long as its transaction
         branch = _Branch((branch_id, out.method), txn, out, target.hop, context)
         if out.method == "INVITE":
             branch.timer_c = now + self.config.timer_c
@@ -503,8 +526,7 @@ class SipProxy:
         body: bytes | None,
     ) -> SipRequest:
         """§16.6: the copy of ``request`` that goes to ``target``."""
-        out = _copy(request)
-        assert isinstance(out, SipRequest)
+        out = request.copy()
         if target.uri is not request.uri:
             out.uri = target.uri
         out.set("Max-Forwards", str(request.max_forwards - 1))
@@ -679,7 +701,9 @@ class SipProxy:
                 out += self._on_branch_response(branch, action.message, now)
             elif isinstance(action, Timeout) and branch.context is not None:
                 # §16.7 step 6 / §16.8: a timed-out branch counts as a 408
-                out += self._on_branch_response(branch, make_response(branch.request, 408), now)
+                out += self._on_branch_response(branch, self._local_final(branch, 408), now)
+            elif isinstance(action, TransportFailure) and branch.context is not None:
+                out += self._on_branch_response(branch, self._local_final(branch, 503), now)
         self._track(branch)
         return out
 
@@ -687,11 +711,18 @@ class SipProxy:
         out: list[Send] = []
         if branch.timer_c is not None and branch.timer_c <= now:
             branch.timer_c = None  # §16.8: Timer C fired: give up on the branch
-            if not branch.done:
+            if not branch.done and branch.provisional:
                 out += self._send_cancel(branch, now)
+            elif not branch.done:  # no provisional, no CANCEL (§9.1): as if answered 408
+                branch.cancel_wanted = True
+                out += self._on_branch_response(branch, self._local_final(branch, 408), now)
         return out + self._branch_actions(branch, branch.txn.handle_timer(now), now)
 
     def _cancel_branches(self, context: _Context, now: float) -> list[Send]:
+        """§16.10: CANCEL every pending INVITE branch. One with no provisional response
+        yet may not be cancelled (§9.1): it ends at once as if it had answered 487, so
+        the caller is not kept waiting for Timer B (Kamailio's cancel_b_method 0), and
+        gets its CANCEL if a provisional response still comes."""
         out: list[Send] = []
         for branch in context.branches:
             if branch.done or branch.request.method != "INVITE":
@@ -700,7 +731,12 @@ class SipProxy:
                 out += self._send_cancel(branch, now)
             else:
                 branch.cancel_wanted = True
+                out += self._on_branch_response(branch, self._local_final(branch, 487), now)
         return out
+
+    def _local_final(self, branch: _Branch, status: int) -> SipResponse:
+        """The final response a branch is taken to have given when it gave none."""
+        return make_response(branch.request, status, to_tag=self._token())
 
     def _send_cancel(self, branch: _Branch, now: float) -> list[Send]:
         """§9.1: a CANCEL for a branch that had a provisional response."""
@@ -812,20 +848,25 @@ class SipProxy:
     def _route(self, request: SipRequest, now: float) -> list[_Target] | None:
         """§16.4-16.5: pop Route entries naming us, then pick the targets. None: the
         request is for the gateway itself. Raises _Reject."""
-        routes = request.get_all("Route")
+        routes = request.routes
         if routes and isinstance(request.uri, SipUri) and "lr" in request.uri.params \
                 and self._names_us(request.uri):
             # §16.4: a strict router put our Record-Route URI in the Request-URI
-            request.uri = _route_uri(routes[-1])
-            request.replace_values("Route", routes[:-1])
-        while (routes := request.get_all("Route")) and self._names_us(_route_uri(routes[0])):
-            request.pop_top("Route")
+            request.uri = routes[-1].uri
+            request.replace_values("Route", request.get_all("Route")[:-1])
+            routes = request.routes
+        ours = 0
+        while ours < len(routes) and self._names_us(routes[ours].uri):
+            ours += 1
+        if ours:
+            request.replace_values("Route", request.get_all("Route")[ours:])
+            routes = routes[ours:]
         if isinstance(request.uri, SipUri):
             original = self._unmapped(request.uri)
             if original is not None:
                 request.uri = original
         if routes:
-            return [_Target(request.uri, self._hop_to(_route_uri(routes[0])))]
+            return [_Target(request.uri, self._hop_to(routes[0].uri))]
         uri = request.uri
         if not isinstance(uri, SipUri):
             raise _Reject(416)
@@ -941,11 +982,10 @@ class SipProxy:
         return frozenset(mine)
 
     def _is_ours(self, host: str) -> bool:
-        ip = _ip(host)
+        ip = host_ip(host)
         if ip is not None:
             return ip in self._our_ips
-        domains = {_host_key(d) for d in self.config.domains}
-        return _host_key(host) in domains
+        return _host_key(host) in self._our_domains
 
     def _names_us(self, uri: SipUri | str) -> bool:
         """A Route/Record-Route URI naming this gateway (host and port)."""
@@ -1017,8 +1057,7 @@ class SipProxy:
         ours = self._our_endpoint(hop)
         mapped = uri.with_host(ours.host, ours.port)
         hostport = uri.host if uri.port is None else f"{uri.host}:{uri.port}"
-        encoded = base64.b32encode(hostport.encode()).decode().rstrip("=").lower()
-        mapped.params[XLAT_PARAM] = encoded
+        mapped.params[XLAT_PARAM] = _encode_hostport(hostport)
         return mapped
 
     def _unmapped(self, uri: SipUri) -> SipUri | None:
@@ -1027,9 +1066,7 @@ class SipProxy:
         if not encoded or not self._is_ours(uri.host):
             return None
         try:
-            padded = encoded.upper() + "=" * (-len(encoded) % 8)
-            hostport = base64.b32decode(padded).decode()
-            host, port = _split_hostport(hostport)
+            host, port = _decode_hostport(encoded)
         except (binascii.Error, UnicodeDecodeError, ValueError):
             log.info("bad %s parameter in %s", XLAT_PARAM, uri)
             return None
@@ -1066,6 +1103,9 @@ class SipProxy:
     def _track(self, entry: _Entry) -> None:
         """Forget a finished transaction; (re)schedule a live one's next deadline."""
         if entry.txn.terminated:
+            # Server, context and branches point at one another: cut this entry's edge
+            # so refcounting frees them (no cycles left for the garbage collector).
+            entry.context = None
             if isinstance(entry, _Server):
                 if self._servers.get(entry.key) is entry:
                     del self._servers[entry.key]
@@ -1081,14 +1121,6 @@ class SipProxy:
 # ---- message helpers -------------------------------------------------------------------
 
 
-def _route_uri(value: str) -> SipUri | str:
-    return NameAddr.parse(value).uri
-
-
-def _copy(message: SipRequest | SipResponse) -> SipRequest | SipResponse:
-    return parse_message(message.to_bytes())
-
-
 def _sdp(message: SipRequest | SipResponse) -> bytes | None:
     """The body if it is a non-empty SDP."""
     ctype = message.content_type
@@ -1097,8 +1129,9 @@ def _sdp(message: SipRequest | SipResponse) -> bytes | None:
     return message.body if message.body.strip() else None
 
 
-def _ack_for(invite: SipRequest, response: SipResponse) -> SipRequest:
+def _ack_for(invite: SipRequest, response: object) -> bytes:
     """§17.1.1.3: the ACK a client transaction sends for a failure response."""
+    assert isinstance(response, SipResponse)
     headers = [("Via", str(invite.vias[0]))]
     headers += [("Route", value) for value in invite.get_all("Route")]
     headers += [
@@ -1108,12 +1141,11 @@ def _ack_for(invite: SipRequest, response: SipResponse) -> SipRequest:
         ("CSeq", f"{invite.cseq[0]} ACK"),
         ("Max-Forwards", "70"),
     ]
-    return SipRequest("ACK", invite.uri, headers)
+    return SipRequest("ACK", invite.uri, headers).to_bytes()
 
 
 def _with_status(response: SipResponse, status: int) -> SipResponse:
-    copy = _copy(response)
-    assert isinstance(copy, SipResponse)
+    copy = response.copy()
     copy.status, copy.reason = status, REASONS[status]
     return copy
 
@@ -1130,29 +1162,41 @@ def _stamp(via: Via, source: Endpoint) -> bool:
     rport= (RFC 3581, which also asks for received=). True if the Via changed."""
     wanted: dict[str, str] = {}
     if "rport" in via.params:
-        wanted = {"received": str(source.host), "rport": str(source.port)}
+        wanted = {"received": _ip_text(source.host), "rport": str(source.port)}
     elif via.host_ip != source.host:
-        wanted = {"received": str(source.host)}
+        wanted = {"received": _ip_text(source.host)}
     changed = any(via.params.get(name) != value for name, value in wanted.items())
     via.params.update(wanted)
     return changed
+
+
+@functools.lru_cache(maxsize=4096)  # peers repeat; str() of an IPv6 address is slow
+def _ip_text(ip: IPAddress) -> str:
+    return str(ip)
 
 
 def _usable(ip: IPAddress, hop: _Hop) -> bool:
     return ip.version == hop.family
 
 
-def _ip(host: str) -> IPAddress | None:
-    raw = host[1:-1] if host.startswith("[") else host
-    try:
-        return ipaddress.ip_address(raw)
-    except ValueError:
-        return None
-
-
 def _host_key(host: str) -> str:
-    ip = _ip(host)
+    ip = host_ip(host)
     return str(ip) if ip is not None else host.lower().rstrip(".")
+
+
+# The few addresses a gateway maps come back in every message of every call.
+@functools.lru_cache(maxsize=1024)
+def _encode_hostport(hostport: str) -> str:
+    """An address as the ``;xlat=`` value: base32, lower case, no padding."""
+    return base64.b32encode(hostport.encode()).decode().rstrip("=").lower()
+
+
+@functools.lru_cache(maxsize=1024)
+def _decode_hostport(encoded: str) -> tuple[str, int | None]:
+    """(host, port) from an ``;xlat=`` value. Raises ValueError (binascii.Error,
+    UnicodeDecodeError) when it is not one of ours."""
+    padded = encoded.upper() + "=" * (-len(encoded) % 8)
+    return _split_hostport(base64.b32decode(padded).decode())
 
 
 def _split_hostport(text: str) -> tuple[str, int | None]:
@@ -1164,7 +1208,7 @@ def _split_hostport(text: str) -> tuple[str, int | None]:
         host, port = text.split(":")
     else:
         host, port = text, None
-    if _ip(host) is None:
+    if host_ip(host) is None:
         raise ValueError(f"not an IP literal: {host!r}")
     return host, int(port) if port else None
 

@@ -34,6 +34,7 @@ __all__ = [
     "Transaction",
     "TransactionError",
     "Transmit",
+    "TransportFailure",
 ]
 
 
@@ -65,6 +66,7 @@ class Event(enum.Enum):
     RECV_FAILURE = "300-699 received"
     RECV_REQUEST = "request retransmission received"
     RECV_ACK = "ACK received"
+    TRANSPORT_ERROR = "transport error"  # the request could not be sent (§17.1.4)
     # from the transaction user
     SEND_1XX = "1xx sent"
     SEND_2XX = "2xx sent"
@@ -91,6 +93,7 @@ class Effect(enum.Enum):
     SEND_ACK = "send (or resend) the ACK for a failure"
     DELIVER = "pass the message to the TU"
     TIMEOUT = "tell the TU the transaction timed out"
+    FAIL = "tell the TU the transport failed"
 
 
 K, S, E, F = Kind, State, Event, Effect
@@ -132,6 +135,16 @@ TRANSITIONS: dict[tuple[Kind, State, Event], tuple[State, tuple[Effect, ...]]] =
         for event in (E.RECV_1XX, *_ANY_CLIENT_FINAL)
     },
     (K.NON_INVITE_CLIENT, S.COMPLETED, E.TIMER_K): (S.TERMINATED, ()),
+    # §17.1.4: a transport failure before the final response ends a client transaction
+    **{
+        (kind, state, E.TRANSPORT_ERROR): (S.TERMINATED, (F.FAIL,))
+        for kind, state in (
+            (K.INVITE_CLIENT, S.CALLING),
+            (K.INVITE_CLIENT, S.PROCEEDING),
+            (K.NON_INVITE_CLIENT, S.TRYING),
+            (K.NON_INVITE_CLIENT, S.PROCEEDING),
+        )
+    },
     # INVITE server, §17.2.1 figure 7 + RFC 6026 figure 5
     (K.INVITE_SERVER, S.PROCEEDING, E.RECV_REQUEST): (S.PROCEEDING, (F.RESEND_RESPONSE,)),
     (K.INVITE_SERVER, S.PROCEEDING, E.SEND_1XX): (S.PROCEEDING, (F.SEND_RESPONSE,)),
@@ -248,7 +261,12 @@ class Timeout:
     """No final response in time (client: B/F) or no ACK for a failure (server: H)."""
 
 
-Action = Transmit | Deliver | Timeout
+@dataclass(frozen=True, slots=True)
+class TransportFailure:
+    """The request could not be sent (client): the TU treats it as a 503 (§8.1.3.1)."""
+
+
+Action = Transmit | Deliver | Timeout | TransportFailure
 
 
 @dataclass(slots=True)
@@ -306,6 +324,11 @@ class Transaction:
         event = E.RECV_1XX if status < 200 else E.RECV_2XX if status < 300 else E.RECV_FAILURE
         return self._receive(event, response, now)
 
+    def transport_error(self, now: float) -> list[Action]:
+        """The transport could not deliver what this client transaction sent (TCP
+        connection refused or timed out); nothing when already past that point."""
+        return self._receive(E.TRANSPORT_ERROR, None, now)
+
     def receive_request(self, is_ack: bool, message: object, now: float) -> list[Action]:
         """A retransmitted request, or the ACK, matched to this server transaction."""
         return self._receive(E.RECV_ACK if is_ack else E.RECV_REQUEST, message, now)
@@ -346,6 +369,8 @@ class Transaction:
             return [Transmit(self.ack)]
         if effect is F.DELIVER:
             return [Deliver(message)]
+        if effect is F.FAIL:
+            return [TransportFailure()]
         return [Timeout()]
 
     def _arm(self, now: float) -> None:

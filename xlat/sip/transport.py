@@ -34,13 +34,31 @@ log = logging.getLogger(__name__)
 
 __all__ = ["SipServer", "proxy_config", "start_proxy", "start_sip"]
 
+# How long opening a TCP connection may take before the transactions waiting on it fail
+# (Kamailio's tcp_connect_timeout default), well inside Timers B and F (32 s).
+CONNECT_TIMEOUT = 10.0
+# A TCP connection we opened is closed after this long without traffic (Kamailio's
+# tcp_connection_lifetime default): another can always be opened to the peer's listener.
+IDLE_OPENED = 120.0
+# One a phone opened is its only way in (RFC 5626 flow): it is closed only when idle for
+# longer than the longest registration the registrar grants (a registered phone
+# refreshes within it).
+SWEEP_INTERVAL = 10.0  # how often idle connections are looked for
 
+
+# Peers repeat: their socket addresses and Endpoints are converted once each way.
+@functools.lru_cache(maxsize=4096)
 def _endpoint(sockaddr: tuple[str | int, ...]) -> Endpoint:
     host = str(sockaddr[0]).split("%", 1)[0]  # drop an IPv6 zone index
     ip = ipaddress.ip_address(host)
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
     return Endpoint(ip, int(sockaddr[1]))
+
+
+@functools.lru_cache(maxsize=4096)
+def _sockaddr(ep: Endpoint) -> tuple[str, int]:
+    return str(ep.host), ep.port
 
 
 def _socket(ep: Endpoint, kind: int) -> socket.socket:
@@ -72,11 +90,13 @@ class _Udp(asyncio.DatagramProtocol):
 class _Tcp(asyncio.Protocol):
     """One TCP connection, accepted or opened by us; frames the stream (RFC 3261 §18.3)."""
 
-    def __init__(self, server: SipServer, local: Endpoint) -> None:
+    def __init__(self, server: SipServer, local: Endpoint, opened: bool = False) -> None:
         self.server, self.local = server, local
+        self.opened = opened  # we connected (else the peer did)
         self.framer = StreamFramer()
         self.transport: asyncio.Transport | None = None
         self.peer: Endpoint | None = None
+        self.active = server.loop.time()  # last traffic either way
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -86,6 +106,7 @@ class _Tcp(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         assert self.transport is not None and self.peer is not None
+        self.active = self.server.loop.time()
         try:
             messages = self.framer.feed(data)
         except SipParseError as exc:
@@ -112,6 +133,8 @@ class SipServer:
         self._connecting: dict[Endpoint, list[bytes]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._timer: asyncio.TimerHandle | None = None
+        self._sweeper: asyncio.TimerHandle | None = None
+        self.idle_accepted = float(proxy.config.register_expires[2])
 
     # ---- input ---------------------------------------------------------------------
 
@@ -163,12 +186,13 @@ class SipServer:
         if sock is None:
             log.info("no IPv%d UDP socket to reach %s", send.dest.family, send.dest)
             return
-        sock.sendto(send.data, (str(send.dest.host), send.dest.port))
+        sock.sendto(send.data, _sockaddr(send.dest))
 
     def _send_tcp(self, send: Send) -> None:
         conn = self.connections.get(send.dest)
         if conn is not None and conn.transport is not None and not conn.transport.is_closing():
             conn.transport.write(send.data)
+            conn.active = self.loop.time()
             return
         if send.dest in self._connecting:
             self._connecting[send.dest].append(send.data)
@@ -179,19 +203,40 @@ class SipServer:
         task.add_done_callback(self._tasks.discard)
 
     async def _connect(self, dest: Endpoint, local: Endpoint | None) -> None:
+        """Open a connection to ``dest`` and send what waits for it; if that fails, the
+        transactions that sent there fail at once (``SipProxy.transport_error``)."""
         source = None if local is None else (str(local.host), 0)
         own = local or Endpoint(ipaddress.ip_address("::" if dest.family == 6 else "0.0.0.0"), 0)
         try:
-            _, protocol = await self.loop.create_connection(
-                functools.partial(_Tcp, self, own), str(dest.host), dest.port, local_addr=source
+            _, protocol = await asyncio.wait_for(
+                self.loop.create_connection(functools.partial(_Tcp, self, own, opened=True),
+                                            str(dest.host), dest.port, local_addr=source),
+                CONNECT_TIMEOUT,
             )
-        except OSError as exc:
-            log.info("TCP connection to %s failed: %s", dest, exc)
+        except OSError as exc:  # refused, unreachable, or TimeoutError
+            log.info("TCP connection to %s failed: %s", dest, exc or "timed out")
             self._connecting.pop(dest, None)
+            try:
+                sends = self.proxy.transport_error(dest, "tcp", self.loop.time())
+            except Exception:
+                log.exception("SIP transport error handling failed")
+                sends = []
+            self.transmit(sends)
             return
         assert isinstance(protocol, _Tcp) and protocol.transport is not None
         for data in self._connecting.pop(dest, []):
             protocol.transport.write(data)
+
+    def sweep_idle(self) -> None:
+        """Close idle TCP connections (IDLE_OPENED, or ``idle_accepted`` for those the
+        peers opened); runs again after SWEEP_INTERVAL."""
+        now = self.loop.time()
+        for conn in list(self.connections.values()):
+            idle = IDLE_OPENED if conn.opened else self.idle_accepted
+            if conn.transport is not None and now - conn.active > idle:
+                log.debug("TCP %s: closing after %.0f s idle", conn.peer, now - conn.active)
+                conn.transport.close()
+        self._sweeper = self.loop.call_later(SWEEP_INTERVAL, self.sweep_idle)
 
     def _arm(self) -> None:
         deadline = self.proxy.next_deadline()
@@ -207,9 +252,10 @@ class SipServer:
 
     def close(self) -> None:
         """Stop listening, drop connections and the timer."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        for handle in (self._timer, self._sweeper):
+            if handle is not None:
+                handle.cancel()
+        self._timer = self._sweeper = None
         for task in self._tasks:
             task.cancel()
         for udp in self.udp.values():
@@ -244,6 +290,8 @@ async def start_sip(
     except OSError:
         server.close()
         raise
+    if "tcp" in transports:
+        server.sweep_idle()
     log.info("SIP listening on %s (%s)", ", ".join(map(str, listen)), "/".join(transports))
     return server
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 from xlat.sip.errors import SipParseError
 
@@ -53,6 +54,7 @@ _SCHEME_RE = re.compile(r"[A-Za-z][A-Za-z0-9+\-.]*")
 _OPAQUE_RE = re.compile(r"[^\s\"<>\x00-\x1f\x7f]+")
 
 
+@lru_cache(maxsize=1024)  # bounded: hosts come from the network; the few peers repeat
 def parse_host(text: str) -> str:
     """Validate a host: hostname, IPv4 address or bracketed IPv6 reference; return it as
     written. An IPv6 address without brackets is an error (RFC 5118 §4.2, §4.10)."""
@@ -78,6 +80,7 @@ def parse_port(text: str) -> int:
     return int(text)
 
 
+@lru_cache(maxsize=1024)
 def host_ip(host: str) -> IPAddress | None:
     """The IP address a host names literally (brackets optional), or None for a domain."""
     raw = host[1:-1] if host.startswith("[") and host.endswith("]") else host
@@ -87,6 +90,7 @@ def host_ip(host: str) -> IPAddress | None:
         return None
 
 
+@lru_cache(maxsize=1024)
 def format_host(host: str | IPAddress) -> str:
     """A host as written in a URI or Via: IPv6 addresses get brackets (RFC 5118 §4.1)."""
     if isinstance(host, ipaddress.IPv6Address):
@@ -153,6 +157,15 @@ class SipUri:
         uri._snapshot = uri._key()
         return uri
 
+    def copy(self) -> SipUri:
+        """An independent copy (its own params), still writing the parsed text back."""
+        clone = SipUri.__new__(SipUri)
+        clone.host, clone.scheme, clone.user, clone.password = (
+            self.host, self.scheme, self.user, self.password)
+        clone.port, clone.params, clone.headers = self.port, dict(self.params), self.headers
+        clone._text, clone._snapshot = self._text, self._snapshot
+        return clone
+
     @property
     def host_ip(self) -> IPAddress | None:
         """The host as an IP address; None for a domain name."""
@@ -209,6 +222,12 @@ class SipUri:
 def parse_uri(text: str) -> SipUri | str:
     """A sip:/sips: URI as a SipUri; any other absolute URI (tel:, urn:, ...) checked for
     shape and returned as the text itself. Raises SipParseError."""
+    uri = _parse_uri(text)
+    return uri.copy() if isinstance(uri, SipUri) else uri
+
+
+@lru_cache(maxsize=4096)  # a call's URIs come back in each of its messages: templates
+def _parse_uri(text: str) -> SipUri | str:
     scheme, colon, rest = text.partition(":")
     if not colon or not _SCHEME_RE.fullmatch(scheme):
         raise SipParseError(f"not an absolute URI: {text!r}")
