@@ -25,6 +25,7 @@ read at media level only, where those RFCs define them.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -320,7 +321,9 @@ def _split_lines(body: bytes) -> list[_Line]:
     return lines
 
 
+@functools.lru_cache(maxsize=32)  # parse_sdp then rewrite_sdp of the same body: parse once
 def _parse(body: bytes) -> _Parsed:
+    """Read-only result: callers must not change it (it is shared through the cache)."""
     if len(body) > MAX_SDP_SIZE:
         raise SdpError(f"SDP body of {len(body)} bytes exceeds {MAX_SDP_SIZE}")
     parsed = _Parsed(lines=_split_lines(body))
