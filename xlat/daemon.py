@@ -408,10 +408,12 @@ class Daemon:
             raise ControlError("lifetime must be positive")
         now = time.monotonic()
         session = self.manager.add(a, b, now=now, idle_timeout=timeout, lifetime=lifetime)
+        self._flush()  # the kernel has the flows before the caller hears of the relays
         return self._describe(session, now)
 
     def _session_del(self, id: str) -> dict[str, Any]:
         session = self.manager.remove(id, now=time.monotonic())
+        self._flush()  # forwarding has stopped when the caller hears of it
         return {"id": session.id, "deleted": True}
 
     def _session_flush(self) -> dict[str, int]:
