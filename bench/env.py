@@ -15,7 +15,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -287,6 +287,24 @@ def wait_for(check: Callable[[], bool], what: str, timeout: float,
         if time.monotonic() > deadline:
             raise BenchError(f"{what} not ready after {timeout:.0f} s")
         time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def process_in(ns: str, argv: Sequence[str], log_path: Path, what: str,
+               settle: float) -> Iterator[subprocess.Popen[str]]:
+    """Run ``argv`` in namespace ``ns`` (stderr to ``log_path``) for the ``with`` block;
+    raise with the log's tail if it has died after ``settle`` seconds; stop it after."""
+    log = log_path.open("w+")
+    proc = subprocess.Popen(in_ns(ns, argv), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=log, text=True)
+    try:
+        time.sleep(settle)
+        if proc.poll() is not None:
+            raise BenchError(f"{what} exited ({proc.returncode}): {tail(log)}")
+        yield proc
+    finally:
+        stop(proc)
+        log.close()
 
 
 def tail(log: TextIO, lines: int = 3) -> str:

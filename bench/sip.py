@@ -26,8 +26,7 @@ from bench.env import (
     Xlat,
     free_udp_port,
     in_ns,
-    stop,
-    tail,
+    process_in,
 )
 
 HERE = Path(__file__).resolve().parent / "sip"
@@ -55,17 +54,8 @@ def uas(lab: BenchLab, trace: Path | None = None) -> Iterator[subprocess.Popen[s
             "-mi", V4_HOST, "-mp", "7000", "-nostdin", "-l", "100000"]
     if trace is not None:
         argv += ["-trace_msg", "-message_file", str(trace)]
-    log = (lab.tmp / "uas.log").open("w+")
-    proc = subprocess.Popen(in_ns(lab.v4, argv), stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=log, text=True)
-    try:
-        time.sleep(0.3)
-        if proc.poll() is not None:
-            raise BenchError(f"SIPp UAS exited ({proc.returncode}): {tail(log)}")
+    with process_in(lab.v4, argv, lab.tmp / "uas.log", "SIPp UAS", settle=0.3) as proc:
         yield proc
-    finally:
-        stop(proc)
-        log.close()
 
 
 def calls(lab: BenchLab, rate: float, seconds: float, cpu_pids: list[int]
@@ -183,18 +173,9 @@ def kamailio(lab: BenchLab, ng_port: int) -> Iterator[subprocess.Popen[str]]:
                    .replace("@WORKERS@", "2").replace("@MPATH@", KAMAILIO_MODULES))
     rundir = lab.tmp / "kamailio"
     rundir.mkdir(exist_ok=True)
-    log = (lab.tmp / "kamailio.log").open("w+")
-    proc = subprocess.Popen(in_ns(lab.gw, ["kamailio", "-f", str(cfg), "-DD", "-E", "-Y",
-                                           str(rundir), "-m", "128", "-M", "16"]),
-                            stdout=subprocess.DEVNULL, stderr=log, text=True)
-    try:
-        time.sleep(1.0)
-        if proc.poll() is not None:
-            raise BenchError(f"kamailio exited ({proc.returncode}): {tail(log)}")
+    argv = ["kamailio", "-f", str(cfg), "-DD", "-E", "-Y", str(rundir), "-m", "128", "-M", "16"]
+    with process_in(lab.gw, argv, lab.tmp / "kamailio.log", "kamailio", settle=1.0) as proc:
         yield proc
-    finally:
-        stop(proc)
-        log.close()
 
 
 def figures(lab: BenchLab, quick: bool) -> Iterator[dict[str, Any]]:
