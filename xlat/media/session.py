@@ -133,9 +133,6 @@ class DatapathBatch:
     install: list[Flow]
     refresh: list[Flow]
 
-    def __bool__(self) -> bool:
-        return bool(self.remove or self.install or self.refresh)
-
 
 def _usable(peer: Endpoint | None) -> bool:
     return peer is not None and not peer.host.is_unspecified and peer.port != 0
