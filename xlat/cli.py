@@ -63,20 +63,19 @@ def cli(ctx: click.Context, control: Path) -> None:
                    "[default: learn]")
 @click.option("--rate-limit", "rate_limit_pps", type=int, metavar="PPS",
               help="Per-flow packet-rate cap, 0 = none. [default: 2000]")
-@click.option("--no-fallback-relay", "no_fallback", is_flag=True,
-              help="eBPF mode: do not bind relay sockets for packets the kernel passes up.")
+@click.option("--fallback-relay/--no-fallback-relay", default=None,
+              help="eBPF mode: also relay, with sockets, what the kernel path passes up "
+                   "(fragments, IPv4 options); costs 4 sockets per call. [default: off]")
 @click.option("--keep-datapath", is_flag=True, default=None,
               help="On exit leave maps, filters and the nft table for the next daemon.")
 @click.option("--bpffs", type=click.Path(path_type=Path),
               help=f"Where maps are pinned. [default: {DEFAULT_BPFFS}]")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]))
 @click.pass_context
-def run(ctx: click.Context, config_file: Path | None, no_fallback: bool, **options: Any) -> None:
+def run(ctx: click.Context, config_file: Path | None, **options: Any) -> None:
     """Run the gateway daemon (in the foreground)."""
     from xlat import config, daemon
 
-    if no_fallback:
-        options["fallback_relay"] = False
     cfg = config.build(config_file, control=ctx.obj["control"], **options)
     logging.basicConfig(level=cfg.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -55,7 +55,7 @@ class Config:
     ng_listen: Endpoint | None = None
     ng_interfaces: dict[str, int] = field(default_factory=lambda: {"v4": 4, "v6": 6})
     datapath: str = "ebpf"  # "ebpf" | "userspace"
-    fallback_relay: bool = True  # ebpf: also bind relay sockets for packets passed up
+    fallback_relay: bool = False  # ebpf: also bind relay sockets for packets passed up
     delete_delay: float = 10.0
     idle_timeout: float = 60.0
     latch: Latch = Latch.LEARN

@@ -19,14 +19,14 @@ import os
 import resource
 import signal
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from xlat.addr import Endpoint
 from xlat.config import Config
 from xlat.control.api import ControlError, ControlServer, Registry, listening
-from xlat.media.datapath import Datapath, DropCounter, Flow, FlowCounters
+from xlat.media.datapath import Datapath, DropCounter, Flow, FlowCounters, Forwarder
 from xlat.media.ports import RelayPortPool
 from xlat.media.session import SessionManager
 
@@ -35,6 +35,9 @@ log = logging.getLogger("xlat")
 LOCK_DIR = Path("/run/xlat/locks")
 GUARD_DELAY = 0.02  # seconds the nft guard's changes wait to be batched
 TICK = 0.5  # longest sleep of the timer loop: idle expiry lands within 1 s of its deadline
+# Sessions one expiry pass looks at before the loop serves signalling again: a mass
+# expiry (10k calls idle at once) becomes many short passes, not one long stall.
+EXPIRY_BATCH = 250
 
 
 class ExitCode(enum.IntEnum):
@@ -113,7 +116,7 @@ class Daemon:
         self.config = config
         self.keep_datapath = config.keep_datapath
         self.started = time.monotonic()
-        self.forwarders: list[Datapath] = []  # ebpf and/or userspace: they move packets
+        self.forwarders: list[Forwarder] = []  # ebpf and/or userspace: they move packets
         self.parts: list[Datapath] = []  # forwarders + the nft guard: all get every change
         self.manager = SessionManager(
             {
@@ -127,6 +130,8 @@ class Daemon:
         )
         self.manager.on_change = self._schedule_flush
         self._flush_pending = False
+        # The nft guard learns each flow only when a userspace relay needs its relay
+        # ports admitted; with eBPF alone the whole relay range stays closed to the stack.
         self.guard: Datapath | None = None
         self._guard_changes: dict[Endpoint, Flow | None] = {}  # None: remove
         self._guard_refresh: dict[Endpoint, Flow] = {}
@@ -240,8 +245,9 @@ class Daemon:
         sip_ports = sorted({e.port for e in cfg.sip_endpoints()})
         guard = NftGuard(cfg.media, cfg.port_min, cfg.port_max, sip_ports=sip_ports,
                          sip_rate=cfg.sip_rate)
-        self.guard = guard
         self.parts = [*self.forwarders, guard]
+        if any(p.name == "userspace" for p in self.forwarders):
+            self.guard = guard  # it admits the relay ports the sockets serve
         log.info("datapath attached to %s: %s", ", ".join(interfaces),
                  " + ".join(p.name for p in self.parts))
 
@@ -289,13 +295,15 @@ class Daemon:
         self._flush_pending = False
         batch = self.manager.drain()
         _apply(self.forwarders, batch.remove, batch.install, batch.refresh)
+        if self.guard is None:
+            return
         for match in batch.remove:
             self._guard_changes[match] = None
         for flow in batch.install:
             self._guard_changes[flow.match] = flow
         for flow in batch.refresh:
             self._guard_refresh[flow.match] = flow
-        if self.guard is not None and self._guard_timer is None and (
+        if self._guard_timer is None and (
             self._guard_changes or self._guard_refresh
         ):
             # without eBPF, relay traffic needs the guard's admission first: no delay
@@ -338,11 +346,12 @@ class Daemon:
         while True:
             now = time.monotonic()
             try:
-                self.manager.expire(now, self.counters)
+                self.manager.expire(now, self.counters, limit=EXPIRY_BATCH)
             except Exception:  # a bug here must not stop every later expiry
                 log.exception("expiry sweep failed")
             deadline = self.manager.next_deadline()
-            wait = TICK if deadline is None else min(TICK, max(0.01, deadline - now))
+            # more already due: only yield, so requests waiting in the loop go first
+            wait = TICK if deadline is None else min(TICK, max(0.0, deadline - now))
             await asyncio.sleep(wait)
 
     # ---- signalling -----------------------------------------------------------------
@@ -453,10 +462,11 @@ class Daemon:
             "datapath": "+".join(p.name for p in self.parts),
             "sessions": len(sessions),
             "deleting": sum(s.state == "deleting" for s in sessions),
-            "flows": sum(len(self.manager.flows(s)) for s in sessions),
+            "flows": self.manager.flow_count,
             "ports": pools,
             "ended": dict(self.manager.ended),
-            "forwarded": {p.name: _totals(p.counters().values()) for p in self.forwarders},
+            "forwarded": {p.name: {"packets": (f := p.forwarded()).packets, "bytes": f.bytes}
+                          for p in self.forwarders},
             "drops": {r: {"packets": d.packets, "bytes": d.bytes}
                       for r, d in sorted(self.drops().items())},
             "reasons": _reason_meanings(),
@@ -492,14 +502,6 @@ def _reason_meanings() -> dict[str, str]:
     meanings = {r.name: f"({r.action}) {r.text}" for r in ebpf.reasons()}
     meanings.update(nft.MEANINGS)
     return meanings
-
-
-def _totals(counters: Iterable[FlowCounters]) -> dict[str, int]:
-    packets = bytes_ = 0
-    for c in counters:
-        packets += c.packets
-        bytes_ += c.bytes
-    return {"packets": packets, "bytes": bytes_}
 
 
 def _version() -> str:

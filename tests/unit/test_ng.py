@@ -225,7 +225,7 @@ def test_forking_gives_each_to_tag_its_own_leg() -> None:
                       "delete-delay": 0})
     assert reply["result"] == "ok"
     (left,) = rig.manager.sessions()
-    assert left.tags == ["ft", "t2"]
+    assert left.tags == ("ft", "t2")
 
 
 def test_reoffer_keeps_ports() -> None:

@@ -92,10 +92,27 @@ def test_fork_gets_its_own_offerer_leg_and_shares_answerer_leg() -> None:
     assert ra1 != ra2 and len(mgr.find("c")) == 2
     assert dp.flows[ra1].to == B4 and dp.flows[ra2].to == b2
     assert dp.flows[relay_b].source == ra2  # the latest answer owns the shared leg
+    assert mgr.flow_count == len(dp.flows) == 6
     mgr.delete("c", "a", "b2", now=1.0, delay=0)
     assert ra2 not in dp.flows and dp.flows[relay_b].source == ra1
+    assert mgr.flow_count == len(dp.flows) == 4
     mgr.delete("c", now=2.0, delay=0)
-    assert dp.flows == {} and mgr.sessions() == []
+    assert dp.flows == {} and mgr.sessions() == [] and mgr.flow_count == 0
+
+
+def test_restored_fork_keeps_the_shared_relay_until_the_last_holder_ends() -> None:
+    mgr, _ = make()
+    (relay_b,) = mgr.offer("c", "a", [StreamSpec(A6)], toward=4, now=0.0)
+    mgr.answer("c", "a", "b1", [StreamSpec(B4)], now=0.1)
+    mgr.answer("c", "a", "b2", [StreamSpec(Endpoint.parse("203.0.113.3:6000"))], now=0.2)
+    mgr2, dp2 = make()
+    assert mgr2.restore(mgr.snapshot(now=1.0), now=50.0) == 2
+    pool4, pool6 = mgr2.pools[4][0], mgr2.pools[6][0]
+    assert (pool4.in_use, pool6.in_use) == (1, 2) and mgr2.flow_count == len(dp2.flows) == 6
+    mgr2.delete("c", "a", "b1", now=51.0, delay=0)
+    assert relay_b is not None and pool4.owns(relay_b)  # b2 still holds it
+    mgr2.delete("c", now=52.0, delay=0)
+    assert (pool4.in_use, pool6.in_use) == (0, 0) and dp2.flows == {}
 
 
 def test_delete_delay_keeps_flows_then_frees_ports() -> None:
@@ -141,6 +158,25 @@ def test_idle_expiry_asks_only_due_sessions_and_respects_traffic() -> None:
     assert [x.id for x in mgr.expire(54.9, lookup)] == [other.id]  # never saw a packet
     assert [x.id for x in mgr.expire(55.0, lookup)] == [s.id]  # 30 s after its last packet
     assert mgr.sessions() == [] and dp.flows == {}
+
+
+def test_mass_expiry_is_spread_over_passes_with_one_lookup_each() -> None:
+    mgr, dp = make(ports=99, idle_timeout=10.0)
+    sessions = [mgr.add(A6, B4, now=0.0) for _ in range(20)]
+    asked: list[int] = []
+
+    def lookup(matches):  # type: ignore[no-untyped-def]
+        asked.append(len(matches))
+        return dp.counters(matches)
+
+    ended = mgr.expire(10.0, lookup, limit=8)
+    assert len(ended) == 8 and asked == [8 * 4]
+    deadline = mgr.next_deadline()
+    assert deadline is not None and deadline <= 10.0  # the rest is due already
+    ended += mgr.expire(10.0, lookup, limit=8) + mgr.expire(10.0, lookup, limit=8)
+    assert sorted(s.id for s in ended) == sorted(s.id for s in sessions)
+    assert asked == [32, 32, 16]
+    assert mgr.next_deadline() is None and mgr.flow_count == 0 and dp.flows == {}
 
 
 def test_lifetime_caps_a_busy_session() -> None:

@@ -91,6 +91,15 @@ class Datapath(Protocol):
         ...
 
 
+class Forwarder(Datapath, Protocol):
+    """A datapath that moves packets (eBPF, userspace), not only admits them (nft)."""
+
+    def forwarded(self) -> DropCounter:
+        """Packets/bytes relayed since it started: a running total, cheap to read at any
+        number of flows."""
+        ...
+
+
 @dataclass
 class FakeDatapath:
     """In-memory datapath for unit tests of the layers above: records what it is told."""
@@ -123,6 +132,10 @@ class FakeDatapath:
 
     def drops(self) -> dict[str, DropCounter]:
         return {}
+
+    def forwarded(self) -> DropCounter:
+        return DropCounter(sum(c.packets for c in self.stats.values()),
+                           sum(c.bytes for c in self.stats.values()))
 
     def close(self, keep: bool) -> None:
         if not keep:

@@ -123,6 +123,7 @@ def _fdinfo(fd: int) -> dict[str, str]:
     return {k.strip(): v.strip() for k, _, v in (ln.partition(":") for ln in lines)}
 
 
+@functools.lru_cache(maxsize=4096)
 def _addr16(host: IPv4Address | IPv6Address) -> bytes:
     """16-byte map form: IPv6 as is, IPv4 v4-mapped."""
     return _V4_MAPPED + host.packed if host.version == 4 else host.packed
@@ -185,7 +186,6 @@ class EbpfDatapath:
             self._reasons = self._bpf[b"reasons"]
             self._check_layout()
             self._fn = self._bpf.load_func(PROG_NAME.encode(), BPF.SCHED_CLS)
-            self._known = {bytes(k) for k, _ in self._dump()}
             for idx in self._ifindexes:
                 self._attach(idx)
         except BaseException:
@@ -198,22 +198,26 @@ class EbpfDatapath:
     def install(self, flows: Sequence[Flow]) -> None:
         """Add or replace flows in one batch. A replaced flow keeps packets/bytes/
         last_seen (read just before; packets counted in between are lost) but restarts
-        latching and its rate bucket. Installing counts as activity for the idle timer."""
+        latching and its rate bucket. Installing counts as activity for the idle timer.
+        The daemon keeps no copy of the keys: whether a flow exists is asked of the map
+        (one plain lookup syscall per flow, then one batch update)."""
+        from bcc.libbcc import lib
+
         if not flows:
             return
         now = time.monotonic_ns()
         keys = (self._flows.Key * len(flows))()
         values = (self._flows.Leaf * len(flows))()
+        old = self._flows.Leaf()
+        fd = self._flows.map_fd
         for i, flow in enumerate(flows):
             keys[i] = self._key(flow.match)
             values[i] = self._value(flow, now)
-            if bytes(keys[i]) in self._known:
-                old = self._flows.get(keys[i])
-                if old is not None:
-                    values[i].packets, values[i].bytes = old.packets, old.bytes
-                    values[i].last_seen_ns = old.last_seen_ns
+            value = values[i]  # a view into the array
+            if lib.bpf_lookup_elem(fd, ct.byref(keys[i]), ct.byref(old)) == 0:
+                value.packets, value.bytes = old.packets, old.bytes
+                value.last_seen_ns = old.last_seen_ns
         self._update_batch(keys, values)
-        self._known.update(bytes(k) for k in keys)
 
     def remove(self, matches: Sequence[Endpoint]) -> None:
         """Delete flows in one batch; unknown matches are ignored. Forwarding stops at
@@ -222,7 +226,6 @@ class EbpfDatapath:
             return
         keys = (self._flows.Key * len(matches))(*(self._key(m) for m in matches))
         self._delete_batch(keys)
-        self._known.difference_update(bytes(k) for k in keys)
 
     def refresh(self, flows: Sequence[Flow]) -> None:
         """Nothing to do: the kernel's soft state is refreshed by the traffic itself
@@ -236,10 +239,13 @@ class EbpfDatapath:
             wanted = None if matches is None else set(matches)
             entries = ((_endpoint(k.addr, k.port), v) for k, v in self._dump())
             return {m: _counters(v) for m, v in entries if wanted is None or m in wanted}
+        from bcc.libbcc import lib
+
         out = {}
+        value = self._flows.Leaf()
         for match in matches:
-            value = self._flows.get(self._key(match))
-            if value is not None:
+            if lib.bpf_lookup_elem(self._flows.map_fd, ct.byref(self._key(match)),
+                                   ct.byref(value)) == 0:
                 out[match] = _counters(value)
         return out
 
@@ -285,7 +291,7 @@ class EbpfDatapath:
         Returns (TC_ACT_* verdict, mean duration in ns as the kernel measured it,
         frame out). Counters and flows are updated as for real traffic.
         """
-        return _test_run(self._fn.fd, frame, repeat)
+        return prog_test_run(self._fn.fd, frame, repeat)
 
     # ---- maps ---------------------------------------------------------------------------
 
@@ -495,7 +501,9 @@ class _TestRunOpts(ct.Structure):
     ]
 
 
-def _test_run(prog_fd: int, frame: bytes, repeat: int) -> tuple[int, int, bytes]:
+def prog_test_run(prog_fd: int, frame: bytes, repeat: int) -> tuple[int, int, bytes]:
+    """BPF_PROG_TEST_RUN of program ``prog_fd`` on ``frame``, as ``EbpfDatapath.test_run``
+    says; usable on any tc program (e.g. a baseline for what test_run itself costs)."""
     libbpf = ct.CDLL("libbpf.so.1", use_errno=True)
     data_in = ct.create_string_buffer(frame, len(frame))
     data_out = ct.create_string_buffer(len(frame) + 256)

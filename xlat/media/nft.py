@@ -33,7 +33,8 @@ FAMILY = "inet"
 TABLE = "xlat"
 DROP_COUNTERS = ("unallocated", "sip_rate_limited")
 MEANINGS = {  # one line each, for `xlat stats`
-    "unallocated": "(drop) UDP to a relay port that no session holds (nftables)",
+    "unallocated": "(drop) UDP to a relay port that no userspace relay serves: no session "
+                   "holds it, or eBPF alone forwards and passed it up (nftables)",
     "sip_rate_limited": "(drop) SIP over the per-source rate: IPv4 address or IPv6 /64 (nftables)",
 }
 NAMED_COUNTERS = ("to_stack", *DROP_COUNTERS)

@@ -24,7 +24,9 @@ class RelayPortPool:
 
     ``allocate`` is O(1) and hands out the pair free the longest (FIFO), so a
     released pair is reused as late as possible; ``release`` puts it in
-    quarantine for ``quarantine`` seconds first.
+    quarantine for ``quarantine`` seconds first. The pool makes every pair's
+    Endpoint up front and marks use in a bitmap: what a call holds costs the pool
+    nothing more (memory follows the port range, not the number of calls).
     """
 
     def __init__(
@@ -37,18 +39,16 @@ class RelayPortPool:
         self.min_port = first
         self.max_port = max_port
         self.quarantine = quarantine
-        self._free: deque[int] = deque(range(first, max_port, 2))
-        self._resting: deque[tuple[float, int]] = deque()  # (ready_at, port), oldest first
-        self._used: set[int] = set()
-        self.capacity = len(self._free)
+        self._pairs = [Endpoint(address, port) for port in range(first, max_port, 2)]
+        self._free: deque[int] = deque(range(len(self._pairs)))  # pair indexes
+        self._resting: deque[tuple[float, int]] = deque()  # (ready_at, index), oldest first
+        self._used = bytearray(len(self._pairs))
+        self.capacity = len(self._pairs)
+        self.in_use = 0
 
     @property
     def family(self) -> int:
         return self.address.version
-
-    @property
-    def in_use(self) -> int:
-        return len(self._used)
 
     def allocate(self, now: float) -> Endpoint:
         """The RTP endpoint of a free pair (RTCP is port + 1). Raises PortsExhausted."""
@@ -56,27 +56,40 @@ class RelayPortPool:
             self._free.append(self._resting.popleft()[1])
         if not self._free:
             raise PortsExhausted(self.family)
-        port = self._free.popleft()
-        self._used.add(port)
-        return Endpoint(self.address, port)
+        index = self._free.popleft()
+        self._used[index] = 1
+        self.in_use += 1
+        return self._pairs[index]
 
-    def claim(self, rtp: Endpoint) -> None:
-        """Mark a known pair as used (adopting the flows of a previous daemon)."""
-        if rtp.host != self.address or rtp.port not in range(self.min_port, self.max_port, 2):
+    def claim(self, rtp: Endpoint) -> Endpoint:
+        """Mark a known pair as used (adopting the flows of a previous daemon); returns
+        the pool's own Endpoint for it."""
+        index = self._index(rtp)
+        if index is None:
             raise ValueError(f"{rtp} is not a pair of this pool")
-        if rtp.port in self._used:
-            return
-        try:
-            self._free.remove(rtp.port)
-        except ValueError:
-            self._resting = deque(r for r in self._resting if r[1] != rtp.port)
-        self._used.add(rtp.port)
+        if not self._used[index]:
+            try:
+                self._free.remove(index)
+            except ValueError:
+                self._resting = deque(r for r in self._resting if r[1] != index)
+            self._used[index] = 1
+            self.in_use += 1
+        return self._pairs[index]
 
     def release(self, rtp: Endpoint, now: float) -> None:
         """Return a pair; it is reusable after the quarantine. Unknown pairs are ignored."""
-        if rtp.host == self.address and rtp.port in self._used:
-            self._used.remove(rtp.port)
-            self._resting.append((now + self.quarantine, rtp.port))
+        index = self._index(rtp)
+        if index is not None and self._used[index]:
+            self._used[index] = 0
+            self.in_use -= 1
+            self._resting.append((now + self.quarantine, index))
 
     def owns(self, rtp: Endpoint) -> bool:
-        return rtp.host == self.address and rtp.port in self._used
+        index = self._index(rtp)
+        return index is not None and bool(self._used[index])
+
+    def _index(self, rtp: Endpoint) -> int | None:
+        offset = rtp.port - self.min_port
+        if rtp.host != self.address or offset % 2 or not 0 <= offset // 2 < len(self._pairs):
+            return None
+        return offset // 2

@@ -11,26 +11,32 @@ peer A and peer B) and one pair of *legs* per media stream: leg ``i`` faces side
 ``i`` on that side's IP family. Packets a side sends to its own leg's relay leave
 from the other leg's relay towards the other side.
 
-Timers are soft state: each session has one deadline in a heap. When it is due
-the manager asks the datapath only for that session's counters; if media moved it
-pushes the deadline forward (and refreshes the nftables elements), otherwise the
-session ends. So a sweep costs what is due, not what exists.
+Timers are soft state: each session has one deadline (``DeadlineBuckets``). When it
+is due the manager asks the datapath only for the due sessions' counters; if media
+moved it pushes the deadline forward (and refreshes the nftables elements), otherwise
+the session ends. So a sweep costs what is due, not what exists, and ``expire`` takes
+a limit so a mass expiry can be spread over several loop turns.
+
+Memory follows what the signalling said, nothing more: flows are derived from the
+sessions whenever they are needed (before and after a change, to queue the
+difference), relay endpoints are the port pool's own objects, and only relays that
+forks share are reference-counted.
 """
 
 from __future__ import annotations
 
-import heapq
 import ipaddress
 import logging
 import random
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from xlat.addr import Endpoint
 from xlat.media.datapath import Flow, FlowCounters, Latch
 from xlat.media.ports import PortsExhausted, RelayPortPool
+from xlat.media.timers import DeadlineBuckets
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +51,9 @@ __all__ = [
 ]
 
 CountersLookup = Callable[[Sequence[Endpoint]], Mapping[Endpoint, FlowCounters]]
+
+# One tuple object per family pair, shared by every session.
+_FAMILY_PAIRS = {(a, b): (a, b) for a in (4, 6) for b in (4, 6)}
 
 
 class StreamMismatch(ValueError):
@@ -87,7 +96,7 @@ class MediaSession:
     id: str
     origin: str  # "sip" | "ng" | "manual"
     call_id: str | None
-    tags: list[str | None]  # [side 0, side 1]
+    tags: tuple[str | None, str | None]  # (side 0, side 1)
     families: tuple[int, int]
     streams: list[tuple[Leg, Leg] | None]  # None: rejected stream
     idle_timeout: float
@@ -114,15 +123,6 @@ class MediaSession:
         for stream in self.streams:
             if stream is not None:
                 yield from stream
-
-
-@dataclass(slots=True)
-class _Call:
-    """Sessions sharing a call-id (forks share the answer-side relay), and the flows
-    installed for them."""
-
-    sessions: list[MediaSession] = field(default_factory=list)
-    installed: dict[Endpoint, Flow] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -175,14 +175,17 @@ class SessionManager:
         self.on_change: Callable[[], None] | None = None
         self._rng = rng or random.Random()
         self._sessions: dict[str, MediaSession] = {}
-        self._calls: dict[str, _Call] = {}  # by call-id, or by session id for manual ones
-        self._relay_refs: Counter[Endpoint] = Counter()
-        self._timers: list[tuple[float, str]] = []
+        # Sessions sharing a call-id (forks share the answerer-facing relays); manual
+        # sessions have no call-id and are not listed here.
+        self._calls: dict[str, list[MediaSession]] = {}
+        self._shared: Counter[Endpoint] = Counter()  # relay -> holders beyond the first
+        self._timers: DeadlineBuckets[MediaSession] = DeadlineBuckets()
         self._answers = 0
         self._remove: set[Endpoint] = set()
         self._install: dict[Endpoint, Flow] = {}
         self._refresh: list[Flow] = []
         self.ended: Counter[str] = Counter()  # reason -> sessions ended
+        self.flow_count = 0  # flows the datapath has (or has queued) for all sessions
 
     # ---- signalling API -------------------------------------------------------
 
@@ -208,13 +211,14 @@ class SessionManager:
         session = self._find(call_id, from_tag, to_tag) or self._latest(call_id, from_tag)
         if session is None:
             fam = offerer_family or self._family_of(streams, default=toward)
-            session = self._new_session(origin, call_id, [from_tag, to_tag], (fam, toward), now)
+            session = self._new_session(origin, call_id, (from_tag, to_tag), (fam, toward), now)
             session.via_branch = via_branch
         side = session.side_of(from_tag)
         assert side is not None
+        before = self._wanted(session)
         self._update_streams(session, side, streams, now)
         session.activity = now
-        self._sync(session)
+        self._queue(before, self._wanted(session))
         return session.relays(1 - side)
 
     def answer(
@@ -235,15 +239,18 @@ class SessionManager:
             original = self._latest(call_id, from_tag)
             if original is None:
                 raise SessionNotFound(f"no offer for call {call_id!r} from tag {from_tag!r}")
+            before = self._wanted(original)
             session = self._fork(original, now)
+        else:
+            before = self._wanted(session)
         side = session.side_of(from_tag)
         assert side is not None
-        session.tags[1 - side] = to_tag
+        session.tags = (session.tags[0], to_tag) if side == 0 else (to_tag, session.tags[1])
         self._answers += 1
         session.answered = self._answers
         self._update_streams(session, 1 - side, streams, now, answer=True)
         session.activity = now
-        self._sync(session)
+        self._queue(before, self._wanted(session))
         return session.relays(side)
 
     def delete(
@@ -257,12 +264,9 @@ class SessionManager:
     ) -> bool:
         """End a call, or the sessions of one tag (and to-tag), after ``delay`` seconds
         (default: the delete delay); flows keep forwarding until then."""
-        call = self._calls.get(call_id)
-        if call is None:
-            return False
         hits = [
             s
-            for s in call.sessions
+            for s in self._calls.get(call_id, ())
             if (from_tag is None or from_tag in s.tags) and (to_tag is None or to_tag in s.tags)
         ]
         wait = self.delete_delay if delay is None else delay
@@ -286,11 +290,11 @@ class SessionManager:
         lifetime: float | None = None,
     ) -> MediaSession:
         """A relay between two fixed peers: leg 0 faces A on A's family, leg 1 faces B."""
-        session = self._new_session("manual", None, [None, None], (peer_a.family, peer_b.family),
+        session = self._new_session("manual", None, (None, None), (peer_a.family, peer_b.family),
                                     now, idle_timeout, lifetime)
         self._update_streams(session, 0, [StreamSpec(peer_a)], now)
         self._update_streams(session, 1, [StreamSpec(peer_b)], now, answer=True)
-        self._sync(session)
+        self._queue({}, self._wanted(session))
         return session
 
     def remove(self, session_id: str, *, now: float) -> MediaSession:
@@ -316,7 +320,7 @@ class SessionManager:
 
         return [
             {
-                "id": s.id, "origin": s.origin, "call_id": s.call_id, "tags": s.tags,
+                "id": s.id, "origin": s.origin, "call_id": s.call_id, "tags": list(s.tags),
                 "families": s.families, "idle_timeout": s.idle_timeout, "lifetime": s.lifetime,
                 "age": now - s.created, "idle": now - s.activity, "state": s.state,
                 "ends_in": None if s.ends_at is None else s.ends_at - now,
@@ -336,13 +340,15 @@ class SessionManager:
         def leg(data: list[object]) -> Leg:
             relay = ep(data[0])
             assert relay is not None
-            return Leg(relay, ep(data[1]), ep(data[2]), bool(data[3]))
+            return Leg(self._claim(relay), ep(data[1]), ep(data[2]), bool(data[3]))
 
+        groups: dict[str, MediaSession] = {}  # one session of each call (or manual one)
         for item in items:
             d: dict[str, Any] = dict(item)
             session = MediaSession(
-                id=d["id"], origin=d["origin"], call_id=d["call_id"], tags=list(d["tags"]),
-                families=tuple(d["families"]),
+                id=d["id"], origin=d["origin"], call_id=d["call_id"],
+                tags=(d["tags"][0], d["tags"][1]),
+                families=_FAMILY_PAIRS[tuple(d["families"])],
                 streams=[None if st is None else (leg(st[0]), leg(st[1]))
                          for st in d["streams"]],
                 idle_timeout=d["idle_timeout"], lifetime=d["lifetime"],
@@ -350,20 +356,17 @@ class SessionManager:
                 ends_at=None if d["ends_in"] is None else now + d["ends_in"],
                 answered=d["answered"], via_branch=d["via_branch"],
             )
-            for lg in session.legs():
-                if self._relay_refs[lg.relay] == 0:
-                    for pool in self.pools.get(lg.relay.family, []):
-                        if pool.address == lg.relay.host:
-                            pool.claim(lg.relay)
-                self._relay_refs[lg.relay] += 1
             self._sessions[session.id] = session
-            self._calls.setdefault(session.call_id or session.id, _Call()).sessions.append(session)
+            if session.call_id is not None:
+                self._calls.setdefault(session.call_id, []).append(session)
             self._answers = max(self._answers, session.answered)
             if session.ends_at is not None:
                 self._schedule(session, session.ends_at)
             else:
                 self._arm(session)
-            self._sync(session)
+            groups[session.call_id or session.id] = session
+        for session in groups.values():
+            self._queue({}, self._wanted(session))
         return len(items)
 
     # ---- queries -------------------------------------------------------------
@@ -375,15 +378,14 @@ class SessionManager:
             raise SessionNotFound(f"no session {session_id!r}") from None
 
     def find(self, call_id: str) -> list[MediaSession]:
-        call = self._calls.get(call_id)
-        return list(call.sessions) if call else []
+        return list(self._calls.get(call_id, ()))
 
     def sessions(self) -> list[MediaSession]:
         return list(self._sessions.values())
 
     def flows(self, session: MediaSession) -> list[Flow]:
         """The flows installed for a session (shared ones belong to the latest answer)."""
-        return [f for f in self._call_of(session).installed.values() if f.session == session.id]
+        return [f for f in self._wanted(session).values() if f.session == session.id]
 
     def describe(self, session: MediaSession, now: float) -> dict[str, object]:
         """The JSON object ``session list -j`` prints for a session."""
@@ -408,38 +410,54 @@ class SessionManager:
         }
 
     def next_deadline(self) -> float | None:
-        return self._timers[0][0] if self._timers else None
+        """When ``expire`` has work next (at most a timer bucket after the deadline)."""
+        return self._timers.next_deadline()
 
     # ---- timers ---------------------------------------------------------------
 
-    def expire(self, now: float, lookup: CountersLookup) -> list[MediaSession]:
+    def expire(self, now: float, lookup: CountersLookup, limit: int | None = None
+               ) -> list[MediaSession]:
         """End what is due: delete delays that ran out, lifetimes, idle sessions.
-        ``lookup`` returns datapath counters for the given flow matches; it is only
-        asked about sessions whose deadline is due. Returns the sessions ended."""
+        ``lookup`` returns datapath counters for the given flow matches; it is asked
+        once, about the due sessions only. At most ``limit`` due timers are looked at;
+        if more are due, ``next_deadline()`` is already past. Returns the sessions ended."""
         ended: list[MediaSession] = []
-        while self._timers and self._timers[0][0] <= now:
-            when, sid = heapq.heappop(self._timers)
-            session = self._sessions.get(sid)
-            if session is None or session.timer != when:
-                continue  # superseded entry
+        idle: list[MediaSession] = []
+        later: list[MediaSession] = []
+        seen: set[str] = set()
+        for session in self._timers.pop_due(now, limit):
+            if self._sessions.get(session.id) is not session or session.id in seen:
+                continue  # ended, or a second entry of a re-armed timer
+            seen.add(session.id)
+            if session.timer > now:
+                if self._timers.bucket(session.timer) <= self._timers.bucket(now):
+                    later.append(session)  # its bucket has begun, its deadline has not
+                continue  # else: stale entry, the timer sits in a later bucket too
             if session.state == "deleting":
                 self._end(session, now, "deleted")
             elif session.lifetime is not None and now >= session.created + session.lifetime:
                 self._end(session, now, "lifetime")
             else:
-                flows = self.flows(session)
-                seen = lookup([f.match for f in flows]).values()
-                session.activity = max([session.activity, *(c.last_seen for c in seen)])
-                if now - session.activity >= session.idle_timeout:
-                    self._end(session, now, "idle")
-                else:
-                    log.debug("session %s alive: last activity %.1f s ago", session.id,
-                              now - session.activity)
-                    self._arm(session)
-                    self._refresh.extend(flows)
-                    self._changed()
-                    continue
+                idle.append(session)
+                continue
             ended.append(session)
+        flows = {s.id: self.flows(s) for s in idle}
+        counters = lookup([f.match for fs in flows.values() for f in fs]) if idle else {}
+        for session in idle:
+            seen_at = [counters[f.match].last_seen for f in flows[session.id]
+                       if f.match in counters]
+            session.activity = max([session.activity, *seen_at])
+            if now - session.activity >= session.idle_timeout:
+                self._end(session, now, "idle")
+                ended.append(session)
+            else:
+                log.debug("session %s alive: last activity %.1f s ago", session.id,
+                          now - session.activity)
+                self._arm(session)
+                self._refresh.extend(flows[session.id])
+                self._changed()
+        for session in later:
+            self._timers.add(session.timer, session)
         return ended
 
     def drain(self) -> DatapathBatch:
@@ -454,7 +472,7 @@ class SessionManager:
         self,
         origin: str,
         call_id: str | None,
-        tags: list[str | None],
+        tags: tuple[str | None, str | None],
         families: tuple[int, int],
         now: float,
         idle_timeout: float | None = None,
@@ -467,12 +485,14 @@ class SessionManager:
         while sid in self._sessions:
             sid = f"{self._rng.getrandbits(48):012x}"
         session = MediaSession(
-            id=sid, origin=origin, call_id=call_id, tags=tags, families=families, streams=[],
+            id=sid, origin=origin, call_id=call_id, tags=tags,
+            families=_FAMILY_PAIRS[families], streams=[],
             idle_timeout=self.idle_timeout if idle_timeout is None else idle_timeout,
             lifetime=lifetime, created=now, activity=now,
         )
         self._sessions[sid] = session
-        self._calls.setdefault(call_id or sid, _Call()).sessions.append(session)
+        if call_id is not None:
+            self._calls.setdefault(call_id, []).append(session)
         self._arm(session)
         return session
 
@@ -482,36 +502,43 @@ class SessionManager:
     def _find(self, call_id: str, tag: str, other: str | None) -> MediaSession | None:
         """The session of ``call_id`` with ``tag`` on one side and ``other`` on the
         other; failing that, one whose other side is not known yet (unanswered)."""
-        call = self._calls.get(call_id)
-        if call is None:
-            return None
-        mine = [(s, s.side_of(tag)) for s in call.sessions if s.side_of(tag) is not None]
-        for s, side in mine:
-            if other is not None and s.tags[1 - side] == other:  # type: ignore[operator]
+        # the other side's tag of each session ``tag`` is part of
+        mine = [(s, s.tags[1 - side]) for s in self._calls.get(call_id, ())
+                if (side := s.side_of(tag)) is not None]
+        for s, theirs in mine:
+            if other is not None and theirs == other:
                 return s
-        return next((s for s, side in mine if s.tags[1 - side] is None), None)  # type: ignore[operator]
+        return next((s for s, theirs in mine if theirs is None), None)
 
     def _latest(self, call_id: str, tag: str) -> MediaSession | None:
         """The most recently answered session of ``call_id`` that ``tag`` is part of."""
-        call = self._calls.get(call_id)
-        sessions = [s for s in call.sessions if s.side_of(tag) is not None] if call else []
+        sessions = [s for s in self._calls.get(call_id, ()) if s.side_of(tag) is not None]
         return max(sessions, key=lambda s: s.answered, default=None)
 
     def _allocate(self, family: int, now: float) -> Endpoint:
         for pool in self.pools[family]:
             try:
-                ep = pool.allocate(now)
+                return pool.allocate(now)
             except PortsExhausted:
                 continue
-            self._relay_refs[ep] += 1
-            return ep
         raise PortsExhausted(family)
 
+    def _claim(self, relay: Endpoint) -> Endpoint:
+        """A relay of a restored session: the pool's own Endpoint, claimed once and
+        shared after that. A relay no pool covers any more is kept as it is."""
+        for pool in self.pools.get(relay.family, []):
+            if pool.address == relay.host:
+                if pool.owns(relay):
+                    self._shared[relay] += 1
+                return pool.claim(relay)
+        return relay
+
     def _release(self, relay: Endpoint, now: float) -> None:
-        self._relay_refs[relay] -= 1
-        if self._relay_refs[relay] > 0:
+        if self._shared[relay] > 0:
+            self._shared[relay] -= 1
+            if not self._shared[relay]:
+                del self._shared[relay]
             return
-        del self._relay_refs[relay]
         for pool in self.pools[relay.family]:
             if pool.owns(relay):
                 pool.release(relay, now)
@@ -570,7 +597,7 @@ class SessionManager:
         """A second answer (new to-tag) to one offer: new offerer-facing legs, the
         answerer-facing legs shared with the original."""
         fork = self._new_session(original.origin, original.call_id,
-                                 [original.tags[0], None], original.families, now)
+                                 (original.tags[0], None), original.families, now)
         try:
             for stream in original.streams:
                 if stream is None:
@@ -578,7 +605,7 @@ class SessionManager:
                     continue
                 a = Leg(self._allocate(fork.families[0], now), stream[0].peer,
                         stream[0].rtcp_peer, stream[0].rtcp_mux)
-                self._relay_refs[stream[1].relay] += 1
+                self._shared[stream[1].relay] += 1
                 fork.streams.append((a, Leg(stream[1].relay)))
         except PortsExhausted:
             self._end(fork, now, "ports_exhausted")
@@ -628,44 +655,44 @@ class SessionManager:
             flow(_shift(into.relay, 1), _shift(out.relay, 1), rtcp_to, expect_rtcp),
         ]
 
-    def _call_of(self, session: MediaSession) -> _Call:
-        return self._calls[session.call_id or session.id]
+    def _group(self, session: MediaSession) -> list[MediaSession]:
+        """The sessions whose flows are decided together: a call's, or a manual one."""
+        return self._calls.get(session.call_id, []) if session.call_id else [session]
 
-    def _sync(self, session: MediaSession) -> None:
-        """Bring the call's installed flows in line with its sessions (the latest answer
-        owns flows that forks share) and queue the difference."""
-        call = self._call_of(session)
+    def _wanted(self, session: MediaSession) -> dict[Endpoint, Flow]:
+        """The flows of ``session``'s group, by match (the latest answer owns flows that
+        forks share)."""
+        group = self._group(session)
         wanted: dict[Endpoint, Flow] = {}
-        for s in sorted(call.sessions, key=lambda s: s.answered):
+        for s in sorted(group, key=lambda s: s.answered) if len(group) > 1 else group:
             for f in self._flows_of(s):
                 wanted[f.match] = f
-        for match in call.installed.keys() - wanted.keys():
+        return wanted
+
+    def _queue(self, before: Mapping[Endpoint, Flow], after: Mapping[Endpoint, Flow]) -> None:
+        """Queue for the datapath what changed between two ``_wanted`` results."""
+        self.flow_count += len(after) - len(before)
+        for match in before.keys() - after.keys():
             self._install.pop(match, None)
             self._remove.add(match)
-        for match, flow in wanted.items():
-            if call.installed.get(match) != flow:
+        for match, flow in after.items():
+            if before.get(match) != flow:
                 self._remove.discard(match)
                 self._install[match] = flow
-        call.installed = wanted
         self._changed()
 
     def _end(self, session: MediaSession, now: float, reason: str) -> None:
         if self._sessions.pop(session.id, None) is None:
             return
-        key = session.call_id or session.id
-        call = self._calls[key]
-        call.sessions.remove(session)
+        before = self._wanted(session)
+        group = self._group(session)
+        group.remove(session)
         for leg in session.legs():
             self._release(leg.relay, now)
         session.streams = []
-        if call.sessions:
-            self._sync(call.sessions[0])
-        else:
-            for match in call.installed:
-                self._install.pop(match, None)
-                self._remove.add(match)
-            del self._calls[key]
-            self._changed()
+        self._queue(before, self._wanted(group[0]) if group else {})
+        if session.call_id is not None and not group:
+            del self._calls[session.call_id]
         self.ended[reason] += 1
         log.info("session %s ended (%s)%s", session.id, reason,
                  f" call-id {session.call_id}" if session.call_id else "")
@@ -677,7 +704,7 @@ class SessionManager:
         if session.lifetime is not None and session.state == "active":
             when = min(when, session.created + session.lifetime)
         session.timer = when
-        heapq.heappush(self._timers, (when, session.id))
+        self._timers.add(when, session)
 
     def _changed(self) -> None:
         if self.on_change is not None and (self._install or self._remove or self._refresh):

@@ -1,8 +1,8 @@
 """The userspace relay: the same flows as the eBPF datapath, forwarded by Python sockets.
 
-It is the fallback datapath (``--datapath userspace``) and, next to the eBPF program,
-the receiver of what the kernel path passes up to the stack (fragments, IPv4 options):
-the daemon installs the same flows in both.
+It is the fallback datapath (``--datapath userspace``) and, next to the eBPF program
+with ``--fallback-relay``, the receiver of what the kernel path passes up to the stack
+(fragments, IPv4 options): the daemon then installs the same flows in both.
 
 ``RelayCore`` decides (sans-I/O, ``now`` passed in); ``UserspaceRelay`` is the socket
 edge: one UDP socket per relay endpoint, read from the asyncio loop, each datagram
@@ -16,6 +16,7 @@ import enum
 import ipaddress
 import socket
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -69,10 +70,13 @@ class RelayCore:
     def __init__(self) -> None:
         self._flows: dict[Endpoint, _FlowState] = {}
         self._drops: dict[str, DropCounter] = {}
+        self._uses: Counter[Endpoint] = Counter()  # endpoint -> flows naming it
 
-    def install(self, flows: Sequence[Flow], now: float) -> None:
+    def install(self, flows: Sequence[Flow], now: float) -> list[Endpoint]:
         """Add or replace flows by ``match``. A replaced flow keeps its counters; it keeps
-        what it latched only if the flow itself is unchanged."""
+        what it latched only if the flow itself is unchanged. Returns the endpoints that
+        no flow used before (the edge binds them)."""
+        added: list[Endpoint] = []
         for flow in flows:
             old = self._flows.get(flow.match)
             state = _FlowState(flow, flow.to, now, tokens=flow.rate_limit_pps, tokens_at=now)
@@ -80,12 +84,30 @@ class RelayCore:
                 state.counters = old.counters
                 if old.flow == flow:
                     state.to, state.latched = old.to, old.latched
+                self._unuse(old.flow, [])
             state.counters.to = state.to
             self._flows[flow.match] = state
+            for endpoint in (flow.match, flow.source):
+                self._uses[endpoint] += 1
+                if self._uses[endpoint] == 1:
+                    added.append(endpoint)
+        return [e for e in added if e in self._uses]
 
-    def remove(self, matches: Sequence[Endpoint]) -> None:
+    def remove(self, matches: Sequence[Endpoint]) -> list[Endpoint]:
+        """Forget flows; returns the endpoints no flow uses any more (the edge closes them)."""
+        unused: list[Endpoint] = []
         for match in matches:
-            self._flows.pop(match, None)
+            state = self._flows.pop(match, None)
+            if state is not None:
+                self._unuse(state.flow, unused)
+        return unused
+
+    def _unuse(self, flow: Flow, unused: list[Endpoint]) -> None:
+        for endpoint in (flow.match, flow.source):
+            self._uses[endpoint] -= 1
+            if self._uses[endpoint] == 0:
+                del self._uses[endpoint]
+                unused.append(endpoint)
 
     def refresh(self, flows: Sequence[Flow], now: float) -> None:
         """Restart the idle timers of these flows (signalling says they are alive)."""
@@ -96,7 +118,7 @@ class RelayCore:
 
     def endpoints(self) -> set[Endpoint]:
         """Every relay endpoint a socket must be bound on: each flow's match and source."""
-        return {e for s in self._flows.values() for e in (s.flow.match, s.flow.source)}
+        return set(self._uses)
 
     def receive(
         self, match: Endpoint, sender: Endpoint, size: int, now: float
@@ -190,14 +212,14 @@ class UserspaceRelay:
         self._core = RelayCore()
         self._sockets: dict[Endpoint, socket.socket] = {}
         self._senders: dict[tuple[str, int], Endpoint] = {}
+        self._forwarded = DropCounter()  # datagrams the kernel accepted for sending
 
     def install(self, flows: Sequence[Flow]) -> None:
         """Install the flows and bind a socket on each match and source not bound yet.
         Raises RelayBindError for an endpoint that cannot be bound; the flows stay
         installed and every other endpoint is bound."""
-        self._core.install(flows, self._clock())
         failed: list[OSError] = []
-        for endpoint in self._core.endpoints() - self._sockets.keys():
+        for endpoint in self._core.install(flows, self._clock()):
             try:
                 self._sockets[endpoint] = self._bind(endpoint)
             except OSError as exc:
@@ -208,9 +230,9 @@ class UserspaceRelay:
 
     def remove(self, matches: Sequence[Endpoint]) -> None:
         """Forget the flows and close the sockets no remaining flow uses."""
-        self._core.remove(matches)
-        for endpoint in self._sockets.keys() - self._core.endpoints():
-            self._close(endpoint)
+        for endpoint in self._core.remove(matches):
+            if endpoint in self._sockets:
+                self._close(endpoint)
 
     def refresh(self, flows: Sequence[Flow]) -> None:
         self._core.refresh(flows, self._clock())
@@ -220,6 +242,9 @@ class UserspaceRelay:
 
     def drops(self) -> dict[str, DropCounter]:
         return self._core.drops()
+
+    def forwarded(self) -> DropCounter:
+        return DropCounter(self._forwarded.packets, self._forwarded.bytes)
 
     def close(self, keep: bool) -> None:
         """Close every socket (nothing of a userspace relay can outlive it: ``keep`` is
@@ -270,6 +295,8 @@ class UserspaceRelay:
         if out is not None:
             try:
                 out.sendto(payload, (str(verdict.to.host), verdict.to.port))
+                self._forwarded.packets += 1
+                self._forwarded.bytes += len(payload)
                 return
             except OSError:
                 pass  # full socket buffer, no route: counted below
