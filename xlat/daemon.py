@@ -37,7 +37,7 @@ GUARD_DELAY = 0.02  # seconds the nft guard's changes wait to be batched
 TICK = 0.5  # longest sleep of the timer loop: idle expiry lands within 1 s of its deadline
 # Sessions one expiry pass looks at before the loop serves signalling again: a mass
 # expiry (10k calls idle at once) becomes many short passes, not one long stall.
-EXPIRY_BATCH = 250
+EXPIRY_BATCH = 100
 
 
 class ExitCode(enum.IntEnum):
