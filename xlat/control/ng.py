@@ -373,7 +373,7 @@ class NgCore:
         delay = request.integer("delete-delay")
         if delay is not None and delay < 0:
             raise NgError("delete-delay must not be negative")
-        _, totals = self._tags(self._matching(call_id, from_tag, to_tag))
+        totals = self._totals(self._matching(call_id, from_tag, to_tag))
         if not self.manager.delete(call_id, from_tag, to_tag, now=now,
                                    delay=None if delay is None else float(delay)):
             reason = f"unknown call-id {call_id!r}" + (f" or tag {from_tag!r}" if from_tag else "")
@@ -411,7 +411,7 @@ class NgCore:
         sessions = self.manager.sessions()
         own = sum(1 for s in sessions if s.origin == "ng")
         ended = self.manager.ended
-        _, totals = self._tags(sessions)
+        totals = self._totals(sessions)
         return _ok(request, statistics={
             "currentstatistics": {
                 "sessionsown": own,
@@ -578,16 +578,32 @@ class NgCore:
     def _call_info(self, sessions: Sequence[MediaSession]) -> dict[str, object]:
         """rtpengine's ``query`` shape (``tags`` and ``totals``); rtpengine's UNIX
         timestamps are left out: the core only knows monotonic time."""
-        tags, totals = self._tags(sessions)
-        return {"tags": tags, "totals": totals}
+        counters = self._counters(sessions)
+        return {"tags": self._tags(sessions, counters),
+                "totals": self._totals(sessions, counters)}
 
-    def _tags(self, sessions: Sequence[MediaSession]
-              ) -> tuple[dict[str, object], dict[str, dict[str, int]]]:
-        """Per tag, per media, an RTP and an RTCP stream; and the totals over all."""
-        matches = [ep for s in sessions for leg in s.legs() for ep in (leg.relay,
-                                                                        _shift(leg.relay))]
-        counters = self.counters(matches) if self.counters is not None and matches else {}
+    def _counters(self, sessions: Sequence[MediaSession]) -> Mapping[Endpoint, FlowCounters]:
+        """Datapath counters of every relay (RTP and RTCP) of the sessions."""
+        matches = [ep for s in sessions for leg in s.legs()
+                   for ep in (leg.relay, _shift(leg.relay))]
+        return self.counters(matches) if self.counters is not None and matches else {}
+
+    def _totals(self, sessions: Sequence[MediaSession],
+                counters: Mapping[Endpoint, FlowCounters] | None = None
+                ) -> dict[str, dict[str, int]]:
+        """RTP and RTCP stats summed over every tag's legs (what ``delete`` returns)."""
+        if counters is None:
+            counters = self._counters(sessions)
         totals = {"RTP": _stats(None), "RTCP": _stats(None)}
+        for session in sessions:
+            for leg in session.legs():
+                _add(totals["RTP"], _stats(counters.get(leg.relay)))
+                _add(totals["RTCP"], _stats(counters.get(_shift(leg.relay))))
+        return totals
+
+    def _tags(self, sessions: Sequence[MediaSession],
+              counters: Mapping[Endpoint, FlowCounters]) -> dict[str, object]:
+        """Per tag, per media, an RTP and an RTCP stream."""
         tags: dict[str, object] = {}
         for session in sorted(sessions, key=lambda s: s.answered):
             for side, tag in enumerate(session.tags):
@@ -597,22 +613,19 @@ class NgCore:
                         leg, other = stream[side], stream[1 - side]
                         medias.append({"index": index,
                                        "flags": ["rtcp-mux"] if leg.rtcp_mux else [],
-                                       "streams": _leg_streams(leg, other, counters, totals)})
+                                       "streams": _leg_streams(leg, other, counters)})
                 other_tag = session.tags[1 - side]
                 tags[tag or ""] = {"tag": tag or "", "in dialogue with": other_tag or "",
                                    "medias": medias}
-        return tags, totals
+        return tags
 
 
 def _leg_streams(
-    leg: Leg,
-    other: Leg,
-    counters: Mapping[Endpoint, FlowCounters],
-    totals: dict[str, dict[str, int]],
+    leg: Leg, other: Leg, counters: Mapping[Endpoint, FlowCounters]
 ) -> list[dict[str, object]]:
-    """RTP and RTCP of one tag's leg, added to ``totals``: ``stats`` count what arrived
-    at our relay from that tag; ``endpoint`` is where the other leg's flow sends to it
-    (after latching, if the datapath knows), ``advertised endpoint`` what its SDP said."""
+    """RTP and RTCP of one tag's leg: ``stats`` count what arrived at our relay from
+    that tag; ``endpoint`` is where the other leg's flow sends to it (after latching,
+    if the datapath knows), ``advertised endpoint`` what its SDP said."""
     rtcp_peer = leg.peer if leg.rtcp_mux else leg.rtcp_peer
     if rtcp_peer is None and leg.peer is not None:
         rtcp_peer = _shift(leg.peer)
@@ -621,10 +634,8 @@ def _leg_streams(
         ("RTP", leg.relay, other.relay, leg.peer),
         ("RTCP", _shift(leg.relay), _shift(other.relay), rtcp_peer),
     ):
-        stats = _stats(counters.get(relay))
-        _add(totals[kind], stats)
         entry: dict[str, object] = {"local address": str(relay.host), "local port": relay.port,
-                                    "flags": [kind], "stats": stats}
+                                    "flags": [kind], "stats": _stats(counters.get(relay))}
         sending = counters.get(sender)
         endpoint = sending.to if sending is not None and sending.to else advertised
         if endpoint is not None:
