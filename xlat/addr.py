@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass
 
@@ -13,8 +14,10 @@ class AddressError(ValueError):
     """A host or host:port string that is not a valid IP transport address."""
 
 
+@functools.lru_cache(maxsize=8192)
 def parse_ip(text: str) -> IPAddress:
-    """Parse an IP literal; IPv6 may be bracketed. Raises AddressError."""
+    """Parse an IP literal; IPv6 may be bracketed. Raises AddressError. Addresses repeat
+    (a phone's calls, a proxy's requests): the same text gives the same object."""
     raw = text[1:-1] if text.startswith("[") and text.endswith("]") else text
     try:
         return ipaddress.ip_address(raw)
@@ -42,6 +45,10 @@ class Endpoint:
         if ":" in host and not host.startswith("["):
             raise AddressError(f"IPv6 addresses must be bracketed: {text!r}")
         return cls(parse_ip(host), int(port))
+
+    def __hash__(self) -> int:
+        # ipaddress hashes via hex(); endpoints key every flow and session table
+        return hash((int(self.host), self.port))
 
     @property
     def family(self) -> int:
