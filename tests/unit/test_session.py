@@ -179,6 +179,21 @@ def test_mass_expiry_is_spread_over_passes_with_one_lookup_each() -> None:
     assert mgr.next_deadline() is None and mgr.flow_count == 0 and dp.flows == {}
 
 
+def test_flush_ends_everything_and_frees_every_port() -> None:
+    mgr, dp = make()
+    mgr.offer("c", "a", [StreamSpec(A6)], toward=4, now=0.0)
+    mgr.answer("c", "a", "b1", [StreamSpec(B4)], now=0.1)
+    mgr.answer("c", "a", "b2", [StreamSpec(Endpoint.parse("203.0.113.3:6000"))], now=0.2)
+    mgr.add(A6, B4, now=0.3)
+    assert mgr.flush(now=1.0) == 3
+    assert mgr.sessions() == [] and mgr.find("c") == [] and dp.flows == {}
+    assert mgr.pools[4][0].in_use == 0 and mgr.pools[6][0].in_use == 0
+    assert mgr.flow_count == 0 and mgr.next_deadline() is None
+    assert mgr.ended["flushed"] == 3
+    mgr.add(A6, B4, now=10.0)  # the manager goes on as new
+    assert len(dp.flows) == 4 and mgr.flow_count == 4
+
+
 def test_lifetime_caps_a_busy_session() -> None:
     mgr, dp = make()
     s = mgr.add(A6, B4, now=0.0, idle_timeout=60, lifetime=5.0)

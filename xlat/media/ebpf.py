@@ -146,6 +146,12 @@ def _counters(value: Any) -> FlowCounters:
     )
 
 
+@functools.lru_cache(maxsize=65536)
+def _key_bytes(ep: Endpoint) -> bytes:
+    """``struct flow_key`` of an endpoint: address, port (network order), zero pad."""
+    return _addr16(ep.host) + ep.port.to_bytes(2, "big") + bytes(2)
+
+
 def _set_endpoint(value: Any, addr_field: str, port_field: str, ep: Endpoint) -> None:
     ct.memmove(getattr(value, addr_field), _addr16(ep.host), 16)
     setattr(value, port_field, socket.htons(ep.port))
@@ -320,9 +326,7 @@ class EbpfDatapath:
             )
 
     def _key(self, ep: Endpoint) -> Any:
-        key = self._flows.Key()
-        _set_endpoint(key, "addr", "port", ep)
-        return key
+        return self._flows.Key.from_buffer_copy(_key_bytes(ep))
 
     def _value(self, flow: Flow, now_ns: int) -> Any:
         if flow.source.family != flow.to.family:

@@ -304,9 +304,23 @@ class SessionManager:
         return session
 
     def flush(self, *, now: float) -> int:
+        """End every session at once; returns how many. One pass over the legs (no
+        per-session flow diff): every relay endpoint's flows are queued for removal."""
         sessions = list(self._sessions.values())
-        for s in sessions:
-            self._end(s, now, "flushed")
+        for session in sessions:
+            for leg in session.legs():
+                self._remove.update((leg.relay, _shift(leg.relay, 1)))
+                self._release(leg.relay, now)
+            session.streams = []
+        self._sessions.clear()
+        self._calls.clear()
+        self._timers = DeadlineBuckets(self._timers.quantum)
+        self._install.clear()
+        self._refresh.clear()
+        self.flow_count = 0
+        self.ended["flushed"] += len(sessions)
+        log.info("flushed %d session(s)", len(sessions))
+        self._changed()
         return len(sessions)
 
     # ---- hitless restart ----------------------------------------------------------
