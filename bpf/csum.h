@@ -22,21 +22,9 @@ static __always_inline __u64 csum_add_words(__u64 acc, const __u32 *w, int n)
 {
 	int i;
 
-#pragma unroll
+#pragma clang loop unroll(full)
 	for (i = 0; i < n; i++)
 		acc += w[i];
-	return acc;
-}
-
-/* csum_sub_words — subtract @n 32-bit words at @w from accumulator @acc (ones'
- * complement: add their complements). Returns the accumulator. */
-static __always_inline __u64 csum_sub_words(__u64 acc, const __u32 *w, int n)
-{
-	int i;
-
-#pragma unroll
-	for (i = 0; i < n; i++)
-		acc += (__u32)~w[i];
 	return acc;
 }
 
@@ -58,6 +46,25 @@ static __always_inline __u16 csum_fold16(__u32 sum)
 	sum = (sum & 0xffff) + (sum >> 16);
 	sum = (sum & 0xffff) + (sum >> 16);
 	return (__u16)~sum;
+}
+
+/* csum_replace16 — RFC 1624 eqn. 3, HC' = ~(~HC + ~m + m'): the checksum after a change.
+ * @check: folded checksum (value). @diff: unfolded m' - m (sum of the new words plus the
+ * complements of the old ones). Returns the folded checksum (may be 0): @check - @diff in
+ * ones' complement arithmetic, so it also takes @diff out of a 16-bit sum that is not
+ * complemented (a CHECKSUM_PARTIAL field, l4.h).
+ */
+static __always_inline __u16 csum_replace16(__u16 check, __u32 diff)
+{
+	return csum_fold16(csum_unfolded((__u64)diff + (__u16)~check));
+}
+
+/* csum_equal16 — are two 16-bit ones' complement numbers equal, i.e. equal modulo
+ * 0xffff? 0x0000 and 0xffff are the two zeros (+0 and -0, RFC 1624 §3). For folded
+ * checksums and for 16-bit sums (not complemented) alike. */
+static __always_inline int csum_equal16(__u16 a, __u16 b)
+{
+	return a == b || ((__u16)(a + 1) <= 1 && (__u16)(b + 1) <= 1);
 }
 
 /* csum_udp_nonzero — RFC 768: "If the computed checksum is zero, it is transmitted as

@@ -48,7 +48,8 @@ struct flow_value {
 	__u32 rate_pps;		/* packet-rate cap; 0 = none */
 	__u64 idle_timeout_ns;	/* 0 = never expires */
 	__u64 installed_ns;	/* CLOCK_MONOTONIC at install: a never-used flow expires too */
-	__u64 last_seen_ns;	/* CLOCK_MONOTONIC of the last forwarded packet; 0 = never */
+	__u64 last_seen_ns;	/* CLOCK_MONOTONIC (to a tick, clock.h) of the last forwarded
+				 * packet; 0 = never */
 	__u64 packets;		/* forwarded, including hand-offs to the stack (reasons.h) */
 	__u64 bytes;		/* L3 bytes as received */
 	__u64 tb_tat_ns;	/* rate cap: GCRA theoretical arrival time */

@@ -10,18 +10,22 @@
  * REASON_FIB_FAIL and REASON_MTU_EXCEEDED, hand the translated packet to the stack.
  *
  * Helper calls per translated packet (each one costs more than the inline code around
- * it): bpf_ktime_get_ns, bpf_skb_change_proto (families differ), two
- * bpf_l4_csum_replace, bpf_redirect_neigh; bpf_fib_lookup about once a second per flow
- * (fib.h next-hop cache). Headers are written with direct packet access.
+ * it): bpf_skb_change_proto (families differ) and bpf_redirect_neigh; besides them,
+ * bpf_l4_csum_replace only for CHECKSUM_PARTIAL packets (l4.h), bpf_ktime_get_coarse_ns
+ * once per tick per CPU (clock.h) and bpf_fib_lookup about once a second per flow (fib.h
+ * next-hop cache). Headers and checksums are written with direct packet access; the
+ * verifier inlines the array lookups and bpf_jiffies64().
  *
- * Built by xlat/media/ebpf.py with bcc. -DXLAT_PIN_DIR="/path" pins both maps there
- * (a restarted daemon adopts them); without it the maps are private (xlat check).
+ * Built by xlat/media/ebpf.py with bcc. -DXLAT_PIN_DIR="/path" pins `flows` and `reasons`
+ * there (a restarted daemon adopts them); without it they are private (xlat check).
+ * `clock_copies` (clock.h's per-CPU cache) is always private.
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/pkt_cls.h>
 
 #include "reasons.h"
 #include "maps.h"
+#include "clock.h"
 #include "pkt.h"
 #include "csum.h"
 #include "ipv4.h"
@@ -43,6 +47,18 @@
 
 XLAT_MAP("hash", struct flow_key, struct flow_value, flows, FLOW_MAX_ENTRIES, BPF_F_NO_PREALLOC);
 XLAT_MAP("percpu_array", u32, struct reason_counter, reasons, __REASON_MAX, 0);
+/* private (not pinned): a cache that the first packet on each CPU fills */
+BPF_PERCPU_ARRAY(clock_copies, struct clock_copy, 1);
+
+/* ---- clock ------------------------------------------------------------------------ */
+
+/* clock_read — the datapath's clock (clock.h) through this CPU's copy. */
+static __always_inline __u64 clock_read(void)
+{
+	__u32 zero = 0;
+
+	return clock_now(clock_copies.lookup(&zero));
+}
 
 /* ---- reasons ---------------------------------------------------------------------- */
 
@@ -172,7 +188,7 @@ static __always_inline int translate(struct __sk_buff *skb, const struct xlat_pk
 {
 	void *data, *data_end;
 	struct udphdr *udp;
-	__be16 id = pkt->ip_id, frag_off = pkt->ip_frag;
+	__u32 l4_off;
 
 	if (flow->family != pkt->family &&
 	    bpf_skb_change_proto(skb, pkt_bswap16(flow->family == 4 ? XLAT_ETH_P_IP
@@ -191,30 +207,31 @@ static __always_inline int translate(struct __sk_buff *skb, const struct xlat_pk
 		/* RFC 7915 §4.1: flow label 0 from IPv4; anchoring IPv6 keeps it */
 		ipv6_fill(ip6, flow, pkt->tos, pkt->ttl - 1, pkt->family == 6 ? pkt->flow_lbl : 0,
 			  pkt->udp_len);
-		udp->source = flow->src_port;
-		udp->dest = flow->dst_port;
-		return l4_csum_update(skb, ETH_HLEN_ + IPV6_HLEN, pkt, flow);
-	}
+		l4_off = ETH_HLEN_ + IPV6_HLEN;
+	} else {
+		struct ipv4_wire *ip = data + ETH_HLEN_;
+		__be16 id = pkt->ip_id, frag_off = pkt->ip_frag;
 
-	struct ipv4_wire *ip = data + ETH_HLEN_;
-
-	udp = (void *)(ip + 1);
-	if ((void *)(udp + 1) > data_end)
-		return -1;
-	if (pkt->family == 6) {
-		/* RFC 7915 §5.1: Identification "set according to a Fragment Identification
-		 * generator at the translator": the flow's packet count, i.e. a counter per
-		 * source/destination/protocol, which is all RFC 6864 asks of IDs. MF 0; DF set
-		 * only above 1260 bytes. Anchoring IPv4 keeps ID and flags. */
-		id = pkt_bswap16((__u16)flow->packets);
-		frag_off = IPV4_HLEN + pkt->udp_len > IPV4_DF_THRESHOLD ?
-				   pkt_bswap16(IPV4_DF) : 0;
+		udp = (void *)(ip + 1);
+		if ((void *)(udp + 1) > data_end)
+			return -1;
+		if (pkt->family == 6) {
+			/* RFC 7915 §5.1: Identification "set according to a Fragment
+			 * Identification generator at the translator": the flow's packet count,
+			 * i.e. a counter per source/destination/protocol, which is all RFC 6864
+			 * asks of IDs. MF 0; DF set only above 1260 bytes. Anchoring IPv4 keeps
+			 * ID and flags. */
+			id = pkt_bswap16((__u16)flow->packets);
+			frag_off = IPV4_HLEN + pkt->udp_len > IPV4_DF_THRESHOLD ?
+					   pkt_bswap16(IPV4_DF) : 0;
+		}
+		*(__be16 *)(data + ETH_PROTO_OFF) = pkt_bswap16(XLAT_ETH_P_IP);
+		ipv4_fill(ip, flow, pkt->tos, pkt->ttl - 1, id, frag_off, pkt->udp_len);
+		l4_off = ETH_HLEN_ + IPV4_HLEN;
 	}
-	*(__be16 *)(data + ETH_PROTO_OFF) = pkt_bswap16(XLAT_ETH_P_IP);
-	ipv4_fill(ip, flow, pkt->tos, pkt->ttl - 1, id, frag_off, pkt->udp_len);
 	udp->source = flow->src_port;
 	udp->dest = flow->dst_port;
-	return l4_csum_update(skb, ETH_HLEN_ + IPV4_HLEN, pkt, flow);
+	return l4_csum_update(skb, l4_off, udp, pkt, flow);
 }
 
 /* ---- entry ------------------------------------------------------------------------ */
@@ -262,7 +279,7 @@ int xlat(struct __sk_buff *skb)
 	if (!flow)
 		return verdict(REASON_NO_FLOW, bytes);
 
-	now = bpf_ktime_get_ns();
+	now = clock_read();
 	reason = flow_admit(&pkt, flow, now);
 	if (reason)
 		return verdict(reason, bytes);
