@@ -19,7 +19,7 @@ demo: setup
 	$(VENV)/bin/xlat lab demo
 
 bench: setup
-	$(PY) -m bench $(if $(QUICK),--quick,)
+	$(PY) -m bench $(if $(QUICK),--quick,) $(if $(PYSPY),--pyspy $(PYSPY),)
 
 lint: setup
 	$(VENV)/bin/ruff check xlat tests bench

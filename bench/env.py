@@ -15,6 +15,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,8 @@ from xlat.lab import Lab, in_netns
 ROOT = Path(__file__).resolve().parent.parent
 BUILD = Path(__file__).resolve().parent / "build"  # git-ignored: compiled helpers
 XLAT = ROOT / ".venv" / "bin" / "xlat"
+PY_SPY = ROOT / ".venv" / "bin" / "py-spy"  # from the dev extras
+PY_SPY_RATE = 200  # samples/s: 5 ms resolution, little load with --nonblocking
 PREFIX = "xb"
 IFA_F_NODAD = 0x02
 
@@ -81,14 +84,21 @@ def stop(proc: subprocess.Popen[Any], timeout: float = 10.0) -> None:
 # ---- CPU accounting ------------------------------------------------------------------------
 
 
-def task_cpu_ns(pid: int) -> int:
-    """CPU time of every live thread of ``pid`` (scheduler's sum_exec_runtime, ns)."""
-    total = 0
+def task_schedstat(pid: int) -> tuple[int, int]:
+    """(ns on a CPU, ns runnable but waiting for a CPU) of every live thread of ``pid``
+    (the first two fields of /proc/PID/task/TID/schedstat)."""
+    run = wait = 0
     with contextlib.suppress(FileNotFoundError):
         for task in os.listdir(f"/proc/{pid}/task"):
             with contextlib.suppress(FileNotFoundError, ProcessLookupError):
-                total += int(Path(f"/proc/{pid}/task/{task}/schedstat").read_text().split()[0])
-    return total
+                fields = Path(f"/proc/{pid}/task/{task}/schedstat").read_text().split()
+                run, wait = run + int(fields[0]), wait + int(fields[1])
+    return run, wait
+
+
+def task_cpu_ns(pid: int) -> int:
+    """CPU time of every live thread of ``pid`` (scheduler's sum_exec_runtime, ns)."""
+    return task_schedstat(pid)[0]
 
 
 def ksoftirqd_pids() -> list[int]:
@@ -155,8 +165,9 @@ class BenchLab:
     """The lab plus what benchmarks add: a same-family path each way through the gateway
     (plain forwarding baseline) and extra media addresses; a scratch directory."""
 
-    def __init__(self, profile: Path | None = None) -> None:
+    def __init__(self, profile: Path | None = None, pyspy: Path | None = None) -> None:
         self.profile = profile  # where xlat daemons write cProfile stats, if anywhere
+        self.pyspy = pyspy  # where py-spy keeps each xlat daemon's stacks, if anywhere
         tag = f"{PREFIX}-{uuid.uuid4().hex[:5]}"
         self.lab = Lab(tag)
         self.exe = build_udpblast()
@@ -341,6 +352,7 @@ class Xlat:
         self.log = (lab.tmp / f"xlat-{uuid.uuid4().hex[:6]}.log").open("w+")
         self.proc = subprocess.Popen(in_ns(lab.gw, argv), stdout=subprocess.DEVNULL,
                                      stderr=self.log, text=True)
+        self.spy: PySpy | None = None
 
     def __enter__(self) -> Xlat:
         try:
@@ -348,14 +360,23 @@ class Xlat:
             got = self.call("stats")["datapath"]
             if self.datapath not in got:
                 raise BenchError(f"asked for the {self.datapath} datapath, xlat runs {got}")
+            if self.lab.pyspy is not None:
+                self.lab.pyspy.mkdir(parents=True, exist_ok=True)
+                self.spy = PySpy(self.pid, self.lab.pyspy / f"xlat-{time.strftime('%H%M%S')}-"
+                                 f"{uuid.uuid4().hex[:4]}.txt")
         except BaseException:
             self.__exit__()
             raise
         return self
 
     def __exit__(self, *exc: object) -> None:
-        stop(self.proc, timeout=20)
-        self.log.close()
+        try:
+            if self.spy is not None:  # before the daemon stops: its shutdown is not the figure
+                self.spy.stop()
+                self.spy.report(f"xlat {' '.join(self.argv_tail)}", sys.stderr)
+        finally:
+            stop(self.proc, timeout=20)
+            self.log.close()
         if self.stats is not None and self.stats.exists():
             print(f"\n---- profile of xlat {' '.join(self.argv_tail)} ({self.stats})",
                   file=sys.stderr)
@@ -373,6 +394,68 @@ class Xlat:
             return call(self.control, cmd, args)
         except ControlError as e:
             raise BenchError(f"xlat {cmd}: {e}") from None
+
+
+class PySpy:
+    """``py-spy record`` of a running process until ``stop()``: its stacks, collapsed
+    (``--format raw``: one ``frame;frame;... count`` line per distinct stack, frames named
+    ``function (file:first line)``; flamegraph.pl and speedscope.app read it) in ``out``.
+    ``--nonblocking`` reads the process without pausing it, so the figure moves little.
+    py-spy leaves out threads it sees idle (sleeping in epoll), but counts a runnable
+    thread that waits for a CPU as busy: a daemon preempted by the peer its ``sendto``
+    just woke shows ``sendto`` on top. So the report also gives, from schedstat, how
+    long the daemon really ran and how long it waited to run. py-spy's own messages go
+    to ``out`` with the suffix ``.log``."""
+
+    def __init__(self, pid: int, out: Path) -> None:
+        self.out = out
+        self.pid = pid
+        self.started = task_schedstat(pid)
+        self.ran_ns = self.waited_ns = 0
+        self.log = out.with_suffix(".log").open("w+")
+        self.proc = subprocess.Popen(
+            [str(PY_SPY), "record", "--pid", str(pid), "--format", "raw", "--function",
+             "--nonblocking", "--rate", str(PY_SPY_RATE), "--output", str(out)],
+            stdin=subprocess.DEVNULL, stdout=self.log, stderr=self.log, text=True)
+
+    def stop(self) -> None:
+        """Stop sampling (SIGINT makes py-spy write ``out``); raise if it wrote nothing."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+        ran, waited = task_schedstat(self.pid)
+        self.ran_ns, self.waited_ns = ran - self.started[0], waited - self.started[1]
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        try:
+            if not self.out.exists():
+                raise BenchError(f"py-spy wrote no {self.out.name}: {tail(self.log)}")
+        finally:
+            self.log.close()
+
+    def report(self, what: str, out: TextIO, lines: int = PROFILE_LINES) -> None:
+        """The functions with the most self time (top of the stack) in the recording."""
+        counts = self_samples(self.out.read_text())
+        total = sum(counts.values())
+        print(f"\n---- py-spy of {what} ({self.out}): {total} busy samples at {PY_SPY_RATE}/s "
+              f"(≈ {total / PY_SPY_RATE:.1f} s); the daemon ran {self.ran_ns / 1e9:.1f} s and "
+              f"waited {self.waited_ns / 1e9:.1f} s for a CPU\n  self%  samples  function",
+              file=out)
+        for function, n in counts.most_common(lines):
+            print(f"{100 * n / total:7.1f} {n:8d}  {function}", file=out)
+
+
+def self_samples(collapsed: str) -> Counter[str]:
+    """Samples per function at the top of the stack (its self time), summed over the
+    stacks of py-spy's raw (collapsed) output."""
+    counts: Counter[str] = Counter()
+    for line in collapsed.splitlines():
+        stack, _, n = line.rpartition(" ")
+        if stack:
+            counts[stack.rpartition(";")[2]] += int(n)
+    return counts
 
 
 class Rtpengine:

@@ -1,6 +1,7 @@
 """Scale figure: many manual sessions in one xlat (eBPF datapath), installed through the
 control socket: install rate, install latency as the table grows, daemon memory per
-session, kernel map memory, and the cost of 10k sessions expiring at once.
+session, kernel map memory, and the cost of 10k sessions expiring at once, with the SIP
+latency a UA sees meanwhile (the daemon also listens for SIP).
 
 There is no bulk API yet, so installs are ``session.add`` requests pipelined on one
 control connection (the server answers each line in order)."""
@@ -29,11 +30,14 @@ from bench.env import (
     run_in,
 )
 from bench.ng import percentile
+from bench.sip import SipPing
 
 PIPELINE = 200  # requests in flight on the control connection
 PROBES = 200  # single round trips per latency checkpoint
 IDLE_S = 2.0  # how long the daemon's idle CPU with all sessions installed is measured
 SWEEP_WAIT = 2.5  # how long after the timeout we watch (xlat expires within 1 s)
+PROBE_GAP = 0.02  # between a SIP probe's answer and the next probe
+BASELINE_S = 2.0  # SIP probes before the expiry (same daemon, same sessions, all idle)
 
 
 class Pipeline:
@@ -113,7 +117,7 @@ def figures(lab: BenchLab, quick: bool) -> Iterator[dict[str, Any]]:
     media4 = [GW4, *extra_media(4, 12)]
     media6 = [GW6, *extra_media(6, 12)]
     try:
-        with Xlat(lab, media_v4=media4, media_v6=media6,
+        with Xlat(lab, media_v4=media4, media_v6=media6, sip_listen=(f"[{GW6}]:5060",),
                   extra=["--ports", "20000-59999", "--delete-delay", "0"]) as daemon:
             yield from _measure(lab, daemon, checkpoints, expiring, expire_timeout)
     except BenchError as e:
@@ -181,28 +185,61 @@ def _expiry(lab: BenchLab, pipe: Pipeline, daemon: Xlat, n: int, timeout: float
             ) -> dict[str, Any]:
     """``n`` sessions go idle together (installed, then one packet each) and expire.
 
-    Meanwhile a cheap request (``version``) every 20 ms measures how long the daemon's
-    loop stalls, and when; ``stats`` (which walks every flow) is asked only before and
-    after, so the probe does not load the daemon it measures. CPU is the daemon's from
-    just before the timeout to SWEEP_WAIT after it."""
+    A SIP OPTIONS from the v6 host, answered by the proxy itself (``SipPing``), every
+    20 ms measures what signalling sees: first for BASELINE_S right after the sessions
+    went idle (``baseline_sip_ms_*``), then from just before the timeout to SWEEP_WAIT
+    after it (``sip_ms_*``). ``stall_ms`` is the slowest answer during the expiry less
+    the baseline median, ``stall_at_s`` when it was sent (after the timeout). ``stats``
+    (which walks every flow) is asked only before and after, so no probe loads the daemon
+    it measures. CPU is the daemon's over the second window (the probes' share is small:
+    50 OPTIONS/s)."""
     base = pipe.run([("stats", {})])[0]["sessions"]
     sessions = install(pipe, 0, n, timeout=timeout)
     pipe.run([("version", {})])  # the flows are in the datapath (see media.xlat_relay)
-    t0 = time.monotonic()
-    touch(lab, sessions)
-    deadline = time.monotonic() + timeout
-    touched_in = deadline - timeout - t0
-    time.sleep(max(0.0, deadline - time.monotonic() - 0.2))
-    worst, worst_at = 0.0, 0.0
-    with CpuMeter([daemon.pid]) as cpu:
-        while time.monotonic() < deadline + SWEEP_WAIT:
-            t1 = time.perf_counter()
-            pipe.run([("version", {})])
-            took = time.perf_counter() - t1
-            if took > worst:
-                worst, worst_at = took, time.monotonic() - deadline
-            time.sleep(0.02)
+    with SipPing(lab.v6, V6_HOST, GW6) as ping:
+        if ping.rtt() is None:
+            raise BenchError(f"no answer to OPTIONS sent to [{GW6}]:5060")
+        t0 = time.monotonic()
+        touch(lab, sessions)
+        deadline = time.monotonic() + timeout
+        touched_in = deadline - timeout - t0
+        before, lost_before = probe(ping, min(deadline - timeout + BASELINE_S, deadline - 0.5))
+        time.sleep(max(0.0, deadline - time.monotonic() - 0.2))
+        with CpuMeter([daemon.pid]) as cpu:
+            during, lost = probe(ping, deadline + SWEEP_WAIT)
     left = pipe.run([("stats", {})])[0]["sessions"] - base
+    if not before or not during:
+        raise BenchError(f"OPTIONS unanswered: {len(before)} answers before the expiry, "
+                         f"{len(during)} during it ({lost} lost)")
+    sent_at, worst = max(during, key=lambda sample: sample[1])
+    normal = percentile([rtt for _, rtt in before], 0.5)
     return {"figure": "scale_expiry", "impl": "ebpf", "sessions": n, "left": max(0, left),
-            "touched_in_s": round(touched_in, 2), "stall_ms": round(worst * 1e3, 1),
-            "stall_at_s": round(worst_at, 2), "daemon_cpu_ms": round(cpu.used_ns / 1e6, 1)}
+            "touched_in_s": round(touched_in, 2), **latency("baseline_sip", before),
+            "baseline_sip_lost": lost_before, **latency("sip", during), "sip_lost": lost,
+            "stall_ms": round((worst - normal) * 1e3, 1),
+            "stall_at_s": round(sent_at - deadline, 2),
+            "daemon_cpu_ms": round(cpu.used_ns / 1e6, 1)}
+
+
+def probe(ping: SipPing, until: float) -> tuple[list[tuple[float, float]], int]:
+    """An OPTIONS round trip, PROBE_GAP apart, until the monotonic clock passes ``until``:
+    (sent at, seconds) of each answered one, and how many went unanswered."""
+    answered: list[tuple[float, float]] = []
+    lost = 0
+    while (sent := time.monotonic()) < until:
+        rtt = ping.rtt()
+        if rtt is None:
+            lost += 1
+        else:
+            answered.append((sent, rtt))
+        time.sleep(PROBE_GAP)
+    return answered, lost
+
+
+def latency(name: str, samples: list[tuple[float, float]]) -> dict[str, float | int]:
+    """``{name}_ms_p50``, ``_ms_p99``, ``_ms_max`` of the round trips and ``{name}_probes``."""
+    rtts = [rtt for _, rtt in samples]
+    return {f"{name}_ms_p50": round(percentile(rtts, 0.5) * 1e3, 2),
+            f"{name}_ms_p99": round(percentile(rtts, 0.99) * 1e3, 2),
+            f"{name}_ms_max": round(max(rtts) * 1e3, 2),
+            f"{name}_probes": len(rtts)}

@@ -8,8 +8,10 @@ from __future__ import annotations
 import contextlib
 import csv
 import os
+import socket
 import subprocess
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,7 @@ from bench.env import (
     in_ns,
     process_in,
 )
+from xlat.lab import in_netns
 
 HERE = Path(__file__).resolve().parent / "sip"
 UAS_PORT = 5080
@@ -143,6 +146,61 @@ def measure(impl: str, lab: BenchLab, cpu_pids: Callable[[], list[int]], quick: 
         out["cpu_ms_per_call"] = round(fixed["cpu_ns"] / fixed["calls"] / 1e6, 3)
         out["cpu_cps"] = CPU_CPS
     return out
+
+
+class SipPing:
+    """OPTIONS from a host in namespace ``ns`` to the proxy's own URI (no user part),
+    one at a time. xlat answers it itself with a 200: the request is parsed, gets a
+    server transaction and goes through routing, but is not forwarded. Each has its own
+    branch and Call-ID, so none is taken for a retransmission."""
+
+    def __init__(self, ns: str, host: str, proxy: str, port: int = 5060,
+                 timeout: float = 5.0) -> None:
+        with in_netns(ns):
+            self.sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        self.sock.bind((host, 0))
+        self.sock.settimeout(timeout)
+        self.host, self.port = host, int(self.sock.getsockname()[1])
+        self.proxy = (proxy, port)
+        self.tag = uuid.uuid4().hex[:8]
+        self.seq = 0
+
+    def __enter__(self) -> SipPing:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.sock.close()
+
+    def options(self, branch: str) -> bytes:
+        proxy = f"[{self.proxy[0]}]:{self.proxy[1]}"
+        return (f"OPTIONS sip:{proxy} SIP/2.0\r\n"
+                f"Via: SIP/2.0/UDP [{self.host}]:{self.port};branch={branch};rport\r\n"
+                "Max-Forwards: 70\r\n"
+                f"From: <sip:probe@[{self.host}]>;tag={self.tag}\r\n"
+                f"To: <sip:{proxy}>\r\n"
+                f"Call-ID: {self.tag}-{self.seq}@bench\r\n"
+                f"CSeq: {self.seq} OPTIONS\r\n"
+                "Content-Length: 0\r\n\r\n").encode()
+
+    def rtt(self) -> float | None:
+        """Seconds from sending one OPTIONS to its response; None if none came within
+        the timeout. Raises BenchError if the proxy answers anything but 200."""
+        self.seq += 1
+        branch = f"z9hG4bK-{self.tag}-{self.seq:08d}"  # fixed width: no branch prefixes another
+        t0 = time.perf_counter()
+        self.sock.sendto(self.options(branch), self.proxy)
+        while True:
+            try:
+                data = self.sock.recv(65535)
+            except TimeoutError:
+                return None
+            if branch.encode() in data:  # else a late answer to an earlier probe
+                break
+        took = time.perf_counter() - t0
+        status = data.split(b"\r\n", 1)[0]
+        if not status.startswith(b"SIP/2.0 200 "):
+            raise BenchError(f"OPTIONS to the proxy answered {status.decode(errors='replace')}")
+        return took
 
 
 # ---- Kamailio + rtpengine ---------------------------------------------------------------------
