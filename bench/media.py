@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -52,14 +51,13 @@ class Settings:
     stream_s: float  # duration of the many-streams runs
     stream_counts: tuple[int, ...] = (100, 1000)
     bpf_rates: tuple[float, ...] = (CPU_RATE, 4 * CPU_RATE)  # busier = warmer caches
-    test_runs: int = 100  # BPF_PROG_TEST_RUN calls
     cpu_pairs: int = 3  # direct/relay run pairs per CPU figure
     recover_s: float = 1.0  # pause after a lossy trial
 
 
 FULL = Settings(trial_s=2.0, precision=1.1, cpu_s=2.0, stream_s=5.0)
 QUICK = Settings(trial_s=0.4, precision=2.0, cpu_s=0.5, stream_s=1.0, stream_counts=(100,),
-                 bpf_rates=(CPU_RATE,), test_runs=20, cpu_pairs=1, recover_s=0.3)
+                 bpf_rates=(CPU_RATE,), cpu_pairs=1, recover_s=0.3)
 
 
 @dataclass
@@ -367,36 +365,6 @@ def bpf_stats() -> Iterator[None]:
 # run has already rewritten (to an address no flow matches): so one run per call, many
 # calls, median. Each run is then cold (a fresh skb, cold caches, clock reads around
 # one run): an upper bound; the live-traffic figure is the one to quote.
-_TEST_RUN = re.compile(r"Return value: (\d+), duration[^:]*: (\d+)ns")
-
-
-def packet(lane: Lane, size: int = 172) -> bytes:
-    """The Ethernet frame the sender of ``lane`` puts on the wire (first stream)."""
-    from scapy.layers.inet import IP, UDP
-    from scapy.layers.inet6 import IPv6
-    from scapy.layers.l2 import Ether
-
-    ip = IPv6(src=lane.source, dst=lane.dest) if ":" in lane.dest else \
-        IP(src=lane.source, dst=lane.dest, ttl=64)
-    udp = UDP(sport=lane.source_port, dport=lane.dest_ports[0])
-    return bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / ip / udp
-                 / bytes(size))
-
-
-def test_run(lab: BenchLab, prog: int, frame: bytes, runs: int) -> tuple[set[int], float]:
-    """(return values, median ns) of ``runs`` BPF_PROG_TEST_RUN calls on ``frame``, in
-    the gateway's namespace (so the program's FIB lookup sees the gateway's routes)."""
-    data = lab.tmp / "frame.bin"
-    data.write_bytes(frame)
-    script = (f"for i in $(seq {runs}); do bpftool prog run id {prog} "
-              f"data_in {data} repeat 1; done")
-    out = run_in(lab.gw, ["sh", "-c", script])
-    got = [(int(m.group(1)), int(m.group(2))) for m in _TEST_RUN.finditer(out)]
-    if len(got) != runs:
-        raise BenchError(f"bpftool prog run: unexpected output {out.strip()[:200]!r}")
-    return {r for r, _ in got}, sorted(ns for _, ns in got)[runs // 2]
-
-
 def live_cost(lab: BenchLab, ids: list[int], relay: Relay, d: str, rate: float,
               s: Settings, what: str) -> dict[str, Any]:
     """bpf_stats run_time_ns / run_cnt of the programs over one trial through ``relay``."""
@@ -412,9 +380,9 @@ def live_cost(lab: BenchLab, ids: list[int], relay: Relay, d: str, rate: float,
 
 
 def bpf_cost(lab: BenchLab, relay: Relay, s: Settings) -> Iterator[dict[str, Any]]:
-    """ns per packet of the tc program: on the real traffic of a fixed-rate run
-    (run_time_ns / run_cnt with kernel.bpf_stats_enabled), and BPF_PROG_TEST_RUN on one
-    frame of a live session, repeated."""
+    """ns per packet of the tc program on the real traffic of a fixed-rate run
+    (run_time_ns / run_cnt with kernel.bpf_stats_enabled). BPF_PROG_TEST_RUN on its own
+    is the ``bpf`` figure (bench/bpfcost.py)."""
     ids = tc_prog_ids(lab)
     if not ids:
         yield {"figure": "bpf_prog_ns", "impl": "ebpf", "error": "no tc program found"}
@@ -424,8 +392,3 @@ def bpf_cost(lab: BenchLab, relay: Relay, s: Settings) -> Iterator[dict[str, Any
             yield live_cost(lab, ids, relay, d, rate, s, "live traffic")
         # the fixed part: packets no flow matches (plain forwarding through the gateway)
         yield live_cost(lab, ids, forward(lab), d, CPU_RATE, s, "packets no flow matches")
-        with relay.open(d, 1) as lane:
-            retvals, ns = test_run(lab, ids[0], packet(lane), s.test_runs)
-        yield {"figure": "bpf_prog_ns", "impl": "ebpf", "direction": d,
-               "method": f"BPF_PROG_TEST_RUN, median of {s.test_runs}", "ns_per_pkt": ns,
-               "retval": ",".join(map(str, sorted(retvals)))}
