@@ -30,6 +30,7 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address
+from typing import NamedTuple
 
 from xlat.addr import Endpoint, IPAddress
 from xlat.media.session import StreamSpec
@@ -195,19 +196,19 @@ def rewrite_sdp(
     ice = {number for number, name in parsed.attributes if name in ICE_ATTRIBUTES}
     drop = ice if remove_ice else set()
 
-    out = bytearray()
-    for number, line in enumerate(parsed.lines):
+    out: list[bytes] = []
+    for number, (text, eol) in enumerate(parsed.lines):
         if number in drop:
             continue
-        out += _apply(line.text, edits.get(number, ())) + line.eol
-    return bytes(out)
+        line_edits = edits.get(number)
+        out += (text if line_edits is None else _apply(text, line_edits), eol)
+    return b"".join(out)
 
 
 # --- rewriting helpers ---------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class _Edit:
+class _Edit(NamedTuple):
     span: tuple[int, int]  # [start, end) in the line text, without its line ending
     text: bytes
 
@@ -241,6 +242,7 @@ def _apply(text: bytes, edits: Sequence[_Edit]) -> bytes:
     return text
 
 
+@functools.lru_cache(maxsize=256)  # our few relay addresses
 def _connection(host: IPAddress, *, hold: bool) -> bytes:
     """``IP4 <host>`` / ``IP6 <host>``: the part after ``IN``. On hold, the null address
     of `host`'s family instead (RFC 3264 §8.4 still lets an old UA signal hold that way)."""
@@ -257,8 +259,7 @@ def _is_null(conn: _Conn | None) -> bool:
 # --- parsing -------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class _Line:
+class _Line(NamedTuple):  # a tuple: one is made per line of every body
     text: bytes  # the line without its ending
     eol: bytes  # b"\r\n", b"\n" or b"" (last line without newline)
 
@@ -365,26 +366,25 @@ def _ascii(number: int, text: bytes) -> str:
         raise SdpError(f"line {number + 1}: non-ASCII bytes in {text[:2]!r} line") from None
 
 
-def _tokens(number: int, text: bytes, start: int) -> list[tuple[str, tuple[int, int]]]:
-    """Whitespace-separated tokens of text[start:] with their spans in `text`."""
-    return [(_ascii(number, match.group()), match.span()) for match in _TOKEN.finditer(text, start)]
-
-
 def _parse_port(number: int, token: str, what: str) -> int:
     if not token.isdigit() or int(token) > 65535:
         raise SdpError(f"line {number + 1}: bad {what} port {token!r}")
     return int(token)
 
 
+_M_LINE = re.compile(rb"m=[ \t]*([^ \t]+)[ \t]+([^ \t]+)[ \t]+([^ \t]+)[ \t]+[^ \t]")
+
+
 def _parse_m(number: int, text: bytes) -> _Section:
     """``m=<media> <port>[/<count>] <proto> <fmt> ...``."""
-    tokens = _tokens(number, text, 2)
-    if len(tokens) < 4:
+    _ascii(number, text)
+    m = _M_LINE.match(text)
+    if m is None:
         raise SdpError(f"line {number + 1}: bad m= line {text[:80]!r}")
-    (kind, _), (port_text, port_span), (proto, _) = tokens[:3]
+    kind, port_text, proto = (group.decode() for group in m.groups())
     port = _parse_port(number, port_text.partition("/")[0], "m=")
     # The whole "port/count" token is the span: one relay pair replaces a port range.
-    return _Section(m_line=number, kind=kind, port=port, port_span=port_span, proto=proto)
+    return _Section(m_line=number, kind=kind, port=port, port_span=m.span(2), proto=proto)
 
 
 def _parse_conn(
@@ -395,11 +395,26 @@ def _parse_conn(
     The address of a c= line may carry ``/ttl[/count]`` (multicast, RFC 8866 §5.7); the
     span covers it, since a unicast relay address replaces it.
     """
-    tokens = _tokens(number, text, start)
-    if len(tokens) != 3:
+    _ascii(number, text)
+    found = _conn_fields(text[start:], allow_name)
+    if found is None:
         raise SdpError(f"line {number + 1}: bad {what} address {text[:80]!r}")
+    (first, end), address = found
+    return _Conn(line=number, span=(start + first, start + end), address=address)
+
+
+# A peer writes the same connection data in every body (and o= lines differ only before
+# it): its parse is kept. Bounded: the bytes come from the network.
+@functools.lru_cache(maxsize=4096)
+def _conn_fields(
+    rest: bytes, allow_name: bool
+) -> tuple[tuple[int, int], IPAddress | None] | None:
+    """(span from addrtype to the end of the address, address) of the connection data
+    ``rest`` (ASCII), None when malformed; the address is None for a host name."""
+    tokens = [(m.group().decode(), m.span()) for m in _TOKEN.finditer(rest)]
+    if len(tokens) != 3:
+        return None
     (nettype, _), (addrtype, type_span), (address_text, address_span) = tokens
-    span = (type_span[0], address_span[1])
     address_text = address_text.partition("/")[0]
     version = {"IP4": 4, "IP6": 6}.get(addrtype)
     address: IPAddress | None
@@ -408,8 +423,8 @@ def _parse_conn(
     except ValueError:
         address = None
     if nettype != "IN" or version is None or (address is None and not allow_name):
-        raise SdpError(f"line {number + 1}: bad {what} address {text[:80]!r}")
-    return _Conn(line=number, span=span, address=address)
+        return None
+    return (type_span[0], address_span[1]), address
 
 
 def _parse_origin(number: int, text: bytes) -> _Conn:
@@ -418,10 +433,11 @@ def _parse_origin(number: int, text: bytes) -> _Conn:
     Read from the right: some UAs put spaces in the username. The address may be a host
     name (RFC 8866 §5.2).
     """
-    tokens = _tokens(number, text, 2)
-    if len(tokens) < 6:
+    _ascii(number, text)
+    starts = [match.start() for match in _TOKEN.finditer(text, 2)]
+    if len(starts) < 6:
         raise SdpError(f"line {number + 1}: bad o= line {text[:80]!r}")
-    return _parse_conn(number, text, tokens[-3][1][0], "o=", allow_name=True)
+    return _parse_conn(number, text, starts[-3], "o=", allow_name=True)
 
 
 def _parse_attribute(parsed: _Parsed, section: _Section | None, number: int, text: bytes) -> None:

@@ -581,3 +581,45 @@ def test_damaged_sdp_fails_only_with_sdp_error(name: str, cut: int, junk: bytes)
         return
     relays: list[Endpoint | None] = [RELAY6] * len(info.media)
     parse_sdp(rewrite_sdp(damaged, relays))
+
+
+@pytest.mark.parametrize(
+    "origin",
+    [
+        b"o=- 7 7 IN IP6 2001:db8::5",
+        b"o=a b  c\t7 7 IN\tIP6   2001:db8::5 ",
+        b"o=-\t7\t7\tIN IP6 2001:db8::5",
+    ],
+)
+def test_origin_blanks_anywhere_only_its_address_is_rewritten(origin: bytes) -> None:
+    body = b"v=0\r\n" + origin + b"\r\ns=-\r\nc=IN IP6 2001:db8::5\r\nt=0 0\r\n"
+    body += b"m=audio 4000 RTP/AVP 0\r\n"
+    assert parse_sdp(body).origin_address == IPv6Address("2001:db8::5")
+    out = lines_of(rewrite_sdp(body, [RELAY4]))[1]
+    head, _, _ = origin.rpartition(b"IP6")
+    assert out == head + b"IP4 203.0.113.1" + origin[len(origin.rstrip()) :] + b"\r\n"
+
+
+def test_a_bad_line_is_reported_at_its_own_line_whatever_came_before() -> None:
+    """Parsed connection data is shared between bodies: the line number is not."""
+    bad = b"c=IN IP4 pbx.example.com\r\n"
+    for extra in (0, 3):
+        body = HEAD + b"a=x:1\r\n" * extra + bad
+        with pytest.raises(SdpError, match=f"line {5 + extra}: bad c= address"):
+            parse_sdp(body)
+
+
+@pytest.mark.parametrize(
+    ("m_line", "port"), [(b"m=audio 4000 RTP/AVP 0", 4000), (b"m= audio\t4002  RTP/AVP 0 8", 4002)]
+)
+def test_m_line_blanks(m_line: bytes, port: int) -> None:
+    body = HEAD + b"c=IN IP4 192.0.2.1\r\n" + m_line + b"\r\n"
+    (media,) = parse_sdp(body).media
+    assert media.port == port and media.kind == "audio" and media.proto == "RTP/AVP"
+    out = rewrite_sdp(body, [RELAY4])
+    assert lines_of(out)[-1] == m_line.replace(str(port).encode(), b"30000") + b"\r\n"
+
+
+def test_non_ascii_m_line_is_an_sdp_error() -> None:
+    with pytest.raises(SdpError, match="line 6: non-ASCII"):
+        parse_sdp(HEAD + b"c=IN IP4 192.0.2.1\r\nm=audio 4000 RTP/AVP 0 \xe9\r\n")

@@ -755,3 +755,38 @@ def test_split_list_fast_paths_agree_with_the_character_walk(value: str) -> None
     except SipParseError:
         got = SipParseError
     assert got == walked
+
+
+def test_messages_parsed_from_the_same_bytes_do_not_share_values() -> None:
+    """Parsed header values come from shared templates (Via, name-addr, URI caches):
+    editing one message's values must reach neither the other message nor a later
+    parse."""
+    data = load("maddr_ipv6")
+    first, second = parse_message(data), parse_message(data)
+    first.vias[0].params["x-edit"] = "1"
+    first.from_.params["tag"] = "changed"
+    assert isinstance(first.from_.uri, SipUri)
+    first.from_.uri.params["x"] = "y"
+    first.routes[0].params["x-edit"] = "1"
+    for msg in (second, parse_message(data)):
+        assert "x-edit" not in msg.vias[0].params
+        uri = msg.from_.uri
+        assert msg.from_.tag != "changed" and isinstance(uri, SipUri) and "x" not in uri.params
+        assert "x-edit" not in msg.routes[0].params
+        assert msg.to_bytes() == data
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "error"),
+    [
+        ("Contact", "*, <sip:a@192.0.2.1>", "Contact: \\* mixed"),
+        ("Route", "<sip:192.0.2.1;lr", "unterminated <"),
+        ("Record-Route", "<sip:[2001:db8::1;lr>", "IPv6"),
+        ("Via", "SIP/2.0/UDP 192.0.2.1;branch=z9hG4bK1, bogus", "bad Via"),
+    ],
+)
+def test_every_list_header_is_validated_at_parse(name: str, value: str, error: str) -> None:
+    data = parse_message(load("maddr_ipv6")).to_bytes()
+    bad = data.replace(b"\r\n\r\n", f"\r\n{name}: {value}\r\n\r\n".encode(), 1)
+    with pytest.raises(SipParseError, match=error):
+        parse_message(bad)

@@ -23,7 +23,8 @@ from xlat.media.ports import RelayPortPool
 from xlat.media.session import SessionManager
 from xlat.sip.message import SipRequest, SipResponse, make_response, parse_message
 from xlat.sip.proxy import ProxyConfig, Send, SipProxy, _Branch, _Context, _Server
-from xlat.sip.transport import _endpoint, start_sip
+from xlat.sip.transaction import Timers
+from xlat.sip.transport import SipServer, _endpoint, start_sip
 from xlat.sip.uri import SipUri, format_host
 
 GW4 = Endpoint.parse("203.0.113.1:5060")
@@ -1000,3 +1001,54 @@ def test_malformed_request_reply_carries_the_parser_reason_and_status_hint() -> 
     assert gw.send(alice, data.replace(b"INVITE sip", b"ACK sip", 1)
                    .replace(b"CSeq: 1 INVITE", b"CSeq: x")) == []
     assert gw.send(alice, re.sub(rb"Via: [^\r]*\r\n", b"", data)) == []
+
+
+def test_one_contact_is_mapped_for_each_family_it_is_shown_to() -> None:
+    """The gateway keeps the mapping of a Contact it has seen: the same Contact shown to
+    an IPv4 party and to an IPv6 party must still come out right for each."""
+    gw = Gateway()
+    alice = Phone("alice", ALICE6)
+    bob4, carol6 = Phone("bob", BOB4), Phone("carol", Endpoint.parse("[2001:db8:6::3]:5060"))
+    for callee in (bob4, carol6, bob4):
+        uri = f"sip:{callee.name}@{format_host(callee.addr.host)}:{callee.addr.port}"
+        invite, _ = alice.invite(uri, sdp(alice.addr.host, 40000))
+        (contact,) = request(gw.send(alice, invite), callee.addr, "INVITE").get_all("Contact")
+        if callee is carol6:
+            assert contact == alice.contact  # same family: untouched
+        else:
+            assert uri_family(contact) == 4 and ";xlat=" in contact
+            assert contact.startswith(f"<sip:alice@{GW4}")
+
+
+def test_asyncio_edge_keeps_its_timer_when_the_next_deadline_moves_later() -> None:
+    """The edge arms one loop timer at the proxy's next deadline and re-arms only for an
+    earlier one: a later deadline lets it fire early, find nothing due, and re-arm."""
+
+    async def scenario() -> None:
+        gw = Gateway(timers=Timers(t1=0.3))  # Timer A: 0.3 s
+        server = SipServer(gw.proxy, asyncio.get_running_loop())
+        alice, bob = Phone("alice", ALICE6), Phone("bob", BOB4)
+        uri = f"sip:bob@{BOB4}"
+        try:
+            first, _ = alice.invite(uri, sdp(alice.addr.host, 40000))
+            server.received(first.to_bytes(), alice.addr, GW6, "udp")  # Timer A of its branch
+            armed = server._timer
+            assert armed is not None and armed.when() == gw.proxy.next_deadline()
+            await asyncio.sleep(0.05)
+            second, _ = alice.invite(uri, sdp(alice.addr.host, 40002))
+            server.received(second.to_bytes(), alice.addr, GW6, "udp")
+            assert server._timer is armed  # a later deadline: nothing to do
+            # the first branch's 180 stops its Timer A: the next deadline is the second's
+            branch = next(b for b in gw.proxy._clients.values() if b.request.call_id ==
+                          first.call_id)
+            ringing = bob.reply(branch.request, 180)
+            server.received(ringing.to_bytes(), bob.addr, GW4, "udp")
+            later = gw.proxy.next_deadline()
+            assert server._timer is armed and later is not None and armed.when() < later
+            await asyncio.sleep(armed.when() - asyncio.get_running_loop().time() + 0.005)
+            assert server._timer is not armed and server._timer is not None
+            assert server._timer.when() == later  # fired early, re-armed where due
+        finally:
+            server.close()
+
+    asyncio.run(scenario())

@@ -151,15 +151,17 @@ _QUOTED_PAIR_RE = re.compile(r"\\[\x00-\x09\x0b\x0c\x0e-\x7f]")
 _ANGLES_RE = re.compile(r"[^<>]*(?:<[^<>]*>[^<>]*)*")
 _OUTSIDE_ANGLES_COMMA_RE = re.compile(r",(?=[^>]*(?:<|\Z))")
 _BLANK_LINE_RE = re.compile(rb"\n\r?\n")
-# A byte that makes header lines need the general parser: a control character other
-# than CR and LF, a non-ASCII byte (see _is_plain).
-_UNPLAIN_RE = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\xff]")
+# The bytes header lines may hold and still go to the fast parser: printable ASCII, HT,
+# CR and LF (see _is_plain); any other (a control character, non-ASCII) needs the general
+# one.
+_PLAIN_BYTES = bytes([9, 10, 13, *range(0x20, 0x7F)])
 _EOL_RE = re.compile(rb"\r?\n\Z")
 _CRLF = "\r\n"
 _WSP = " \t"
 
 # Mandatory in every request and response (§8.1.1; Max-Forwards may be absent, §16.6).
 _REQUIRED = ("via", "from", "to", "call-id", "cseq")
+_REQUIRED_KEYS = frozenset(_REQUIRED)
 _SINGLE = ("from", "to", "call-id", "cseq", "max-forwards", "content-type")
 _SPELLING = {
     "via": "Via",
@@ -489,7 +491,8 @@ class NameAddr:
             angle=angle,
         )
         addr._text = text
-        addr._snapshot = addr._key()
+        # addr._key(), knowing that a parsed URI writes uri_text back
+        addr._snapshot = (display, uri_text, tuple(addr.params.items()), angle)
         return addr
 
     @property
@@ -514,6 +517,12 @@ class NameAddr:
 # are templates: callers get copies. Bounded: the texts come from the network.
 _parse_via = lru_cache(maxsize=4096)(Via._parse)
 _parse_name_addr = lru_cache(maxsize=4096)(NameAddr._parse)
+
+
+def _check_wildcard(contacts: list[str]) -> None:
+    """Contact values holding ``*``: it must be the only one (§10.2.2)."""
+    if len(contacts) > 1:
+        raise SipParseError("Contact: * mixed with other contacts")
 
 
 class SipMessage(ABC):
@@ -665,8 +674,7 @@ class SipMessage(ABC):
         if cached is None:
             values = self.get_all("Contact")
             if "*" in values:
-                if len(values) > 1:
-                    raise SipParseError("Contact: * mixed with other contacts")
+                _check_wildcard(values)
                 values = []
             cached = self._parsed["contact"] = [NameAddr.parse(v) for v in values]
         return cached  # type: ignore[return-value]
@@ -756,6 +764,15 @@ class SipMessage(ABC):
 
     def pop_top(self, name: str) -> str | None:
         """Remove and return the first value of a list header (None when absent)."""
+        key = canonical_name(name)
+        for i, h in enumerate(self.headers):
+            if h.key == key:
+                first = split_list(h.value)
+                if len(first) == 1:  # the usual line of one value: it goes, as it is
+                    self._parsed.pop(key, None)
+                    del self.headers[i]
+                    return first[0]
+                break
         values = self.get_all(name)
         if not values:
             return None
@@ -784,28 +801,54 @@ class SipMessage(ABC):
 
     def _validate(self) -> None:
         """Check what a proxy relies on (§8.1.1, §8.2.2.x); raises SipParseError(400)."""
-        counts: dict[str, int] = {}
+        lines: dict[str, list[str]] = {}  # one pass over the headers: values by key
         for h in self.headers:
-            counts[h.key] = counts.get(h.key, 0) + 1
-        for name in _REQUIRED:
-            if name not in counts:
-                raise SipParseError(f"missing {_SPELLING[name]} header")
+            if h.key in lines:
+                lines[h.key].append(h.value)
+            else:
+                lines[h.key] = [h.value]
+        if not lines.keys() >= _REQUIRED_KEYS:
+            missing = next(name for name in _REQUIRED if name not in lines)
+            raise SipParseError(f"missing {_SPELLING[missing]} header")
         for name in _SINGLE:
-            if counts.get(name, 0) > 1:
+            if len(lines.get(name, ())) > 1:
                 raise SipParseError(f"more than one {_SPELLING[name]} header")
-        call_id = self.call_id
+        call_id = lines["call-id"][0]
         if not _CALL_ID_RE.fullmatch(call_id):
             raise SipParseError(f"bad Call-ID: {call_id!r}")
-        # Parsing each is the check; the values are kept for the readers.
-        _ = (self.cseq, self.from_, self.to, self.max_forwards, self.contacts)
-        _ = (self.routes, self.record_routes)
-        if not self.vias:
+        # Parsing each is the check. The parsers' shared templates are enough for it:
+        # the message's own copies are made when a reader asks.
+        _ = self.cseq
+        _parse_name_addr(lines["from"][0])
+        _parse_name_addr(lines["to"][0])
+        _ = self.max_forwards
+        contacts = _split_lines(lines.get("contact"))
+        if "*" in contacts:
+            _check_wildcard(contacts)
+            contacts = []
+        for name in ("route", "record-route"):
+            contacts += _split_lines(lines.get(name))
+        for value in contacts:
+            _parse_name_addr(value)
+        vias = _split_lines(lines["via"])
+        if not vias:
             raise SipParseError("empty Via")
-        expires = self.get("Expires")
+        for value in vias:
+            _parse_via(value)
+        expires = lines.get("expires", (None,))[0]
         if expires is not None and not (
             expires.isascii() and expires.isdigit() and int(expires) < 2**32
         ):
             raise SipParseError(f"bad Expires: {expires!r}")
+
+
+def _split_lines(values: list[str] | None) -> list[str]:
+    """The elements of the lines of one list header (split_list of each)."""
+    if not values:
+        return []
+    if len(values) == 1:
+        return split_list(values[0])
+    return [element for value in values for element in split_list(value)]
 
 
 class SipRequest(SipMessage):
@@ -1018,7 +1061,7 @@ def _is_plain(block: bytes) -> bool:
         and b"\n " not in block
         and b"\n\t" not in block
         and block.count(b"\r") == block.count(b"\r\n")
-        and _UNPLAIN_RE.search(block) is None
+        and not block.translate(None, _PLAIN_BYTES)
     )
 
 
@@ -1026,14 +1069,24 @@ def _plain_headers(block: bytes) -> list[Header]:
     """The header lines of a block `_is_plain` accepts (the fast path of
     `_parse_header`)."""
     headers = []
+    new = tuple.__new__
     for raw, line in zip(block.splitlines(keepends=True), block.decode().splitlines(),
                          strict=True):
         name, colon, value = line.partition(":")
-        name = name.rstrip(_WSP)
-        if not colon or not _TOKEN_RE.fullmatch(name):
+        key = _field_key(name) if colon else None
+        if key is None:
             raise SipParseError(f"bad header line: {line.rstrip(_WSP)!r}")
-        headers.append(Header(name, value.strip(_WSP), raw))
+        # Header(name, value, raw) without its checks, which only apply to new lines
+        headers.append(new(Header, (name.rstrip(_WSP), value.strip(_WSP), raw, key)))
     return headers
+
+
+@lru_cache(maxsize=512)  # bounded: names come from the network; a few dozen recur
+def _field_key(name: str) -> str | None:
+    """canonical_name of a field name as written before the colon (trailing blanks
+    allowed), None when it is not a token."""
+    name = name.rstrip(_WSP)
+    return canonical_name(name) if _TOKEN_RE.fullmatch(name) else None
 
 
 def _parse_header(lines: list[bytes]) -> Header:
@@ -1106,6 +1159,8 @@ def _content_length(msg: SipMessage) -> int | None:
 
 # -- building responses (§8.2.6, §16.7) ---------------------------------------------------
 
+_RESPONSE_COPIES = frozenset({"via", "from", "to", "call-id", "cseq"})
+
 
 def make_response(
     request: SipRequest,
@@ -1119,16 +1174,14 @@ def make_response(
     a 100 (§8.2.6.1), then `extra_headers`, then Content-Length: 0."""
     headers: list[Header] = []
     for h in request.headers:
-        name = canonical_name(h.name)
+        name = h.key
         if name == "to" and to_tag is not None:
             to = NameAddr.parse(h.value)
             if to.tag is None:
                 to.params["tag"] = to_tag
                 h = Header(h.name, str(to))
-        if name in ("via", "from", "to", "call-id", "cseq") or (
-            name == "timestamp" and status == 100
-        ):
-            headers.append(Header(h.name, h.value, h.raw))
+        if name in _RESPONSE_COPIES or (name == "timestamp" and status == 100):
+            headers.append(h)  # immutable: shared with the request
     headers += [Header(name, value) for name, value in extra_headers]
     response = SipResponse(status, reason, headers)
     response.eol = request.eol

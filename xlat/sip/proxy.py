@@ -47,6 +47,7 @@ from xlat.sdp import SdpError, parse_sdp, rewrite_sdp, stream_specs
 from xlat.sip.errors import SipParseError
 from xlat.sip.message import (
     REASONS,
+    NameAddr,
     SipRequest,
     SipResponse,
     Via,
@@ -85,6 +86,9 @@ _SDP_TYPE = "application/sdp"
 # How long the NAT64 flow of a phone that is not registered (a caller behind NAT64) is
 # remembered after its last request: longer than any call between two requests.
 NAT64_FLOW_LIFETIME = 4 * 3600.0
+# Hosts as written (Via, URIs) whose classification is kept: the few peers of a gateway
+# repeat in every message; bounded, since any host can be written.
+_HOST_CACHE_SIZE = 1024
 
 
 # ---- RFC 6052 address embedding -------------------------------------------------------
@@ -261,8 +265,10 @@ class _Branch:
     pushed: float | None = None
 
     def deadline(self) -> float | None:
-        times = [t for t in (self.txn.next_deadline(), self.timer_c) if t is not None]
-        return min(times, default=None)
+        when = self.txn.next_deadline()
+        if self.timer_c is None:
+            return when
+        return self.timer_c if when is None else min(when, self.timer_c)
 
 
 _Entry = _Server | _Branch
@@ -290,6 +296,12 @@ class SipProxy:
         self._our_ips = self._own_addresses()
         self._our_ports = frozenset(ep.port for ep in config.sip.values())
         self._our_domains = frozenset(_host_key(d) for d in config.domains)
+        self._routes = [(_host_key(domain), uri) for domain, uri in config.routes
+                        if domain != "*"]
+        self._default_route = next((uri for domain, uri in config.routes if domain == "*"),
+                                   None)
+        self._ours: dict[str, bool] = {}  # _is_ours by host as written
+        self._contacts: dict[tuple[str, int, IPNetwork | None], str] = {}  # _mapped_contact
         self._flows: dict[str, tuple[_Hop, float]] = {}  # NAT64 phone's Contact -> its flow
 
     # ---- public API -----------------------------------------------------------------
@@ -466,7 +478,6 @@ class SipProxy:
                 toward=toward.media_family,
                 now=now,
                 offerer_family=context.server.hop.media_family,
-                via_branch=request.vias[0].branch,
                 to_tag=request.to.tag,
             )
         except SdpError as exc:
@@ -536,9 +547,8 @@ class SipProxy:
         if body is not None:
             out.body = body
         local = self._our_endpoint(target.hop)
-        via = Via(target.hop.transport.upper(), format_host(local.host), local.port,
-                  {"branch": branch_id, "rport": None})
-        out.insert("top", "Via", str(via))
+        out.insert("top", "Via", f"SIP/2.0/{target.hop.transport.upper()} "
+                   f"{format_host(local.host)}:{local.port};branch={branch_id};rport")
         return out
 
     def _on_cancel(self, server: _Server, now: float) -> list[Send]:
@@ -928,12 +938,10 @@ class SipProxy:
 
     def _match_route(self, host: str, *, wildcard: bool) -> SipUri | None:
         wanted = _host_key(host)
-        for domain, uri in self.config.routes:
-            if _host_key(domain) == wanted:
+        for key, uri in self._routes:
+            if key == wanted:
                 return uri
-        if wildcard:
-            return next((uri for domain, uri in self.config.routes if domain == "*"), None)
-        return None
+        return self._default_route if wildcard else None
 
     def _hop_to(self, uri: SipUri | str, connection: Endpoint | None = None) -> _Hop:
         """The transport destination a URI names (IP literals only: no DNS in the
@@ -982,10 +990,15 @@ class SipProxy:
         return frozenset(mine)
 
     def _is_ours(self, host: str) -> bool:
-        ip = host_ip(host)
-        if ip is not None:
-            return ip in self._our_ips
-        return _host_key(host) in self._our_domains
+        ours = self._ours.get(host)
+        if ours is None:
+            ip = host_ip(host)
+            ours = ip in self._our_ips if ip is not None else \
+                _host_key(host) in self._our_domains
+            if len(self._ours) >= _HOST_CACHE_SIZE:  # hosts come from the network
+                self._ours.clear()
+            self._ours[host] = ours
+        return ours
 
     def _names_us(self, uri: SipUri | str) -> bool:
         """A Route/Record-Route URI naming this gateway (host and port)."""
@@ -1026,22 +1039,35 @@ class SipProxy:
 
     def _map_addresses(self, message: SipRequest | SipResponse, hop: _Hop) -> None:
         """Contact (and From/To when configured) as ``hop``'s party must see them."""
-        if self.config.map_contact and message.get("Contact") is not None \
-                and not message.wildcard_contact:
-            contacts = message.contacts
-            changed = False
-            for contact in contacts:
-                mapped = self._mapped(contact.uri, hop)
-                if mapped is not None:
-                    contact.uri, changed = mapped, True
-            if changed:
-                message.replace_values("Contact", [str(c) for c in contacts])
+        if self.config.map_contact:
+            values = message.get_all("Contact")
+            if values and values != ["*"]:
+                shown = [self._mapped_contact(value, hop) for value in values]
+                if shown != values:
+                    message.replace_values("Contact", shown)
         if self.config.map_from_to:
             for name, addr in (("From", message.from_), ("To", message.to)):
                 mapped = self._mapped(addr.uri, hop)
                 if mapped is not None:
                     addr.uri = mapped
                     message.set(name, str(addr))
+
+    def _mapped_contact(self, value: str, hop: _Hop) -> str:
+        """A Contact value as ``hop``'s party must see it. A phone writes the same
+        Contact in every message: the result is kept per (value, how the party sees
+        addresses)."""
+        key = (value, hop.family, hop.nat64)
+        mapped = self._contacts.get(key)
+        if mapped is None:
+            contact = NameAddr.parse(value)
+            uri = self._mapped(contact.uri, hop)
+            if uri is not None:
+                contact.uri = uri
+            mapped = str(contact)
+            if len(self._contacts) >= _HOST_CACHE_SIZE:  # values come from the network
+                self._contacts.clear()
+            self._contacts[key] = mapped
+        return mapped
 
     def _mapped(self, uri: SipUri | str, hop: _Hop) -> SipUri | None:
         """``uri`` as ``hop``'s party must see it, or None when it can use it as is."""
@@ -1179,6 +1205,7 @@ def _usable(ip: IPAddress, hop: _Hop) -> bool:
     return ip.version == hop.family
 
 
+@functools.lru_cache(maxsize=_HOST_CACHE_SIZE)
 def _host_key(host: str) -> str:
     ip = host_ip(host)
     return str(ip) if ip is not None else host.lower().rstrip(".")

@@ -93,8 +93,10 @@ class Registrar:
         """The live binding whose contact is exactly ``uri`` (an in-dialog request to a
         registered phone), if any."""
         key = self.key(uri)
-        text = str(uri)
         found = self.lookup(key, now=now) if key else []
+        if not found:  # the usual case: a phone that did not register here
+            return None
+        text = str(uri)
         return next((b for b in found if str(b.uri) == text), None)
 
     def _update(self, request: SipRequest, source: Endpoint, transport: str, now: float) -> None:

@@ -38,7 +38,15 @@ __all__ = [
 ]
 
 
-class Kind(enum.Enum):
+class _Member(enum.Enum):
+    """An enum hashed by identity (members are singletons and compare by identity):
+    Enum.__hash__ is Python code hashing the name, and TRANSITIONS is looked up with
+    three members per event."""
+
+    __hash__ = object.__hash__
+
+
+class Kind(_Member):
     INVITE_CLIENT = "invite client"
     NON_INVITE_CLIENT = "non-invite client"
     INVITE_SERVER = "invite server"
@@ -49,7 +57,7 @@ class Kind(enum.Enum):
         return self in (Kind.INVITE_CLIENT, Kind.NON_INVITE_CLIENT)
 
 
-class State(enum.Enum):
+class State(_Member):
     CALLING = "Calling"
     TRYING = "Trying"
     PROCEEDING = "Proceeding"
@@ -59,7 +67,7 @@ class State(enum.Enum):
     TERMINATED = "Terminated"
 
 
-class Event(enum.Enum):
+class Event(_Member):
     # from the network
     RECV_1XX = "1xx received"
     RECV_2XX = "2xx received"
@@ -86,7 +94,7 @@ class Event(enum.Enum):
     TIMER_M = "timer M"
 
 
-class Effect(enum.Enum):
+class Effect(_Member):
     RETRANSMIT = "retransmit the request"
     SEND_RESPONSE = "send the TU's response"
     RESEND_RESPONSE = "resend the last response"
@@ -200,6 +208,7 @@ ENTRY_TIMERS: dict[tuple[Kind, State], tuple[Event, ...]] = {
     (K.NON_INVITE_SERVER, S.COMPLETED): (E.TIMER_J,),
 }
 _SPANNING = {E.TIMER_E, E.TIMER_F}
+_CLEARING = {S.COMPLETED, S.ACCEPTED, S.TERMINATED}  # states entered with no spanning timer
 _RETRANSMIT_TIMERS = {E.TIMER_A, E.TIMER_E, E.TIMER_G}
 
 
@@ -375,10 +384,10 @@ class Transaction:
 
     def _arm(self, now: float) -> None:
         """Enter the current state's timers; drop the previous state's."""
-        keep = {t: d for t, d in self._deadlines.items() if t in _SPANNING}
-        if self.state in (S.COMPLETED, S.ACCEPTED, S.TERMINATED):
-            keep = {}
-        self._deadlines = keep
+        if self.state in _CLEARING or not self._deadlines:
+            self._deadlines = {}
+        else:
+            self._deadlines = {t: d for t, d in self._deadlines.items() if t in _SPANNING}
         for timer in ENTRY_TIMERS.get((self.kind, self.state), ()):
             duration = self.timers.first(timer, self.reliable)
             if duration is not None:

@@ -239,14 +239,17 @@ class SipServer:
         self._sweeper = self.loop.call_later(SWEEP_INTERVAL, self.sweep_idle)
 
     def _arm(self) -> None:
+        """Make the loop timer fire by the proxy's next deadline. One already armed at or
+        before it stays (firing early finds nothing due, and re-arms): the deadline moves
+        with nearly every message, and a new TimerHandle per message costs more."""
         deadline = self.proxy.next_deadline()
+        if deadline is None:
+            return
         if self._timer is not None:
-            if deadline is not None and self._timer.when() == deadline:
+            if self._timer.when() <= deadline:
                 return
             self._timer.cancel()
-            self._timer = None
-        if deadline is not None:
-            self._timer = self.loop.call_at(deadline, self._on_timer, deadline)
+        self._timer = self.loop.call_at(deadline, self._on_timer, deadline)
 
     # ---- lifecycle -----------------------------------------------------------------
 
