@@ -1,6 +1,7 @@
 """The media session state machine, driven with a hand-stepped clock."""
 
 import random
+from collections.abc import Mapping, Sequence
 from ipaddress import IPv4Address, IPv6Address
 
 import pytest
@@ -14,6 +15,13 @@ GW4 = IPv4Address("203.0.113.1")
 GW6 = IPv6Address("2001:db8:6::1")
 A6 = Endpoint.parse("[2001:db8:6::2]:4000")
 B4 = Endpoint.parse("203.0.113.2:5000")
+
+
+def one(relays: list[Endpoint | None]) -> Endpoint:
+    """The relay of a one-stream offer or answer (not rejected)."""
+    (relay,) = relays
+    assert relay is not None
+    return relay
 
 
 def make(ports: int = 999, **kw: object) -> tuple[SessionManager, FakeDatapath]:
@@ -35,11 +43,11 @@ def make(ports: int = 999, **kw: object) -> tuple[SessionManager, FakeDatapath]:
 
 def test_offer_answer_installs_four_flows_across_families() -> None:
     mgr, dp = make()
-    (relay_b,) = mgr.offer("c1", "ta", [StreamSpec(A6)], toward=4, now=0.0)
+    relay_b = one(mgr.offer("c1", "ta", [StreamSpec(A6)], toward=4, now=0.0))
     assert relay_b is not None and relay_b.family == 4
     # before the answer only B -> A can flow (early media)
     assert {f.match for f in dp.flows.values()} == {relay_b, Endpoint(GW4, relay_b.port + 1)}
-    (relay_a,) = mgr.answer("c1", "ta", "tb", [StreamSpec(B4)], now=1.0)
+    relay_a = one(mgr.answer("c1", "ta", "tb", [StreamSpec(B4)], now=1.0))
     assert relay_a is not None and relay_a.family == 6
     rtp_ab = dp.flows[relay_a]
     assert (rtp_ab.source, rtp_ab.to, rtp_ab.reverse) == (relay_b, B4, relay_b)
@@ -52,7 +60,7 @@ def test_repeated_offer_returns_same_relays_and_reinvite_keeps_ports() -> None:
     mgr, dp = make()
     first = mgr.offer("c1", "ta", [StreamSpec(A6)], toward=4, now=0.0)
     assert mgr.offer("c1", "ta", [StreamSpec(A6)], toward=4, now=0.5) == first
-    (relay_a,) = mgr.answer("c1", "ta", "tb", [StreamSpec(B4)], now=1.0)
+    relay_a = one(mgr.answer("c1", "ta", "tb", [StreamSpec(B4)], now=1.0))
     # re-INVITE from the callee (its tag now the from-tag) puts A on hold
     hold = Endpoint.parse("0.0.0.0:5000")
     again = mgr.offer("c1", "tb", [StreamSpec(hold)], toward=6, now=2.0)
@@ -85,10 +93,10 @@ def test_answer_without_offer_and_mismatched_answer() -> None:
 
 def test_fork_gets_its_own_offerer_leg_and_shares_answerer_leg() -> None:
     mgr, dp = make()
-    (relay_b,) = mgr.offer("c", "a", [StreamSpec(A6)], toward=4, now=0.0)
-    (ra1,) = mgr.answer("c", "a", "b1", [StreamSpec(B4)], now=0.1)
+    relay_b = one(mgr.offer("c", "a", [StreamSpec(A6)], toward=4, now=0.0))
+    ra1 = one(mgr.answer("c", "a", "b1", [StreamSpec(B4)], now=0.1))
     b2 = Endpoint.parse("203.0.113.3:6000")
-    (ra2,) = mgr.answer("c", "a", "b2", [StreamSpec(b2)], now=0.2)
+    ra2 = one(mgr.answer("c", "a", "b2", [StreamSpec(b2)], now=0.2))
     assert ra1 != ra2 and len(mgr.find("c")) == 2
     assert dp.flows[ra1].to == B4 and dp.flows[ra2].to == b2
     assert dp.flows[relay_b].source == ra2  # the latest answer owns the shared leg
@@ -102,7 +110,7 @@ def test_fork_gets_its_own_offerer_leg_and_shares_answerer_leg() -> None:
 
 def test_restored_fork_keeps_the_shared_relay_until_the_last_holder_ends() -> None:
     mgr, _ = make()
-    (relay_b,) = mgr.offer("c", "a", [StreamSpec(A6)], toward=4, now=0.0)
+    relay_b = one(mgr.offer("c", "a", [StreamSpec(A6)], toward=4, now=0.0))
     mgr.answer("c", "a", "b1", [StreamSpec(B4)], now=0.1)
     mgr.answer("c", "a", "b2", [StreamSpec(Endpoint.parse("203.0.113.3:6000"))], now=0.2)
     mgr2, dp2 = make()
@@ -146,7 +154,7 @@ def test_idle_expiry_asks_only_due_sessions_and_respects_traffic() -> None:
     other = mgr.add(A6, B4, now=20.0)
     asked: list[int] = []
 
-    def lookup(matches):  # type: ignore[no-untyped-def]
+    def lookup(matches: Sequence[Endpoint]) -> Mapping[Endpoint, FlowCounters]:
         asked.append(len(matches))
         return dp.counters(matches)
 
@@ -165,7 +173,7 @@ def test_mass_expiry_is_spread_over_passes_with_one_lookup_each() -> None:
     sessions = [mgr.add(A6, B4, now=0.0) for _ in range(20)]
     asked: list[int] = []
 
-    def lookup(matches):  # type: ignore[no-untyped-def]
+    def lookup(matches: Sequence[Endpoint]) -> Mapping[Endpoint, FlowCounters]:
         asked.append(len(matches))
         return dp.counters(matches)
 
@@ -226,10 +234,10 @@ def test_strict_latch_expects_negotiated_sources() -> None:
 
 def test_nat64_offerer_leg_learns_its_peer() -> None:
     mgr, dp = make()
-    (relay_b,) = mgr.offer("c", "a", [StreamSpec(A6)], toward=4, now=0.0, offerer_family=4)
+    relay_b = one(mgr.offer("c", "a", [StreamSpec(A6)], toward=4, now=0.0, offerer_family=4))
     flow = dp.flows[relay_b]
     assert flow.to.port == 0 and flow.to.family == 4 and flow.latch is Latch.LEARN
-    (relay_a,) = mgr.answer("c", "a", "b", [StreamSpec(B4)], now=0.0)
+    relay_a = one(mgr.answer("c", "a", "b", [StreamSpec(B4)], now=0.0))
     assert relay_a is not None and relay_a.family == 4
 
 

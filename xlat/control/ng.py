@@ -330,7 +330,7 @@ class NgCore:
             relays = self.manager.offer(
                 call_id, from_tag, specs, toward=toward, now=now,
                 offerer_family=source_family, origin="ng",
-                via_branch=request.text("via-branch"), to_tag=request.text("to-tag") or None,
+                to_tag=request.text("to-tag") or None,
             )
         except PortsExhausted as e:
             raise NgError(str(e)) from None

@@ -106,7 +106,6 @@ class MediaSession:
     state: str = "active"  # "active" | "deleting"
     ends_at: float | None = None  # end of the delete delay
     answered: int = 0  # order of answers within a call: the latest owns shared flows
-    via_branch: str | None = None
     timer: float = 0.0  # the deadline in the heap that counts
 
     def side_of(self, tag: str) -> int | None:
@@ -199,7 +198,6 @@ class SessionManager:
         now: float,
         offerer_family: int | None = None,
         origin: str = "sip",
-        via_branch: str | None = None,
         to_tag: str | None = None,
     ) -> list[Endpoint | None]:
         """An offer from ``from_tag`` to be sent to a party of family ``toward``.
@@ -212,7 +210,6 @@ class SessionManager:
         if session is None:
             fam = offerer_family or self._family_of(streams, default=toward)
             session = self._new_session(origin, call_id, (from_tag, to_tag), (fam, toward), now)
-            session.via_branch = via_branch
         side = session.side_of(from_tag)
         assert side is not None
         before = self._wanted(session)
@@ -338,7 +335,7 @@ class SessionManager:
                 "families": s.families, "idle_timeout": s.idle_timeout, "lifetime": s.lifetime,
                 "age": now - s.created, "idle": now - s.activity, "state": s.state,
                 "ends_in": None if s.ends_at is None else s.ends_at - now,
-                "answered": s.answered, "via_branch": s.via_branch,
+                "answered": s.answered,
                 "streams": [None if st is None else [leg(st[0]), leg(st[1])] for st in s.streams],
             }
             for s in self._sessions.values()
@@ -368,7 +365,7 @@ class SessionManager:
                 idle_timeout=d["idle_timeout"], lifetime=d["lifetime"],
                 created=now - d["age"], activity=now - d["idle"], state=d["state"],
                 ends_at=None if d["ends_in"] is None else now + d["ends_in"],
-                answered=d["answered"], via_branch=d["via_branch"],
+                answered=d["answered"],
             )
             self._sessions[session.id] = session
             if session.call_id is not None:
