@@ -341,8 +341,6 @@ class Xlat:
                 *(a for listen in sip_listen for a in ("--sip-listen", listen)),
                 "--bpffs", str(lab.bpffs), "--datapath", datapath,
                 "--rate-limit", "0", "--log-level", "warning", *extra]
-        if datapath == "ebpf":
-            argv.append("--no-fallback-relay")
         self.argv_tail = [datapath, *extra]
         self.stats: Path | None = None
         if lab.profile is not None:

@@ -239,9 +239,9 @@ def scale_rows(records: Sequence[Record]) -> Iterator[Row]:
             f"{times(p99 / float(first['add_ms_p99']))} of p99 at {int(first['sessions']):,}"
         yield Row(f"session add p99 at {int(r['sessions']):,} sessions",
                   f"{num(p99)} ms (p50 {num(r['add_ms_p50'])})", ratio=ratio,
-                  target=f"{flat}, flat", met=flat.met(p99))
+                  target=f"{flat}, flat (the ratio)", met=flat.met(p99))
     if not checkpoints:
-        yield Row("session add p99", MISSING, target=f"{flat}, flat")
+        yield Row("session add p99", MISSING, target=f"{flat}, flat (the ratio)")
     held = find(records, "scale_sessions")
     rss = Target("≤", 1024, "B")
     if held is None:

@@ -117,7 +117,7 @@ class Daemon:
         self.keep_datapath = config.keep_datapath
         self.started = time.monotonic()
         self.forwarders: list[Forwarder] = []  # ebpf and/or userspace: they move packets
-        self.parts: list[Datapath] = []  # forwarders + the nft guard: all get every change
+        self.parts: list[Datapath] = []  # forwarders + the nft guard
         self.manager = SessionManager(
             {
                 4: [RelayPortPool(a, config.port_min, config.port_max) for a in config.media_v4],

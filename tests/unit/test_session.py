@@ -148,6 +148,67 @@ def test_exhaustion_leaks_nothing() -> None:
     assert mgr.pools[4][0].in_use == 1 and mgr.pools[6][0].in_use == 1
 
 
+def test_reoffer_that_runs_out_of_ports_changes_nothing() -> None:
+    mgr, dp = make(ports=1)  # one pair per family: the call holds both
+    mgr.offer("c", "a", [StreamSpec(A6)], toward=4, now=0.0)
+    mgr.answer("c", "a", "b", [StreamSpec(B4)], now=0.0)
+    installed = dict(dp.flows)
+    moved = Endpoint(A6.host, 6000)
+    for streams in ([StreamSpec(None), StreamSpec(A6)], [StreamSpec(moved), StreamSpec(A6)]):
+        with pytest.raises(PortsExhausted):  # the second stream finds no pair
+            mgr.offer("c", "a", streams, toward=4, now=1.0)
+        assert dp.flows == installed and mgr.flow_count == len(installed)
+        assert len(mgr.sessions()) == 1
+        assert mgr.pools[4][0].in_use == 1 and mgr.pools[6][0].in_use == 1
+    mgr.offer("c", "a", [StreamSpec(moved)], toward=4, now=2.0)  # the retry that fits
+    assert {f.to for f in dp.flows.values()} >= {moved}
+    mgr.delete("c", now=3.0, delay=0)
+    assert dp.flows == {} and mgr.flow_count == 0 and mgr.pools[4][0].in_use == 0
+
+
+def test_fork_answer_that_fails_leaves_no_fork() -> None:
+    mgr, dp = make(ports=1)
+    mgr.offer("c", "a", [StreamSpec(A6)], toward=4, now=0.0)
+    mgr.answer("c", "a", "b", [StreamSpec(B4)], now=0.0)
+    installed = dict(dp.flows)
+    with pytest.raises(StreamMismatch):
+        mgr.answer("c", "a", "c2", [StreamSpec(B4), StreamSpec(B4)], now=1.0)
+    with pytest.raises(PortsExhausted):  # a fork needs an offerer-facing pair: none left
+        mgr.answer("c", "a", "c3", [StreamSpec(B4)], now=1.0)
+    assert len(mgr.find("c")) == 1 and dp.flows == installed
+    mgr.delete("c", "a", "b", now=2.0, delay=0)
+    assert dp.flows == {} and mgr.flow_count == 0
+    assert mgr.pools[4][0].in_use == 0 and mgr.pools[6][0].in_use == 0
+
+
+def test_expiry_retries_sessions_whose_counters_could_not_be_read() -> None:
+    mgr, dp = make(idle_timeout=10.0)
+    sessions = [mgr.add(A6, B4, now=0.0) for _ in range(3)]
+
+    def broken(matches: Sequence[Endpoint]) -> Mapping[Endpoint, FlowCounters]:
+        raise OSError("map lookup failed")
+
+    with pytest.raises(OSError):
+        mgr.expire(10.0, broken)
+    assert mgr.expire(10.5, dp.counters) == []  # asked again a second later
+    assert sorted(s.id for s in mgr.expire(11.0, dp.counters)) == sorted(s.id for s in sessions)
+
+
+def test_expiry_mid_bucket_ends_what_is_due_without_spinning_on_the_rest() -> None:
+    mgr, dp = make(idle_timeout=10.0)
+    early = [mgr.add(A6, B4, now=0.01) for _ in range(5)]
+    late = [mgr.add(A6, B4, now=0.08) for _ in range(5)]  # same 0.1 s bucket, due later
+    ended, passes = mgr.expire(10.05, dp.counters, limit=3), 1
+    while (deadline := mgr.next_deadline()) is not None and deadline <= 10.05:
+        ended += mgr.expire(10.05, dp.counters, limit=3)  # more is due: the daemon goes on
+        passes += 1
+        assert passes <= 4, "a limited sweep keeps handing out what is not due"
+    assert sorted(s.id for s in ended) == sorted(s.id for s in early)
+    assert deadline is not None and deadline <= 10.08 + 2 * 0.1  # at most two buckets late
+    assert sorted(s.id for s in mgr.expire(deadline, dp.counters)) == sorted(
+        s.id for s in late)
+
+
 def test_idle_expiry_asks_only_due_sessions_and_respects_traffic() -> None:
     mgr, dp = make(idle_timeout=30.0)
     s = mgr.add(A6, B4, now=0.0)

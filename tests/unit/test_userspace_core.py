@@ -161,3 +161,17 @@ def test_remove_and_endpoints() -> None:
     core.remove([RELAY4])
     assert core.endpoints() == set()
     assert core.counters() == {}
+
+
+def test_replacing_a_flow_binds_nothing_new_and_frees_an_old_source() -> None:
+    core = RelayCore()
+    down, up = pair()
+    assert sorted(map(str, core.install([down, up], now=0.0)[0])) == sorted(
+        map(str, (RELAY6, RELAY4)))
+    assert core.install([pair(to4=NAT4)[0]], now=1.0) == ([], [])  # same sockets
+    other = ep("203.0.113.1:30002")
+    moved = Flow("s1", RELAY6, other, PHONE4, 60.0, reverse=RELAY4)
+    assert core.install([moved], now=2.0) == ([other], [])  # RELAY4 still matches ``up``
+    assert core.remove([RELAY4]) == [RELAY4]
+    assert core.endpoints() == {RELAY6, other}
+

@@ -6,9 +6,10 @@ leg, possibly the other IP family) towards ``to`` (the peer). A session with one
 RTP stream has four flows: RTP and RTCP, each way.
 
 Implementations: ``ebpf.EbpfDatapath`` (the kernel does the work),
-``userspace.UserspaceRelay`` (sockets; fallback), ``nft.NftGuard`` (admits only
-allocated relay ports; it forwards nothing) and, in unit tests, ``FakeDatapath``.
-The daemon hands every change to each part it runs, in batches.
+``userspace.UserspaceRelay`` (sockets; fallback), ``nft.NftGuard`` (admits the relay
+ports a userspace relay serves; it forwards nothing) and, in unit tests,
+``FakeDatapath``. The daemon hands each change, in batches, to the forwarders, and to
+the guard when a userspace relay runs.
 """
 
 from __future__ import annotations
@@ -95,8 +96,9 @@ class Forwarder(Datapath, Protocol):
     """A datapath that moves packets (eBPF, userspace), not only admits them (nft)."""
 
     def forwarded(self) -> DropCounter:
-        """Packets/bytes relayed since it started: a running total, cheap to read at any
-        number of flows."""
+        """Packets/bytes it relayed itself (eBPF: redirected by the program, not handed
+        to the stack), a running total, cheap to read at any number of flows. The eBPF
+        total lives in a pinned map: it carries over a ``--keep-datapath`` restart."""
         ...
 
 

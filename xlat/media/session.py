@@ -205,15 +205,21 @@ class SessionManager:
         Returns per stream the relay (family ``toward``) for the SDP sent to the
         answerer, None for a rejected stream. Repeating an offer returns the same
         relays; a changed one updates the peers in place. Raises PortsExhausted
-        with nothing allocated."""
+        with nothing changed."""
         session = self._find(call_id, from_tag, to_tag) or self._latest(call_id, from_tag)
+        created = session is None
         if session is None:
             fam = offerer_family or self._family_of(streams, default=toward)
             session = self._new_session(origin, call_id, (from_tag, to_tag), (fam, toward), now)
         side = session.side_of(from_tag)
         assert side is not None
         before = self._wanted(session)
-        self._update_streams(session, side, streams, now)
+        try:
+            self._update_streams(session, side, streams, now)
+        except PortsExhausted:
+            if created:  # it has no streams yet: it never had flows
+                self._end(session, now, "ports_exhausted")
+            raise
         session.activity = now
         self._queue(before, self._wanted(session))
         return session.relays(1 - side)
@@ -230,16 +236,19 @@ class SessionManager:
         """The answer of ``to_tag`` to the offer of ``from_tag``. Returns per stream the
         relay (offerer's family) for the SDP sent back to the offerer. A new to-tag on
         an already answered offer is a fork and gets its own offerer-facing legs.
-        Raises SessionNotFound, PortsExhausted."""
+        Raises SessionNotFound, StreamMismatch, PortsExhausted (a fork), with nothing
+        changed."""
         session = self._find(call_id, from_tag, to_tag)
+        offered = session or self._latest(call_id, from_tag)
+        if offered is None:
+            raise SessionNotFound(f"no offer for call {call_id!r} from tag {from_tag!r}")
+        if len(streams) != len(offered.streams):
+            raise StreamMismatch(
+                f"answer has {len(streams)} streams, the offer had {len(offered.streams)}"
+            )
+        before = self._wanted(offered)
         if session is None:
-            original = self._latest(call_id, from_tag)
-            if original is None:
-                raise SessionNotFound(f"no offer for call {call_id!r} from tag {from_tag!r}")
-            before = self._wanted(original)
-            session = self._fork(original, now)
-        else:
-            before = self._wanted(session)
+            session = self._fork(offered, now)
         side = session.side_of(from_tag)
         assert side is not None
         session.tags = (session.tags[0], to_tag) if side == 0 else (to_tag, session.tags[1])
@@ -421,7 +430,8 @@ class SessionManager:
         }
 
     def next_deadline(self) -> float | None:
-        """When ``expire`` has work next (at most a timer bucket after the deadline)."""
+        """When ``expire`` has work next (at most two timer buckets, 0.2 s, after the
+        deadline)."""
         return self._timers.next_deadline()
 
     # ---- timers ---------------------------------------------------------------
@@ -434,7 +444,6 @@ class SessionManager:
         if more are due, ``next_deadline()`` is already past. Returns the sessions ended."""
         ended: list[MediaSession] = []
         idle: list[MediaSession] = []
-        later: list[MediaSession] = []
         seen: set[str] = set()
         for session in self._timers.pop_due(now, limit):
             if self._sessions.get(session.id) is not session or session.id in seen:
@@ -442,7 +451,7 @@ class SessionManager:
             seen.add(session.id)
             if session.timer > now:
                 if self._timers.bucket(session.timer) <= self._timers.bucket(now):
-                    later.append(session)  # its bucket has begun, its deadline has not
+                    self._timers.defer(now, session)  # its bucket has begun, not its time
                 continue  # else: stale entry, the timer sits in a later bucket too
             if session.state == "deleting":
                 self._end(session, now, "deleted")
@@ -453,7 +462,12 @@ class SessionManager:
                 continue
             ended.append(session)
         flows = {s.id: self.flows(s) for s in idle}
-        counters = lookup([f.match for fs in flows.values() for f in fs]) if idle else {}
+        try:
+            counters = lookup([f.match for fs in flows.values() for f in fs]) if idle else {}
+        except Exception:
+            for session in idle:  # asked again in a second; their deadlines stay
+                self._timers.add(now + 1.0, session)
+            raise
         for session in idle:
             seen_at = [counters[f.match].last_seen for f in flows[session.id]
                        if f.match in counters]
@@ -467,8 +481,6 @@ class SessionManager:
                 self._arm(session)
                 self._refresh.extend(flows[session.id])
                 self._changed()
-        for session in later:
-            self._timers.add(session.timer, session)
         return ended
 
     def drain(self) -> DatapathBatch:
@@ -536,12 +548,16 @@ class SessionManager:
 
     def _claim(self, relay: Endpoint) -> Endpoint:
         """A relay of a restored session: the pool's own Endpoint, claimed once and
-        shared after that. A relay no pool covers any more is kept as it is."""
+        shared after that. A relay no pool covers any more (the address or the port
+        range changed) is kept as it is."""
         for pool in self.pools.get(relay.family, []):
             if pool.address == relay.host:
                 if pool.owns(relay):
                     self._shared[relay] += 1
-                return pool.claim(relay)
+                try:
+                    return pool.claim(relay)
+                except ValueError:
+                    return relay
         return relay
 
     def _release(self, relay: Endpoint, now: float) -> None:
@@ -550,7 +566,7 @@ class SessionManager:
             if not self._shared[relay]:
                 del self._shared[relay]
             return
-        for pool in self.pools[relay.family]:
+        for pool in self.pools.get(relay.family, []):
             if pool.owns(relay):
                 pool.release(relay, now)
 
@@ -562,40 +578,38 @@ class SessionManager:
         now: float,
         answer: bool = False,
     ) -> None:
-        """Record what ``side`` said about each stream, allocating legs for new streams.
-        An offer may add or reject streams; an answer only fills in its side."""
-        if answer and len(specs) != len(session.streams):
-            raise StreamMismatch(
-                f"answer has {len(specs)} streams, the offer had {len(session.streams)}"
-            )
-        new: list[Endpoint] = []
-        if not answer and len(specs) > len(session.streams):
-            session.streams.extend([None] * (len(specs) - len(session.streams)))
-        try:
-            for i, spec in enumerate(specs):
-                stream = session.streams[i]
-                if spec.peer is None:  # rejected (port 0), by the offer or the answer
-                    if stream is not None:
-                        self._drop_stream(session, i, now)
-                    continue
-                if stream is None:
-                    if answer:
-                        continue  # answer accepting a stream the offer rejected: ignore
-                    a = self._allocate(session.families[0], now)
-                    new.append(a)
-                    b = self._allocate(session.families[1], now)
-                    new.append(b)
-                    stream = session.streams[i] = (Leg(a), Leg(b))
+        """Record what ``side`` said about each stream. An offer may add streams (their
+        legs are allocated first: on PortsExhausted nothing has changed) or reject
+        them (their legs are released); an answer only fills in its side."""
+        streams = session.streams
+        added = [] if answer else [
+            i for i, spec in enumerate(specs)
+            if spec.peer is not None and (i >= len(streams) or streams[i] is None)
+        ]
+        relays = iter(self._allocate_all(session.families * len(added), now))
+        if len(specs) > len(streams) and not answer:
+            streams.extend([None] * (len(specs) - len(streams)))
+        for i in added:
+            streams[i] = (Leg(next(relays)), Leg(next(relays)))
+        for i, spec in enumerate(specs):
+            stream = streams[i]
+            if spec.peer is None:  # rejected (port 0), by the offer or the answer
+                if stream is not None:
+                    self._drop_stream(session, i, now)
+            elif stream is not None:  # (an answer accepting a rejected stream: ignored)
                 stream[side].learn(spec)
+
+    def _allocate_all(self, families: Sequence[int], now: float) -> list[Endpoint]:
+        """A relay of each of ``families``, all or none (raises PortsExhausted)."""
+        held: list[Endpoint] = []
+        try:
+            for family in families:
+                held.append(self._allocate(family, now))
         except PortsExhausted:
-            for ep in new:
-                self._release(ep, now)
-            session.streams = [
-                s for s in session.streams if s is None or s[0].relay not in new
-            ]
-            if not any(session.streams):
-                self._end(session, now, "ports_exhausted")
+            for relay in held:
+                self._release(relay, now)
             raise
+        return held
 
     def _drop_stream(self, session: MediaSession, index: int, now: float) -> None:
         stream = session.streams[index]
@@ -606,21 +620,19 @@ class SessionManager:
 
     def _fork(self, original: MediaSession, now: float) -> MediaSession:
         """A second answer (new to-tag) to one offer: new offerer-facing legs, the
-        answerer-facing legs shared with the original."""
+        answerer-facing legs shared with the original. Raises PortsExhausted with
+        nothing changed."""
+        live = [s for s in original.streams if s is not None]
+        fresh = iter(self._allocate_all([original.families[0]] * len(live), now))
         fork = self._new_session(original.origin, original.call_id,
                                  (original.tags[0], None), original.families, now)
-        try:
-            for stream in original.streams:
-                if stream is None:
-                    fork.streams.append(None)
-                    continue
-                a = Leg(self._allocate(fork.families[0], now), stream[0].peer,
-                        stream[0].rtcp_peer, stream[0].rtcp_mux)
-                self._shared[stream[1].relay] += 1
-                fork.streams.append((a, Leg(stream[1].relay)))
-        except PortsExhausted:
-            self._end(fork, now, "ports_exhausted")
-            raise
+        for stream in original.streams:
+            if stream is None:
+                fork.streams.append(None)
+                continue
+            a = Leg(next(fresh), stream[0].peer, stream[0].rtcp_peer, stream[0].rtcp_mux)
+            self._shared[stream[1].relay] += 1
+            fork.streams.append((a, Leg(stream[1].relay)))
         return fork
 
     def _flows_of(self, session: MediaSession) -> list[Flow]:

@@ -33,7 +33,15 @@ class DeadlineBuckets(Generic[T]):
         return math.floor(when / self.quantum)
 
     def add(self, when: float, item: T) -> None:
-        key = self.bucket(when)
+        self._put(self.bucket(when), item)
+
+    def defer(self, now: float, item: T) -> None:
+        """Put ``item`` in the bucket after the one ``now`` falls in: for an item whose
+        bucket has begun but whose deadline has not come (``pop_due`` would hand it out
+        again at once)."""
+        self._put(self.bucket(now) + 1, item)
+
+    def _put(self, key: int, item: T) -> None:
         bucket = self._buckets.get(key)
         if bucket is None:
             self._buckets[key] = [item]

@@ -72,11 +72,14 @@ class RelayCore:
         self._drops: dict[str, DropCounter] = {}
         self._uses: Counter[Endpoint] = Counter()  # endpoint -> flows naming it
 
-    def install(self, flows: Sequence[Flow], now: float) -> list[Endpoint]:
+    def install(self, flows: Sequence[Flow], now: float
+                ) -> tuple[list[Endpoint], list[Endpoint]]:
         """Add or replace flows by ``match``. A replaced flow keeps its counters; it keeps
-        what it latched only if the flow itself is unchanged. Returns the endpoints that
-        no flow used before (the edge binds them)."""
+        what it latched only if the flow itself is unchanged. Returns the endpoints no
+        flow used before (the edge binds them) and those no flow uses any more, a
+        replaced flow's old source (the edge closes them)."""
         added: list[Endpoint] = []
+        unused: list[Endpoint] = []
         for flow in flows:
             old = self._flows.get(flow.match)
             state = _FlowState(flow, flow.to, now, tokens=flow.rate_limit_pps, tokens_at=now)
@@ -84,14 +87,16 @@ class RelayCore:
                 state.counters = old.counters
                 if old.flow == flow:
                     state.to, state.latched = old.to, old.latched
-                self._unuse(old.flow, [])
             state.counters.to = state.to
             self._flows[flow.match] = state
             for endpoint in (flow.match, flow.source):
                 self._uses[endpoint] += 1
                 if self._uses[endpoint] == 1:
                     added.append(endpoint)
-        return [e for e in added if e in self._uses]
+            if old is not None:
+                self._unuse(old.flow, unused)
+        return ([e for e in added if e in self._uses],
+                [e for e in unused if e not in self._uses])
 
     def remove(self, matches: Sequence[Endpoint]) -> list[Endpoint]:
         """Forget flows; returns the endpoints no flow uses any more (the edge closes them)."""
@@ -219,7 +224,11 @@ class UserspaceRelay:
         Raises RelayBindError for an endpoint that cannot be bound; the flows stay
         installed and every other endpoint is bound."""
         failed: list[OSError] = []
-        for endpoint in self._core.install(flows, self._clock()):
+        bind, close = self._core.install(flows, self._clock())
+        for endpoint in close:
+            if endpoint in self._sockets:
+                self._close(endpoint)
+        for endpoint in bind:
             try:
                 self._sockets[endpoint] = self._bind(endpoint)
             except OSError as exc:
