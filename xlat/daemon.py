@@ -78,35 +78,48 @@ def default_interfaces() -> list[str]:
 
 class InterfaceLocks:
     """One flock per (network namespace, interface): the kernel drops it when the
-    holder dies, so only a *live* daemon on the same interfaces blocks a new one."""
+    holder dies, so only a *live* daemon on the same interfaces blocks a new one. A
+    clean stop removes its lock files."""
 
     def __init__(self, interfaces: Sequence[str]) -> None:
         self.interfaces = interfaces
-        self._fds: list[int] = []
+        self._held: list[tuple[Path, int]] = []
 
     def acquire(self) -> None:
         LOCK_DIR.mkdir(parents=True, exist_ok=True)
         netns = os.stat("/proc/self/ns/net").st_ino
         for name in self.interfaces:
             path = LOCK_DIR / f"net{netns}-{name}.lock"
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
-                os.close(fd)
-                self.release()
-                raise StartupError(
-                    f"interface {name} is already served by a running xlat (pid {holder})"
-                ) from None
+            while True:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+                    os.close(fd)
+                    self.release()
+                    raise StartupError(
+                        f"interface {name} is already served by a running xlat (pid {holder})"
+                    ) from None
+                if _same_file(path, fd):
+                    break
+                os.close(fd)  # its holder removed it as we locked it: lock the new one
             os.ftruncate(fd, 0)
             os.write(fd, str(os.getpid()).encode())
-            self._fds.append(fd)
+            self._held.append((path, fd))
 
     def release(self) -> None:
-        for fd in self._fds:
+        for path, fd in self._held:
+            path.unlink(missing_ok=True)  # while still locked: a waiter sees it is stale
             os.close(fd)
-        self._fds.clear()
+        self._held.clear()
+
+
+def _same_file(path: Path, fd: int) -> bool:
+    try:
+        return os.stat(path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
 
 
 class Daemon:

@@ -4,6 +4,7 @@ over the control socket, real UDP from the phones' namespaces through the kernel
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from xlat.addr import Endpoint
+from xlat.daemon import LOCK_DIR
 from xlat.lab import GW4, GW6, V4_HOST, V6_HOST, Lab, in_netns
 
 pytestmark = pytest.mark.netns
@@ -290,3 +292,5 @@ def test_second_daemon_on_same_interfaces_refuses(lab: Lab, tmp_path: Path) -> N
         assert again.returncode == 3 and "another xlat is running" in again.stderr
     finally:
         gw.stop()
+    netns = os.stat(f"/run/netns/{lab.gw}").st_ino
+    assert not list(LOCK_DIR.glob(f"net{netns}-*.lock"))  # a clean stop leaves no lock file
