@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from xlat.addr import Endpoint
 from xlat.control.bencode import BencodeError, decode, encode
-from xlat.control.ng import NgCore, start_ng
+from xlat.control.ng import READ_BATCH, NgCore, start_ng
 from xlat.media.datapath import FakeDatapath, FlowCounters
 from xlat.media.ports import RelayPortPool
 from xlat.media.session import SessionManager
@@ -551,3 +551,39 @@ def test_start_ng_answers_over_udp() -> None:
             server.close()
 
     assert asyncio.run(scenario()) == b"5323_1 d6:result4:ponge"
+
+
+def test_a_burst_of_requests_gets_every_reply() -> None:
+    """More requests than one wake-up reads (READ_BATCH) arrive at once: each is
+    answered, in order, and a later request still gets its reply."""
+
+    async def scenario() -> list[bytes]:
+        server = await start_ng(Rig().core, Endpoint.parse("127.0.0.1:0"))
+        loop = asyncio.get_running_loop()
+        replies: list[bytes] = []
+        done = loop.create_future()
+        total = READ_BATCH * 2 + 5
+
+        class Client(asyncio.DatagramProtocol):
+            def datagram_received(self, data: bytes, addr: object) -> None:
+                replies.append(data)
+                if len(replies) == total and not done.done():
+                    done.set_result(None)
+
+        transport, _ = await loop.create_datagram_endpoint(
+            Client, remote_addr=(str(server.address.host), server.address.port))
+        try:
+            for i in range(total - 1):
+                transport.sendto(f"b{i} d7:command4:pinge".encode())
+            await asyncio.sleep(0.05)
+            transport.sendto(b"late d7:command4:pinge")
+            await asyncio.wait_for(done, 5.0)
+            return replies
+        finally:
+            transport.close()
+            server.close()
+
+    replies = asyncio.run(scenario())
+    assert [r.split(b" ")[0] for r in replies] == [
+        *(f"b{i}".encode() for i in range(READ_BATCH * 2 + 4)), b"late"]
+    assert all(r.endswith(b" d6:result4:ponge") for r in replies)
