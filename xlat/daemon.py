@@ -88,7 +88,7 @@ class InterfaceLocks:
     def acquire(self) -> None:
         LOCK_DIR.mkdir(parents=True, exist_ok=True)
         netns = os.stat("/proc/self/ns/net").st_ino
-        for name in self.interfaces:
+        for name in sorted(self.interfaces):  # one order: two starting daemons cannot cross
             path = LOCK_DIR / f"net{netns}-{name}.lock"
             while True:
                 fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)

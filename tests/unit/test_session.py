@@ -181,6 +181,25 @@ def test_fork_answer_that_fails_leaves_no_fork() -> None:
     assert mgr.pools[4][0].in_use == 0 and mgr.pools[6][0].in_use == 0
 
 
+def test_a_manual_relay_that_finds_no_ports_leaves_nothing() -> None:
+    mgr, dp = make(ports=1)
+    mgr.add(A6, B4, now=0.0)  # takes the only pair of each family
+    with pytest.raises(PortsExhausted):
+        mgr.add(A6, B4, now=1.0)
+    assert len(mgr.sessions()) == 1 and mgr.ended["ports_exhausted"] == 1
+    assert mgr.flow_count == len(dp.flows) == 4
+
+
+def test_an_answer_from_the_callee_with_an_unknown_to_tag_forks_nothing() -> None:
+    mgr, dp = make()
+    mgr.offer("c", "a", [StreamSpec(A6)], toward=4, now=0.0)
+    mgr.answer("c", "a", "b", [StreamSpec(B4)], now=0.0)
+    with pytest.raises(SessionNotFound):
+        mgr.answer("c", "b", "x", [StreamSpec(A6)], now=1.0)
+    assert len(mgr.find("c")) == 1 and mgr.pools[4][0].in_use == 1
+    assert mgr.flow_count == len(dp.flows) == 4
+
+
 def test_expiry_retries_sessions_whose_counters_could_not_be_read() -> None:
     mgr, dp = make(idle_timeout=10.0)
     sessions = [mgr.add(A6, B4, now=0.0) for _ in range(3)]

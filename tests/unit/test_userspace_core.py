@@ -175,3 +175,14 @@ def test_replacing_a_flow_binds_nothing_new_and_frees_an_old_source() -> None:
     assert core.remove([RELAY4]) == [RELAY4]
     assert core.endpoints() == {RELAY6, other}
 
+
+def test_an_endpoint_freed_and_reused_in_one_batch_is_neither_bound_nor_closed() -> None:
+    core = RelayCore()
+    m1, m2 = ep("[2001:db8:6::1]:30000"), ep("[2001:db8:6::1]:30002")
+    e, e2 = ep("203.0.113.1:30000"), ep("203.0.113.1:30002")
+    core.install([Flow("s1", m1, e, PHONE4, 60.0)], now=0.0)
+    # one batch: the flow at m1 moves off e, and a new flow at m2 sends from e
+    bind, close = core.install([Flow("s1", m1, e2, PHONE4, 60.0),
+                                Flow("s2", m2, e, PHONE4, 60.0)], now=1.0)
+    assert sorted(map(str, bind)) == sorted(map(str, (e2, m2)))  # e's socket stays bound
+    assert close == []

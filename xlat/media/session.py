@@ -240,7 +240,9 @@ class SessionManager:
         changed."""
         session = self._find(call_id, from_tag, to_tag)
         offered = session or self._latest(call_id, from_tag)
-        if offered is None:
+        # a fork answers the offerer (side 0): an unknown to-tag from the callee's side
+        # answers no offer
+        if offered is None or (session is None and offered.side_of(from_tag) != 0):
             raise SessionNotFound(f"no offer for call {call_id!r} from tag {from_tag!r}")
         if len(streams) != len(offered.streams):
             raise StreamMismatch(
@@ -295,10 +297,15 @@ class SessionManager:
         idle_timeout: float | None = None,
         lifetime: float | None = None,
     ) -> MediaSession:
-        """A relay between two fixed peers: leg 0 faces A on A's family, leg 1 faces B."""
+        """A relay between two fixed peers: leg 0 faces A on A's family, leg 1 faces B.
+        Raises PortsExhausted with nothing left behind."""
         session = self._new_session("manual", None, (None, None), (peer_a.family, peer_b.family),
                                     now, idle_timeout, lifetime)
-        self._update_streams(session, 0, [StreamSpec(peer_a)], now)
+        try:
+            self._update_streams(session, 0, [StreamSpec(peer_a)], now)
+        except PortsExhausted:
+            self._end(session, now, "ports_exhausted")
+            raise
         self._update_streams(session, 1, [StreamSpec(peer_b)], now, answer=True)
         self._queue({}, self._wanted(session))
         return session
@@ -472,7 +479,7 @@ class SessionManager:
             seen_at = [counters[f.match].last_seen for f in flows[session.id]
                        if f.match in counters]
             session.activity = max([session.activity, *seen_at])
-            if now - session.activity >= session.idle_timeout:
+            if now >= session.activity + session.idle_timeout:  # as _arm computes it
                 self._end(session, now, "idle")
                 ended.append(session)
             else:

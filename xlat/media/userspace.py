@@ -78,8 +78,7 @@ class RelayCore:
         what it latched only if the flow itself is unchanged. Returns the endpoints no
         flow used before (the edge binds them) and those no flow uses any more, a
         replaced flow's old source (the edge closes them)."""
-        added: list[Endpoint] = []
-        unused: list[Endpoint] = []
+        was_used: dict[Endpoint, bool] = {}  # before this batch, for each endpoint it touches
         for flow in flows:
             old = self._flows.get(flow.match)
             state = _FlowState(flow, flow.to, now, tokens=flow.rate_limit_pps, tokens_at=now)
@@ -90,13 +89,13 @@ class RelayCore:
             state.counters.to = state.to
             self._flows[flow.match] = state
             for endpoint in (flow.match, flow.source):
+                was_used.setdefault(endpoint, endpoint in self._uses)
                 self._uses[endpoint] += 1
-                if self._uses[endpoint] == 1:
-                    added.append(endpoint)
             if old is not None:
-                self._unuse(old.flow, unused)
-        return ([e for e in added if e in self._uses],
-                [e for e in unused if e not in self._uses])
+                for endpoint in self._unuse(old.flow):
+                    was_used.setdefault(endpoint, True)
+        return ([e for e, used in was_used.items() if not used and e in self._uses],
+                [e for e, used in was_used.items() if used and e not in self._uses])
 
     def remove(self, matches: Sequence[Endpoint]) -> list[Endpoint]:
         """Forget flows; returns the endpoints no flow uses any more (the edge closes them)."""
@@ -104,15 +103,18 @@ class RelayCore:
         for match in matches:
             state = self._flows.pop(match, None)
             if state is not None:
-                self._unuse(state.flow, unused)
+                unused += self._unuse(state.flow)
         return unused
 
-    def _unuse(self, flow: Flow, unused: list[Endpoint]) -> None:
+    def _unuse(self, flow: Flow) -> list[Endpoint]:
+        """Count a flow's endpoints one use less; returns those no flow uses now."""
+        unused = []
         for endpoint in (flow.match, flow.source):
             self._uses[endpoint] -= 1
             if self._uses[endpoint] == 0:
                 del self._uses[endpoint]
                 unused.append(endpoint)
+        return unused
 
     def refresh(self, flows: Sequence[Flow], now: float) -> None:
         """Restart the idle timers of these flows (signalling says they are alive)."""
