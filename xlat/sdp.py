@@ -37,6 +37,14 @@ from xlat.media.session import StreamSpec
 
 SDP_CONTENT_TYPE = "application/sdp"
 
+
+def is_sdp_type(content_type: str | None) -> bool:
+    """Whether a Content-Type names SDP: the media type is case-insensitive and may
+    carry parameters (RFC 3261 §20.15, RFC 2045 §5.1), e.g. ``Application/SDP;x=1``."""
+    if content_type is None:
+        return False
+    return content_type.split(";", 1)[0].strip().lower() == SDP_CONTENT_TYPE
+
 # Cap on the body we accept. SDP travels in one SIP message, and a SIP message over UDP
 # is one datagram: at most 65,535 bytes (RFC 768 length field; RFC 3261 §18.1.1).
 # Kamailio, our usual NG client, builds messages in a buffer of the same size

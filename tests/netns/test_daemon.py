@@ -180,11 +180,14 @@ def test_idle_timeout_frees_flows_set_elements_and_ports(gateway: Gateway) -> No
     with udp(gateway.lab.v6, A) as a, udp(gateway.lab.v4, B) as b:
         a.sendto(b"x", (str(relay_a.host), relay_a.port))
         assert recv_from(b)[0] == b"x"
-        time.sleep(0.1)  # the nft guard is updated in batches (daemon.GUARD_DELAY)
         # only sockets need their ports admitted: with eBPF alone the range stays closed
         sockets = "userspace" in gateway.json("stats")["datapath"]  # type: ignore[index]
-        admitted = [(str(GW6), relay_a.port), (str(GW6), relay_a.port + 1)]
-        assert nft_elements(gateway.lab, "relay6") == (admitted if sockets else [])
+        admitted = [(str(GW6), relay_a.port), (str(GW6), relay_a.port + 1)] if sockets else []
+        # the nft guard is updated in batches (daemon.GUARD_DELAY): wait for the batch
+        deadline = time.monotonic() + 2
+        while nft_elements(gateway.lab, "relay6") != admitted and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert nft_elements(gateway.lab, "relay6") == admitted
         deadline = time.monotonic() + 5
         while gateway.json("session", "list") and time.monotonic() < deadline:
             time.sleep(0.2)

@@ -7,6 +7,7 @@ import asyncio
 import errno
 import re
 import socket
+import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from ipaddress import ip_address
@@ -43,8 +44,10 @@ def stream(latch: Latch = Latch.LEARN, timeout: float = 60.0, rtcp: bool = False
 
 
 @asynccontextmanager
-async def relay_in(lab: Lab, flows: list[Flow]) -> AsyncIterator[UserspaceRelay]:
-    relay = UserspaceRelay()
+async def relay_in(
+    lab: Lab, flows: list[Flow], clock: Callable[[], float] = time.monotonic
+) -> AsyncIterator[UserspaceRelay]:
+    relay = UserspaceRelay(clock=clock)
     try:
         with in_netns(lab.gw):
             relay.install(flows)
@@ -153,11 +156,15 @@ def test_strict_drops_and_counts_other_sources(lab: Lab) -> None:
 
 def test_idle_flow_expires(lab: Lab) -> None:
     async def scenario(v6: Host, v4: Host) -> None:
-        async with relay_in(lab, stream(timeout=0.5)) as relay:
+        now = [1000.0]  # the relay's clock, stepped by hand
+        async with relay_in(lab, stream(timeout=0.5), clock=lambda: now[0]) as relay:
             a, b = v6.bind(PHONE6), v4.bind(PHONE4)
             await send(a, b"alive", RELAY6)
             assert await recv(b) == (b"alive", RELAY4)
-            await asyncio.sleep(0.8)
+            now[0] += 0.49
+            await send(a, b"in time", RELAY6)
+            assert await recv(b) == (b"in time", RELAY4)
+            now[0] += 0.51  # quiet for longer than the idle timeout
             await send(a, b"too late", RELAY6)
             assert await recv(b, 0.3) is None
             assert relay.drops()["expired"].packets == 1

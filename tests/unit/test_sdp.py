@@ -16,9 +16,9 @@ from xlat.media.session import SessionManager, StreamSpec
 from xlat.sdp import (
     ICE_ATTRIBUTES,
     MAX_SDP_SIZE,
-    SDP_CONTENT_TYPE,
     SdpError,
     SdpMedia,
+    is_sdp_type,
     parse_sdp,
     rewrite_sdp,
     stream_specs,
@@ -51,8 +51,24 @@ def is_ice(line: bytes) -> bool:
 ALL_FIXTURES = sorted(p.name for p in FIXTURES.glob("*.sdp"))
 
 
-def test_content_type() -> None:
-    assert SDP_CONTENT_TYPE == "application/sdp"
+@pytest.mark.parametrize(
+    ("content_type", "expected"),
+    [
+        ("application/sdp", True),
+        ("Application/SDP", True),
+        ("application/sdp; charset=utf-8", True),
+        (" application/sdp ;x=1", True),
+        ("application/sdp-extra", False),
+        ("multipart/mixed;boundary=unique", False),
+        ("text/plain", False),
+        ("", False),
+        (None, False),
+    ],
+)
+def test_sdp_content_type_is_recognised_case_and_parameters_aside(
+    content_type: str | None, expected: bool
+) -> None:
+    assert is_sdp_type(content_type) is expected
 
 
 # --- parse_sdp -----------------------------------------------------------------------

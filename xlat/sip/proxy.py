@@ -43,7 +43,7 @@ from netaddr import IPNetwork
 
 from xlat.addr import Endpoint, IPAddress
 from xlat.media.session import PortsExhausted, SessionManager, SessionNotFound
-from xlat.sdp import SdpError, parse_sdp, rewrite_sdp, stream_specs
+from xlat.sdp import SdpError, is_sdp_type, parse_sdp, rewrite_sdp, stream_specs
 from xlat.sip.errors import SipParseError
 from xlat.sip.message import (
     REASONS,
@@ -82,7 +82,6 @@ TRANSPORTS = ("udp", "tcp")
 # Methods that never get a Record-Route: REGISTER makes no dialog (RFC 3261 §10.2),
 # CANCEL and ACK are not forwarded as new requests.
 _NO_RECORD_ROUTE = frozenset({"REGISTER", "CANCEL", "ACK"})
-_SDP_TYPE = "application/sdp"
 # How long the NAT64 flow of a phone that is not registered (a caller behind NAT64) is
 # remembered after its last request: longer than any call between two requests.
 NAT64_FLOW_LIFETIME = 4 * 3600.0
@@ -1149,8 +1148,7 @@ class SipProxy:
 
 def _sdp(message: SipRequest | SipResponse) -> bytes | None:
     """The body if it is a non-empty SDP."""
-    ctype = message.content_type
-    if ctype is None or ctype.split(";")[0].strip().lower() != _SDP_TYPE:
+    if not is_sdp_type(message.content_type):
         return None
     return message.body if message.body.strip() else None
 
