@@ -257,7 +257,7 @@ def _xlat(lab: BenchLab, quick: bool, sip_rate: int | None) -> Iterator[dict[str
              "--ports", "20000-59999"]
     if sip_rate:
         config = lab.tmp / "sip-bench.toml"
-        config.write_text(f"sip_rate = {sip_rate}\n")
+        config.write_text(f"sip-rate = {sip_rate}\n")
         extra = ["-c", str(config), *extra]
     try:
         with Xlat(lab, sip_listen=(), extra=extra) as daemon:

@@ -15,7 +15,14 @@ from typing import Any
 
 import click
 
-from xlat.config import DEFAULT_BPFFS, DEFAULT_CONTROL, ConfigError
+from xlat.config import (
+    DEFAULT_BPFFS,
+    DEFAULT_CONTROL,
+    DEFAULT_FILE,
+    LOG_FORMATS,
+    LOG_LEVELS,
+    ConfigError,
+)
 from xlat.control.api import ControlError, call
 
 json_option = click.option("-j", "--json", "as_json", is_flag=True, help="Print JSON only.")
@@ -38,49 +45,88 @@ def cli(ctx: click.Context, control: Path) -> None:
     ctx.obj = {"control": control}
 
 
+config_file_option = click.option(
+    "-c", "--config", "config_file", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+    help=f"TOML file. [default: {DEFAULT_FILE}, if it exists]")
+
+
 @cli.command()
-@click.option("-c", "--config", "config_file", type=click.Path(path_type=Path, exists=True,
-              dir_okay=False), help="TOML file; options given here override it.")
+@config_file_option
 @click.option("--media-v4", multiple=True, metavar="ADDR", help="IPv4 media (and SIP) address.")
 @click.option("--media-v6", multiple=True, metavar="ADDR", help="IPv6 media (and SIP) address.")
-@click.option("--interface", "interfaces", multiple=True, metavar="IF",
+@click.option("--interface", multiple=True, metavar="IF",
               help="Attach the datapath here (default: every non-loopback interface up).")
 @click.option("--ports", metavar="MIN-MAX", help="Relay port range on each media address. "
               "[default: 30000-39999]")
 @click.option("--sip-listen", multiple=True, metavar="A:P|none",
               help="SIP listen address (default: port 5060 of each media address).")
-@click.option("--domain", "domains", multiple=True, metavar="NAME", help="A domain we serve.")
-@click.option("--route", "routes", multiple=True, metavar="'DOMAIN|*=sip:HOST:PORT'",
+@click.option("--domain", multiple=True, metavar="NAME", help="A domain we serve.")
+@click.option("--route", multiple=True, metavar="'DOMAIN|*=sip:HOST:PORT'",
               help="Static next hop for a domain.")
 @click.option("--ng-listen", metavar="A:P", help="rtpengine NG control (UDP); off by default.")
+@click.option("--metrics-listen", metavar="A:P",
+              help="Prometheus metrics over HTTP (/metrics); off by default.")
+@click.option("--allow-remote-control", is_flag=True, default=None,
+              help="Let --ng-listen and --metrics-listen use non-loopback addresses.")
 @click.option("--datapath", type=click.Choice(["ebpf", "userspace"]), help="[default: ebpf]")
 @click.option("--delete-delay", type=float, metavar="S",
               help="Seconds a BYE'd or NG-deleted session lingers. [default: 10]")
-@click.option("--timeout", "idle_timeout", type=float, metavar="S",
+@click.option("--timeout", type=float, metavar="S",
               help="Idle timeout of every flow. [default: 60]")
 @click.option("--latch", type=click.Choice(["off", "learn", "strict"]),
               help="Symmetric RTP: learn the real source, or accept only the SDP's. "
                    "[default: learn]")
-@click.option("--rate-limit", "rate_limit_pps", type=int, metavar="PPS",
+@click.option("--rate-limit", type=int, metavar="PPS",
               help="Per-flow packet-rate cap, 0 = none. [default: 2000]")
 @click.option("--fallback-relay/--no-fallback-relay", default=None,
               help="eBPF mode: also relay, with sockets, what the kernel path passes up "
                    "(fragments, IPv4 options); costs 4 sockets per call. [default: off]")
 @click.option("--keep-datapath", is_flag=True, default=None,
               help="On exit leave maps, filters and the nft table for the next daemon.")
-@click.option("--bpffs", type=click.Path(path_type=Path),
-              help=f"Where maps are pinned. [default: {DEFAULT_BPFFS}]")
-@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option("--bpffs", help=f"Where maps are pinned. [default: {DEFAULT_BPFFS}]")
+@click.option("--log-level", type=click.Choice(list(LOG_LEVELS)), help="[default: info]")
+@click.option("--log-format", type=click.Choice(list(LOG_FORMATS)),
+              help="text, or json: one object per line. [default: text]")
 @click.pass_context
 def run(ctx: click.Context, config_file: Path | None, **options: Any) -> None:
     """Run the gateway daemon (in the foreground)."""
-    from xlat import config, daemon
+    from xlat import config, daemon, logs
 
-    cfg = config.build(config_file, control=ctx.obj["control"], **options)
-    logging.basicConfig(level=cfg.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("pyroute2").setLevel(logging.WARNING)  # its debug is a netlink dump
+    cfg = config.build(config_file or config.default_file(), control=ctx.obj["control"],
+                       **options)
+    logs.setup(cfg.log_level, cfg.log_format)
+    for warning in cfg.warnings:
+        logging.getLogger("xlat").warning("%s", warning)
     sys.exit(daemon.run(cfg))
+
+
+@cli.group("config")
+def config_group() -> None:
+    """The configuration file."""
+
+
+@config_group.command("check")
+@config_file_option
+@json_option
+def config_check(config_file: Path | None, as_json: bool) -> None:
+    """Check a file as `xlat run -c FILE` reads it: one line per problem, exit 1."""
+    from xlat import config
+
+    file = config_file or config.default_file()
+    if file is None:
+        raise ConfigError(f"no file to check: {DEFAULT_FILE} does not exist (give -c FILE)")
+    try:
+        cfg = config.build(file)
+    except ConfigError as e:
+        if as_json:
+            click.echo(json.dumps({"ok": False, "file": str(file), "problems": [
+                {"source": p.source, "key": p.key, "reason": p.reason} for p in e.problems]}))
+            sys.exit(1)
+        raise
+    for warning in cfg.warnings:
+        click.echo(f"xlat: warning: {warning}", err=True)
+    _emit(as_json, {"ok": True, "file": str(file), "warnings": list(cfg.warnings)},
+          lambda _: "ok")
 
 
 # ---- sessions ----------------------------------------------------------------------
@@ -288,7 +334,11 @@ def main() -> None:
     except click.UsageError as e:
         click.echo(f"xlat: error: {e.format_message()}", err=True)
         sys.exit(2)
-    except (ControlError, ConfigError, click.ClickException) as e:
+    except ConfigError as e:
+        for problem in e.problems:
+            click.echo(f"xlat: {problem}", err=True)
+        sys.exit(1)
+    except (ControlError, click.ClickException) as e:
         msg = e.format_message() if isinstance(e, click.ClickException) else str(e)
         click.echo(f"xlat: {msg}", err=True)
         sys.exit(1)

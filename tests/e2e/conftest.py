@@ -55,7 +55,7 @@ def gateway(lab: Lab) -> Iterator[Gateway]:
     """``xlat run`` with SIP on both families, serving DOMAIN, told our NAT64's prefix
     (a config-file setting) and a short delete delay."""
     config = LAB_RUN_DIR / lab.tag / "xlat.toml"
-    config.write_text(f'nat64_prefixes = ["{NAT64_PREFIX}"]\n')
+    config.write_text(f'nat64-prefix = ["{NAT64_PREFIX}"]\n')
     gw = start_gateway(lab, "-c", str(config), "--domain", DOMAIN,
                        "--delete-delay", f"{DELETE_DELAY:g}", "--ports", "30000-30199",
                        "--log-level", "debug")

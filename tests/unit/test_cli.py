@@ -1,6 +1,7 @@
 """The CLI's error contract, run as a user runs it: one line on stderr, exit 2 for
 usage and 1 otherwise."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -44,4 +45,48 @@ def test_no_daemon_exits_1_with_one_line(args: tuple[str, ...], tmp_path: Path) 
 def test_run_rejects_bad_config_in_one_line(tmp_path: Path) -> None:
     r = xlat("run", "--media-v4", "2001:db8::1", control=tmp_path / "c.sock")
     assert r.returncode == 1
-    assert r.stderr.strip() == "xlat: 2001:db8::1 is not an IPv4 address"
+    assert r.stderr.strip() == "xlat: --media-v4: 2001:db8::1 is not an IPv4 address"
+
+
+BAD_FILE = 'media-v4 = "192.0.2.1"\nidle_timeout = "thirty"\ntimout = 3\nbpffs = {a = 1}\n'
+
+
+def test_config_check_prints_one_line_per_problem(tmp_path: Path) -> None:
+    f = tmp_path / "xlat.toml"
+    f.write_text(BAD_FILE)
+    r = xlat("config", "check", "-c", str(f), control=tmp_path / "c.sock")
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr.splitlines() == [
+        f"xlat: {f}: idle_timeout: expects a number of seconds, got a string ('thirty')",
+        f"xlat: {f}: timout: unknown key, did you mean 'timeout'?",
+        f"xlat: {f}: bpffs: expects a string, got a table ({{'a': 1}})",
+    ]
+    j = xlat("config", "check", "-c", str(f), "-j", control=tmp_path / "c.sock")
+    assert j.returncode == 1
+    assert json.loads(j.stdout)["problems"][1] == {
+        "source": str(f), "key": "timout", "reason": "unknown key, did you mean 'timeout'?"}
+
+
+def test_run_refuses_a_bad_file_the_same_way(tmp_path: Path) -> None:
+    f = tmp_path / "xlat.toml"
+    f.write_text(BAD_FILE)
+    check = xlat("config", "check", "-c", str(f), control=tmp_path / "c.sock")
+    r = xlat("run", "-c", str(f), control=tmp_path / "c.sock")
+    assert r.returncode == 1 and r.stderr == check.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_config_check_ok(tmp_path: Path) -> None:
+    f = tmp_path / "xlat.toml"
+    f.write_text('media-v4 = "192.0.2.1"\ntimeout = 30\nsip_rate = 400\n')
+    r = xlat("config", "check", "-c", str(f), control=tmp_path / "c.sock")
+    assert (r.returncode, r.stdout) == (0, "ok\n")
+    assert r.stderr == f"xlat: warning: {f}: sip_rate: deprecated spelling, write 'sip-rate'\n"
+
+
+def test_config_check_of_the_shipped_file_asks_for_a_media_address(tmp_path: Path) -> None:
+    example = Path(__file__).resolve().parents[2] / "etc" / "xlat.toml"
+    r = xlat("config", "check", "-c", str(example), control=tmp_path / "c.sock")
+    assert r.returncode == 1
+    assert r.stderr == f"xlat: {example}: media-v4: no media address: set media-v4 and/or " \
+                       "media-v6 (or the options --media-v4/--media-v6)\n"
