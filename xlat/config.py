@@ -54,7 +54,7 @@ class Config:
     routes: tuple[Route, ...] = ()
     ng_listen: Endpoint | None = None
     ng_interfaces: dict[str, int] = field(default_factory=lambda: {"v4": 4, "v6": 6})
-    datapath: str = "ebpf"  # "ebpf" | "userspace"
+    datapath: str = "ebpf"  # "ebpf" | "userspace" | "auto" (ebpf, else userspace)
     fallback_relay: bool = False  # ebpf: also bind relay sockets for packets passed up
     delete_delay: float = 10.0
     idle_timeout: float = 60.0
@@ -81,8 +81,8 @@ class Config:
             raise ConfigError("no media address: give --media-v4 and/or --media-v6")
         if not (1024 <= self.port_min < self.port_max <= 65535):
             raise ConfigError(f"--ports {self.port_min}-{self.port_max}: need 1024 <= MIN < MAX")
-        if self.datapath not in ("ebpf", "userspace"):
-            raise ConfigError(f"datapath must be ebpf or userspace, not {self.datapath!r}")
+        if self.datapath not in ("ebpf", "userspace", "auto"):
+            raise ConfigError(f"datapath must be ebpf, userspace or auto, not {self.datapath!r}")
         for value, name in ((self.delete_delay, "delete-delay"), (self.idle_timeout, "timeout")):
             if value < 0:
                 raise ConfigError(f"{name} must not be negative")

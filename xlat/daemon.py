@@ -152,6 +152,7 @@ class Daemon:
         self._closers: list[Any] = []  # async-closable servers, closed in reverse
         self._control: ControlServer | None = None
         self._locks: InterfaceLocks | None = None
+        self._ebpf_problem: Exception | None = None  # --datapath auto: why not eBPF
         self._should_exit = asyncio.Event()
         self._timer: asyncio.Task[None] | None = None
 
@@ -164,8 +165,8 @@ class Daemon:
             loop.add_signal_handler(sig, self._on_signal, sig)
         try:
             await self.start()
-            log.info("xlat ready: datapath %s, control %s",
-                     "+".join(p.name for p in self.parts), self.config.control)
+            log.info("xlat ready: media relayed by %s, control %s", self.media_relay,
+                     self.config.control)
             await self._should_exit.wait()
         finally:
             await self.stop()
@@ -190,6 +191,15 @@ class Daemon:
         interfaces = list(cfg.interfaces) or await asyncio.to_thread(default_interfaces)
         if not interfaces:
             raise StartupError("no interface to attach to (none is up)")
+        if cfg.datapath != "userspace":  # first: a missing privilege fails nothing before it
+            from xlat.media.ebpf import EbpfError, require
+
+            try:
+                await asyncio.to_thread(require, interfaces, cfg.bpffs)
+            except EbpfError as e:
+                if cfg.datapath == "ebpf":
+                    raise StartupError(f"eBPF datapath: {e}") from None
+                self._ebpf_problem = e
         self._locks = InterfaceLocks(interfaces)
         self._locks.acquire()
         log.debug("file descriptor limit %d", raise_fd_limit())
@@ -239,30 +249,62 @@ class Daemon:
     # ---- datapath -----------------------------------------------------------------
 
     async def _attach_datapath(self, interfaces: list[str]) -> None:
-        cfg = self.config
-        if cfg.datapath == "ebpf":
-            try:
-                from xlat.media.ebpf import EbpfDatapath
+        """Bring up what relays media, failing closed: with ``--datapath ebpf`` a kernel
+        path that cannot come up stops the start before anything in the kernel changed
+        (see ebpf.py for the order); only ``--datapath auto`` falls back to sockets."""
+        from xlat.media.nft import NftError, NftGuard
 
-                ebpf = await asyncio.to_thread(EbpfDatapath, interfaces, cfg.bpffs)
-                self.forwarders.append(ebpf)
-            except Exception as e:
-                log.warning("!!! eBPF datapath unavailable (%s): falling back to the userspace "
-                            "relay; every media packet will go through Python !!!", e)
-        if not self.forwarders or cfg.datapath == "userspace" or cfg.fallback_relay:
+        cfg = self.config
+        ebpf = None
+        problem = self._ebpf_problem
+        if cfg.datapath != "userspace" and problem is None:
+            try:
+                ebpf = await asyncio.to_thread(self._prepare_ebpf, interfaces)
+            except Exception as e:  # EbpfError, or ImportError: no python3-bpfcc
+                if cfg.datapath == "ebpf":
+                    raise StartupError(f"eBPF datapath: {e}") from None
+                problem = e
+        if problem is not None:
+            log.warning("!!! --datapath auto: the eBPF datapath is unavailable (%s): the "
+                        "userspace relay moves every media packet through Python !!!", problem)
+        if ebpf is not None:
+            self.forwarders.append(ebpf)
+        if ebpf is None or cfg.fallback_relay:
             from xlat.media.userspace import UserspaceRelay
 
             self.forwarders.append(UserspaceRelay())
-        from xlat.media.nft import NftGuard
-
         sip_ports = sorted({e.port for e in cfg.sip_endpoints()})
-        guard = NftGuard(cfg.media, cfg.port_min, cfg.port_max, sip_ports=sip_ports,
-                         sip_rate=cfg.sip_rate)
+        try:
+            guard = NftGuard(cfg.media, cfg.port_min, cfg.port_max, sip_ports=sip_ports,
+                             sip_rate=cfg.sip_rate)
+        except NftError as e:
+            if ebpf is not None:  # nothing attached yet; pins left as they were
+                await asyncio.to_thread(ebpf.close, True)
+            raise StartupError(f"nftables table inet xlat: {e}; fix: `xlat check`") from None
         self.parts = [*self.forwarders, guard]
+        if ebpf is not None:
+            await asyncio.to_thread(ebpf.attach)
         if any(p.name == "userspace" for p in self.forwarders):
             self.guard = guard  # it admits the relay ports the sockets serve
-        log.info("datapath attached to %s: %s", ", ".join(interfaces),
-                 " + ".join(p.name for p in self.parts))
+        log.info("datapath attached to %s: media relayed by %s", ", ".join(interfaces),
+                 self.media_relay)
+
+    def _prepare_ebpf(self, interfaces: list[str]) -> Any:
+        """Mount a bpffs if needed, compile and verify: everything but attaching (the
+        start-up checks, ebpf.require, have passed)."""
+        from xlat.media import ebpf
+
+        mounted = ebpf.mount_bpffs(self.config.bpffs)
+        if mounted is not None:
+            log.info("mounted a bpf filesystem at %s (%s was on none)", mounted,
+                     self.config.bpffs)
+        return ebpf.EbpfDatapath(interfaces, self.config.bpffs, attach=False)
+
+    @property
+    def media_relay(self) -> str:
+        """Which datapath relays media: ``ebpf`` (the kernel), ``userspace`` (Python), or
+        ``ebpf+userspace`` (the kernel, sockets for what it passes up)."""
+        return "+".join(p.name for p in self.forwarders)
 
     @property
     def state_file(self) -> Path:
@@ -472,7 +514,8 @@ class Daemon:
         }
         return {
             "uptime": round(time.monotonic() - self.started, 1),
-            "datapath": "+".join(p.name for p in self.parts),
+            "datapath": self.media_relay,  # what relays media
+            "guard": "+".join(p.name for p in self.parts if p not in self.forwarders),
             "sessions": len(sessions),
             "deleting": sum(s.state == "deleting" for s in sessions),
             "flows": self.manager.flow_count,

@@ -175,9 +175,12 @@ def load_script(
 def check_nft() -> list[tuple[str, bool, str]]:
     """For ``xlat check``: (what, ok, detail) rows. The table is loaded in dry-run mode,
     so nothing changes in the kernel."""
-    rows = [("nft binary", shutil.which("nft") is not None, shutil.which("nft") or "not on PATH")]
+    nft_path = shutil.which("nft")
+    rows = [("nft binary", nft_path is not None,
+             nft_path or "not on PATH; fix: apt-get install nftables")]
     if nftables is None:
-        return [*rows, ("python3-nftables", False, "import nftables failed")]
+        return [*rows, ("python3-nftables", False,
+                        "import nftables failed; fix: apt-get install python3-nftables")]
     rows.append(("python3-nftables", True, str(Path(nftables.__file__).parent)))
     nft = nftables.Nftables()
     nft.set_dry_run(True)
@@ -185,7 +188,8 @@ def check_nft() -> list[tuple[str, bool, str]]:
         script = load_script([], 30000, 30001, [5060], 200)
         _run_text(nft, script)
     except (OSError, KeyError, NftError) as exc:
-        return [*rows, ("nft table inet xlat", False, str(exc))]
+        return [*rows, ("nft table inet xlat", False, f"{exc}; fix: run as root "
+                        "(CAP_NET_ADMIN) on a kernel with nf_tables")]
     return [*rows, ("nft table inet xlat", True, f"{RULESET} loads (dry run)")]
 
 
