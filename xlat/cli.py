@@ -52,6 +52,9 @@ def cli(ctx: click.Context, control: Path) -> None:
 @click.option("--domain", "domains", multiple=True, metavar="NAME", help="A domain we serve.")
 @click.option("--route", "routes", multiple=True, metavar="'DOMAIN|*=sip:HOST:PORT'",
               help="Static next hop for a domain.")
+@click.option("--trusted", multiple=True, metavar="PREFIX",
+              help="SIP from here is not rate-limited (a trunk, an upstream proxy); route "
+                   "targets never are.")
 @click.option("--ng-listen", metavar="A:P", help="rtpengine NG control (UDP); off by default.")
 @click.option("--datapath", type=click.Choice(["ebpf", "userspace", "auto"]),
               help="What relays media: the kernel (fails closed), Python sockets, or auto "

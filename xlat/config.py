@@ -60,7 +60,8 @@ class Config:
     idle_timeout: float = 60.0
     latch: Latch = Latch.LEARN
     rate_limit_pps: int = 2000  # per flow; a forged SDP cannot aim a flood anywhere
-    sip_rate: int = 200  # SIP packets/s per IPv4 source or IPv6 /64
+    sip_rate: int = 200  # SIP packets/s per IPv4 source or IPv6 /64 (untrusted sources)
+    trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()  # no SIP rate limit
     nat64_prefixes: tuple[str, ...] = ("64:ff9b::/96",)
     keep_datapath: bool = False
     bpffs: Path = DEFAULT_BPFFS
@@ -104,6 +105,14 @@ def parse_media(text: str, version: int) -> IPAddress:
     if addr.version != version:
         raise ConfigError(f"{text} is not an IPv{version} address")
     return addr
+
+
+def parse_prefix(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """``ADDR`` or ``ADDR/LEN`` (host bits must be zero)."""
+    try:
+        return ipaddress.ip_network(text.strip())
+    except ValueError as e:
+        raise ConfigError(f"trusted prefix {text!r}: {e}") from None
 
 
 def parse_listen(text: str) -> Endpoint:
@@ -154,6 +163,8 @@ def _convert(key: str, value: Any) -> Any:
             return None if value == "none" else parse_listen(str(value))
         case "routes":
             return tuple(Route.parse(str(v)) for v in _as_list(value))
+        case "trusted":
+            return tuple(parse_prefix(str(v)) for v in _as_list(value))
         case "interfaces" | "domains" | "nat64_prefixes":
             return tuple(str(v) for v in _as_list(value))
         case "bpffs" | "control":

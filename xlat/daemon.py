@@ -13,11 +13,13 @@ import contextlib
 import enum
 import fcntl
 import gc
+import ipaddress
 import json
 import logging
 import os
 import resource
 import signal
+import socket
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -273,10 +275,14 @@ class Daemon:
             from xlat.media.userspace import UserspaceRelay
 
             self.forwarders.append(UserspaceRelay())
-        sip_ports = sorted({e.port for e in cfg.sip_endpoints()})
+        trusted = await asyncio.to_thread(trusted_sources, cfg)
+        log.info("SIP rate limit %d packets/s per source on %s; exempt: %s", cfg.sip_rate,
+                 ", ".join(map(str, cfg.sip_endpoints())) or "no listener",
+                 ", ".join(map(str, trusted)) or "none")
         try:
-            guard = NftGuard(cfg.media, cfg.port_min, cfg.port_max, sip_ports=sip_ports,
-                             sip_rate=cfg.sip_rate)
+            guard = NftGuard(cfg.media, cfg.port_min, cfg.port_max,
+                             sip_listen=cfg.sip_endpoints(), sip_rate=cfg.sip_rate,
+                             trusted=trusted)
         except NftError as e:
             if ebpf is not None:  # nothing attached yet; pins left as they were
                 await asyncio.to_thread(ebpf.close, True)
@@ -549,6 +555,29 @@ def _apply(parts: Sequence[Datapath], remove: Sequence[Endpoint], install: Seque
         except Exception:
             log.exception("datapath %s rejected a batch (%d install, %d remove)",
                           part.name, len(install), len(remove))
+
+
+def trusted_sources(cfg: Config) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    """Sources the SIP rate limit spares: ``--trusted`` prefixes and every route target
+    (a host name is resolved once, now; one that does not resolve is logged)."""
+    from xlat.sip.uri import SipUri
+
+    out = list(cfg.trusted)
+    for route in cfg.routes:
+        host = SipUri.parse(route.target).host.strip("[]")
+        try:
+            out.append(ipaddress.ip_network(host))
+            continue
+        except ValueError:
+            pass
+        try:
+            infos = socket.getaddrinfo(host, None, type=socket.SOCK_DGRAM)
+        except OSError as e:
+            log.warning("route target %s does not resolve (%s): its SIP is rate-limited; "
+                        "give --trusted for it", host, e)
+            continue
+        out += [ipaddress.ip_network(str(info[4][0]).partition("%")[0]) for info in infos]
+    return list(dict.fromkeys(out))
 
 
 def _reason_meanings() -> dict[str, str]:
