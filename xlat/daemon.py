@@ -155,6 +155,7 @@ class Daemon:
         self._control: ControlServer | None = None
         self._locks: InterfaceLocks | None = None
         self._ebpf_problem: Exception | None = None  # --datapath auto: why not eBPF
+        self._reserved: Any = None  # ephemeral.ReservedPorts while we run
         self._should_exit = asyncio.Event()
         self._timer: asyncio.Task[None] | None = None
 
@@ -244,6 +245,11 @@ class Daemon:
                     part.close(keep)
             except Exception:
                 log.exception("closing the %s datapath failed", part.name)
+        if self._reserved is not None:
+            try:
+                self._reserved.close()
+            except OSError as e:
+                log.warning("could not give back the reserved relay ports: %s", e)
         if self._locks is not None:
             self._locks.release()
         log.info("stopped%s", " (kernel state kept for the next daemon)" if keep else "")
@@ -294,6 +300,15 @@ class Daemon:
             self.guard = guard  # it admits the relay ports the sockets serve
         log.info("datapath attached to %s: media relayed by %s", ", ".join(interfaces),
                  self.media_relay)
+        from xlat.media.ephemeral import ReservedPorts
+
+        try:
+            self._reserved = ReservedPorts(cfg.port_min, cfg.port_max)
+            log.info("relay ports %d-%d kept from ephemeral use (ip_local_reserved_ports)",
+                     cfg.port_min, cfg.port_max)
+        except (OSError, ValueError) as e:
+            log.warning("cannot reserve the relay ports from ephemeral use (%s): a reply to "
+                        "a socket on a media address may be dropped as unallocated", e)
 
     def _prepare_ebpf(self, interfaces: list[str]) -> Any:
         """Mount a bpffs if needed, compile and verify: everything but attaching (the

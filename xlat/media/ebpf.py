@@ -187,14 +187,14 @@ def _version_tuple(release: str) -> tuple[int, ...]:
     return (int(m[1]), int(m[2])) if m else (0, 0)
 
 
-def kernel_headers(release: str | None = None) -> tuple[bool, str]:
+def kernel_headers(release: str | None = None, modules: Path = MODULES) -> tuple[bool, str]:
     """Can bcc compile bpf/xlat.c against /lib/modules/RELEASE/{build,source}? (ok,
     detail with the fix when not ok). Headers of another release than the running
     kernel are usable when they are not older than MIN_HEADERS and not newer than the
     kernel (the program uses only uapi that is stable since then; the verifier checks
     the rest): Debian's linux-headers-amd64 on a newer kernel is such a case."""
     release = release or platform.release()
-    build, source = MODULES / release / "build", MODULES / release / "source"
+    build, source = modules / release / "build", modules / release / "source"
     fix = (f"apt-get install linux-headers-amd64 and link {build} to "
            "/usr/src/linux-headers-*-amd64 and source to the -common tree (make setup does)")
     for path in (build, source):
