@@ -201,6 +201,8 @@ def _stats_text(s: dict[str, Any]) -> str:
     lines = [f"datapath {s['datapath']} relays media, up {s['uptime']} s",
              f"sessions {s['sessions']} ({s['deleting']} deleting), flows {s['flows']}"]
     lines += [f"ports {fam}: {p['in_use']}/{p['capacity']} pairs" for fam, p in s["ports"].items()]
+    if s.get("table_restored"):
+        lines.append(f"table inet xlat re-created {s['table_restored']} time(s) after a flush")
     meanings = s.get("reasons", {})
     lines += [f"{r:<18} {d['packets']:>10} packets {d['bytes']:>12} bytes  {meanings.get(r, '')}"
               for r, d in s["drops"].items()]

@@ -36,6 +36,7 @@ log = logging.getLogger("xlat")
 
 LOCK_DIR = Path("/run/xlat/locks")
 GUARD_DELAY = 0.02  # seconds the nft guard's changes wait to be batched
+TABLE_CHECK = 1.0  # seconds between checks that table inet xlat is still there
 TICK = 0.5  # longest sleep of the timer loop: idle expiry lands within 1 s of its deadline
 # Sessions one expiry pass looks at before the loop serves signalling again: a mass
 # expiry (10k calls idle at once) becomes many short passes, not one long stall.
@@ -156,6 +157,9 @@ class Daemon:
         self._locks: InterfaceLocks | None = None
         self._ebpf_problem: Exception | None = None  # --datapath auto: why not eBPF
         self._reserved: Any = None  # ephemeral.ReservedPorts while we run
+        self._links: Any = None  # netwatch.LinkWatcher (eBPF only)
+        self._table_task: asyncio.Task[None] | None = None
+        self.table_restored = 0  # times table inet xlat was re-created after a flush
         self._should_exit = asyncio.Event()
         self._timer: asyncio.Task[None] | None = None
 
@@ -232,6 +236,12 @@ class Daemon:
                     await result
             except Exception:
                 log.exception("closing %s failed", type(server).__name__)
+        if self._table_task is not None:
+            self._table_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._table_task
+        if self._links is not None:
+            await asyncio.to_thread(self._links.close)
         if self._guard_timer is not None:
             self._guard_timer.cancel()
             self._flush_guard()
@@ -296,6 +306,11 @@ class Daemon:
         self.parts = [*self.forwarders, guard]
         if ebpf is not None:
             await asyncio.to_thread(ebpf.attach)
+            from xlat.media.netwatch import LinkWatcher
+
+            self._links = LinkWatcher(ebpf, cfg.interfaces or None)
+            self._links.start()
+        self._table_task = asyncio.create_task(self._watch_table(guard))
         if any(p.name == "userspace" for p in self.forwarders):
             self.guard = guard  # it admits the relay ports the sockets serve
         log.info("datapath attached to %s: media relayed by %s", ", ".join(interfaces),
@@ -309,6 +324,26 @@ class Daemon:
         except (OSError, ValueError) as e:
             log.warning("cannot reserve the relay ports from ephemeral use (%s): a reply to "
                         "a socket on a media address may be dropped as unallocated", e)
+
+    async def _watch_table(self, guard: Any) -> None:
+        """Re-create table inet xlat within TABLE_CHECK of its deletion (``nft flush
+        ruleset``, which every reload of Debian's nftables.service runs), with the
+        configuration and the relay ports of the flows the userspace relay serves."""
+        while True:
+            await asyncio.sleep(TABLE_CHECK)
+            try:
+                if guard.present():
+                    continue
+                admitted = [] if self.guard is None else [
+                    f for s in self.manager.sessions() for f in self.manager.flows(s)]
+                guard.restore(admitted)
+            except Exception:
+                log.exception("re-creating table inet xlat failed")
+                continue
+            self.table_restored += 1
+            log.warning("table inet xlat was deleted (nft flush ruleset?): re-created it with "
+                        "%d relay port(s) admitted (%d time(s) so far)", len(admitted),
+                        self.table_restored)
 
     def _prepare_ebpf(self, interfaces: list[str]) -> Any:
         """Mount a bpffs if needed, compile and verify: everything but attaching (the
@@ -547,6 +582,7 @@ class Daemon:
             "drops": {r: {"packets": d.packets, "bytes": d.bytes}
                       for r, d in sorted(self.drops().items())},
             "reasons": _reason_meanings(),
+            "table_restored": self.table_restored,
         }
 
     def _exit(self, keep_datapath: bool | None = None) -> dict[str, bool]:
