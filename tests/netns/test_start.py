@@ -28,9 +28,11 @@ SETPRIV_NO_BPF = ("setpriv", "--inh-caps=-all", "--bounding-set=-bpf,-perfmon,-s
 
 def argv(control: Path, *extra: str, prefix: Sequence[str] = ()) -> list[str]:
     """``xlat run`` with the lab's media addresses and nothing else pinned down: no
-    --bpffs (the default /sys/fs/bpf/xlat), no --interface unless ``extra`` has one."""
+    --bpffs (the default /sys/fs/bpf/xlat), no --interface unless ``extra`` has one, no
+    SIP unless ``extra`` has --sip-listen."""
+    sip = () if "--sip-listen" in extra else ("--sip-listen", "none")
     return [*prefix, *XLAT, "--control", str(control), "run", "--media-v4", str(GW4),
-            "--media-v6", str(GW6), "--sip-listen", "none", "--ports", "30000-30099", *extra]
+            "--media-v6", str(GW6), *sip, "--ports", "30000-30099", *extra]
 
 
 def start(lab: Lab, tmp: Path, *extra: str, name: str = "xlat") -> Gateway:
