@@ -25,21 +25,24 @@ static long (*xlat_redirect_neigh)(__u32 ifindex, struct bpf_redir_neigh *params
 #define NH_CACHE_NS 1000000000ULL
 
 /* fib_lookup_cached — next hop of @flow's new header: from the flow's cache while it is
- * fresh and @l3_len is no longer than what a lookup admitted (so the lookup's MTU check
- * still holds), else from bpf_fib_lookup(), whose answer refills the cache.
+ * fresh, was filled in the current link @epoch (xlat/media/ebpf.py bumps the epoch when
+ * an interface vanishes or appears, so no cached answer names a gone ifindex) and
+ * @l3_len is no longer than what a lookup admitted (so the lookup's MTU check still
+ * holds), else from bpf_fib_lookup(), whose answer refills the cache.
  * A missing neighbour is not a failure: bpf_redirect_neigh() resolves it.
  * Returns 0 with @nh and the egress ifindex in *@ifindex, or the REASON_* why there is
  * no usable route (MTU exceeded, or anything else the lookup refused: unreachable,
  * blackhole, forwarding off...). Side effect: writes flow->nh_*.
  */
 static __always_inline int fib_lookup_cached(struct __sk_buff *skb, struct flow_value *flow,
-					     __u8 tos, __u16 l3_len, __u64 now,
+					     __u8 tos, __u16 l3_len, __u64 now, __u8 epoch,
 					     struct bpf_redir_neigh *nh, __u32 *ifindex)
 {
 	struct bpf_fib_lookup fib = {};
 	int rc;
 
-	if (flow->nh_ifindex && now < flow->nh_expires_ns && l3_len <= flow->nh_max_len) {
+	if (flow->nh_ifindex && now < flow->nh_expires_ns && flow->nh_epoch == epoch &&
+	    l3_len <= flow->nh_max_len) {
 		nh->nh_family = flow->nh_family;
 		__builtin_memcpy(nh->ipv6_nh, flow->nh_addr, 16);
 		*ifindex = flow->nh_ifindex;
@@ -71,8 +74,9 @@ static __always_inline int fib_lookup_cached(struct __sk_buff *skb, struct flow_
 	__builtin_memcpy(nh->ipv6_nh, fib.ipv6_dst, 16);
 	*ifindex = fib.ifindex;
 
-	if (now >= flow->nh_expires_ns || l3_len > flow->nh_max_len)
+	if (now >= flow->nh_expires_ns || flow->nh_epoch != epoch || l3_len > flow->nh_max_len)
 		flow->nh_max_len = l3_len;
+	flow->nh_epoch = epoch;
 	flow->nh_family = fib.family;
 	__builtin_memcpy(flow->nh_addr, fib.ipv6_dst, 16);
 	flow->nh_ifindex = fib.ifindex;
@@ -82,17 +86,18 @@ static __always_inline int fib_lookup_cached(struct __sk_buff *skb, struct flow_
 
 /* fib_redirect — route the rewritten packet and send it out through the neighbour layer.
  * @flow: family, new addresses/ports (the lookup key) and the next-hop cache.
- * @l3_len: new L3 length, for the MTU check.
+ * @l3_len: new L3 length, for the MTU check. @epoch: see fib_lookup_cached().
  * Returns TC_ACT_REDIRECT with *@reason = REASON_FORWARDED, or TC_ACT_OK (the stack
  * routes the already translated packet) with *@reason saying why.
  */
 static __always_inline int fib_redirect(struct __sk_buff *skb, struct flow_value *flow,
-					__u8 tos, __u16 l3_len, __u64 now, __u32 *reason)
+					__u8 tos, __u16 l3_len, __u64 now, __u8 epoch,
+					__u32 *reason)
 {
 	struct bpf_redir_neigh nh = {};
 	__u32 ifindex;
 
-	*reason = fib_lookup_cached(skb, flow, tos, l3_len, now, &nh, &ifindex);
+	*reason = fib_lookup_cached(skb, flow, tos, l3_len, now, epoch, &nh, &ifindex);
 	if (*reason)
 		return TC_ACT_OK;
 	return xlat_redirect_neigh(ifindex, &nh, sizeof(nh), 0);

@@ -57,7 +57,7 @@ struct flow_value {
 	__u32 nh_ifindex;	/* egress device; 0 = empty */
 	__u16 nh_max_len;	/* largest L3 length a lookup admitted (its MTU check) */
 	__u8 nh_family;		/* AF_INET / AF_INET6: family of nh_addr */
-	__u8 nh_pad;
+	__u8 nh_epoch;		/* link epoch (xlat.c link_epoch) the lookup was made in */
 	__u8 nh_addr[16];	/* next hop; IPv4 in the first 4 bytes */
 	__u64 nh_expires_ns;	/* CLOCK_MONOTONIC after which the lookup is redone */
 };

@@ -18,7 +18,7 @@
  *
  * Built by xlat/media/ebpf.py with bcc. -DXLAT_PIN_DIR="/path" pins `flows` and `reasons`
  * there (a restarted daemon adopts them); without it they are private (xlat check).
- * `clock_copies` (clock.h's per-CPU cache) is always private.
+ * `clock_copies` (clock.h's per-CPU cache) and `link_epoch` (fib.h) are always private.
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/pkt_cls.h>
@@ -49,6 +49,10 @@ XLAT_MAP("hash", struct flow_key, struct flow_value, flows, FLOW_MAX_ENTRIES, BP
 XLAT_MAP("percpu_array", u32, struct reason_counter, reasons, __REASON_MAX, 0);
 /* private (not pinned): a cache that the first packet on each CPU fills */
 BPF_PERCPU_ARRAY(clock_copies, struct clock_copy, 1);
+/* private: bumped by ebpf.py on every interface that vanishes or appears; a next hop
+ * cached in another epoch is looked up again (fib.h). A fresh program starts at 0, and
+ * an adopted flow cached by the previous one at most re-does one lookup. */
+BPF_ARRAY(link_epoch, __u32, 1);
 
 /* ---- clock ------------------------------------------------------------------------ */
 
@@ -261,7 +265,7 @@ int xlat(struct __sk_buff *skb)
 	struct flow_key key = {};
 	struct flow_value *flow;
 	__u32 bytes = skb->len > ETH_HLEN_ ? skb->len - ETH_HLEN_ : 0;
-	__u32 fib_reason;
+	__u32 fib_reason, zero = 0, *epoch;
 	__u16 out_len;
 	__u64 now;
 	int reason, ret;
@@ -293,7 +297,9 @@ int xlat(struct __sk_buff *skb)
 	flow->last_seen_ns = now;
 
 	out_len = (flow->family == 4 ? IPV4_HLEN : IPV6_HLEN) + pkt.udp_len;
-	ret = fib_redirect(skb, flow, pkt.tos, out_len, now, &fib_reason);
+	epoch = link_epoch.lookup(&zero);
+	ret = fib_redirect(skb, flow, pkt.tos, out_len, now, epoch ? (__u8)*epoch : 0,
+			   &fib_reason);
 	count(fib_reason, bytes);
 	return ret;
 }

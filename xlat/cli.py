@@ -63,12 +63,17 @@ config_file_option = click.option(
 @click.option("--domain", multiple=True, metavar="NAME", help="A domain we serve.")
 @click.option("--route", multiple=True, metavar="'DOMAIN|*=sip:HOST:PORT'",
               help="Static next hop for a domain.")
+@click.option("--trusted", multiple=True, metavar="PREFIX",
+              help="SIP from here is not rate-limited (a trunk, an upstream proxy); route "
+                   "targets never are.")
 @click.option("--ng-listen", metavar="A:P", help="rtpengine NG control (UDP); off by default.")
 @click.option("--metrics-listen", metavar="A:P",
               help="Prometheus metrics over HTTP (/metrics); off by default.")
 @click.option("--allow-remote-control", is_flag=True, default=None,
               help="Let --ng-listen and --metrics-listen use non-loopback addresses.")
-@click.option("--datapath", type=click.Choice(["ebpf", "userspace"]), help="[default: ebpf]")
+@click.option("--datapath", type=click.Choice(["ebpf", "userspace", "auto"]),
+              help="What relays media: the kernel (fails closed), Python sockets, or auto "
+                   "(the kernel, else sockets with a warning). [default: ebpf]")
 @click.option("--delete-delay", type=float, metavar="S",
               help="Seconds a BYE'd or NG-deleted session lingers. [default: 10]")
 @click.option("--timeout", type=float, metavar="S",
@@ -239,9 +244,11 @@ def flow_list(ctx: click.Context, as_json: bool) -> None:
 
 
 def _stats_text(s: dict[str, Any]) -> str:
-    lines = [f"datapath {s['datapath']}, up {s['uptime']} s",
+    lines = [f"datapath {s['datapath']} relays media, up {s['uptime']} s",
              f"sessions {s['sessions']} ({s['deleting']} deleting), flows {s['flows']}"]
     lines += [f"ports {fam}: {p['in_use']}/{p['capacity']} pairs" for fam, p in s["ports"].items()]
+    if s.get("table_restored"):
+        lines.append(f"table inet xlat re-created {s['table_restored']} time(s) after a flush")
     meanings = s.get("reasons", {})
     lines += [f"{r:<18} {d['packets']:>10} packets {d['bytes']:>12} bytes  {meanings.get(r, '')}"
               for r, d in s["drops"].items()]
@@ -256,14 +263,32 @@ def stats(ctx: click.Context, as_json: bool) -> None:
     _emit(as_json, _ask(ctx, "stats"), _stats_text)
 
 
+def _relaying(control: Path, kernel_ok: bool) -> tuple[str, bool, str]:
+    """The ``datapath`` row of ``xlat check``: what a running daemon relays media with,
+    else what ``xlat run`` would do here."""
+    try:
+        running = call(control, "stats", timeout=2.0)["datapath"]
+    except ControlError:
+        running = None
+    if running is not None:
+        return ("datapath", True, f"{running} relays media in the xlat on {control}")
+    if kernel_ok:
+        return ("datapath", True, "ebpf relays media (xlat run, --datapath ebpf)")
+    return ("datapath", False, "the kernel path cannot come up: xlat run refuses to start; "
+            "fix: the FAIL lines above, or --datapath auto to relay in Python")
+
+
 @cli.command()
 @json_option
-def check(as_json: bool) -> None:
-    """Check that every kernel feature and tool the datapath needs is here."""
+@click.pass_context
+def check(ctx: click.Context, as_json: bool) -> None:
+    """Check that every kernel feature and tool the datapath needs is here, and say
+    which datapath relays media."""
     from xlat.media.ebpf import check_kernel
     from xlat.media.nft import check_nft
 
     results = [*check_kernel(), *check_nft()]
+    results.append(_relaying(ctx.obj["control"], all(ok for _, ok, _ in results)))
     if as_json:
         click.echo(json.dumps([{"check": n, "ok": ok, "detail": d} for n, ok, d in results]))
     else:

@@ -101,13 +101,14 @@ class Config:
     ng_interfaces: dict[str, int] = field(default_factory=lambda: {"v4": 4, "v6": 6})
     metrics_listen: Endpoint | None = None
     allow_remote_control: bool = False  # NG / metrics on a non-loopback address
-    datapath: str = "ebpf"  # "ebpf" | "userspace"
+    datapath: str = "ebpf"  # "ebpf" | "userspace" | "auto" (ebpf, else userspace)
     fallback_relay: bool = False  # ebpf: also bind relay sockets for packets passed up
     delete_delay: float = 10.0
     idle_timeout: float = 60.0
     latch: Latch = Latch.LEARN
     rate_limit_pps: int = 2000  # per flow; a forged SDP cannot aim a flood anywhere
-    sip_rate: int = 200  # SIP packets/s per IPv4 source or IPv6 /64
+    sip_rate: int = 200  # SIP packets/s per IPv4 source or IPv6 /64 (untrusted sources)
+    trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()  # no SIP rate limit
     nat64_prefixes: tuple[str, ...] = ("64:ff9b::/96",)
     keep_datapath: bool = False
     bpffs: Path = DEFAULT_BPFFS
@@ -198,7 +199,7 @@ def _choice(*names: str) -> Callable[[Any], str]:
     def parse(value: Any) -> str:
         text = _string(value)
         if text not in names:
-            raise _Bad(f"must be {' or '.join(names)}, got {text!r}")
+            raise _Bad(f"must be {', '.join(names[:-1])} or {names[-1]}, got {text!r}")
         return text
 
     return parse
@@ -293,6 +294,17 @@ def _nat64(value: Any) -> tuple[str, ...]:
     return prefixes
 
 
+def _trusted(value: Any) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """``ADDR`` or ``ADDR/LEN`` each (host bits must be zero)."""
+    out = []
+    for text in _strings(value):
+        try:
+            out.append(ipaddress.ip_network(text.strip()))
+        except ValueError as e:
+            raise _Bad(f"{text!r}: {e}") from None
+    return tuple(out)
+
+
 def _ng_interfaces(value: Any) -> dict[str, int]:
     if not isinstance(value, dict):
         raise _want('a table of NAME = 4 or 6 (e.g. { v4 = 4, v6 = 6, wan = 4 })', value)
@@ -329,13 +341,14 @@ KEYS: dict[str, Key] = {k.name: k for k in (
     Key("ng-interfaces", "ng_interfaces", _ng_interfaces, cli=False),
     Key("metrics-listen", "metrics_listen", _listen),
     Key("allow-remote-control", "allow_remote_control", _boolean),
-    Key("datapath", "datapath", _choice("ebpf", "userspace")),
+    Key("datapath", "datapath", _choice("ebpf", "userspace", "auto")),
     Key("fallback-relay", "fallback_relay", _boolean),
     Key("delete-delay", "delete_delay", _number(0, 3600)),
     Key("timeout", "idle_timeout", _number(0, 86400, low_open=True)),
     Key("latch", "latch", _latch),
     Key("rate-limit", "rate_limit_pps", _integer(0, 10_000_000)),
     Key("sip-rate", "sip_rate", _integer(1, 1_000_000), cli=False),
+    Key("trusted", "trusted", _trusted),
     Key("nat64-prefix", "nat64_prefixes", _nat64, cli=False),
     Key("keep-datapath", "keep_datapath", _boolean),
     Key("bpffs", "bpffs", _path),

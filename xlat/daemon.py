@@ -13,11 +13,13 @@ import contextlib
 import enum
 import fcntl
 import gc
+import ipaddress
 import json
 import logging
 import os
 import resource
 import signal
+import socket
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,6 +36,7 @@ log = logging.getLogger("xlat")
 
 LOCK_DIR = Path("/run/xlat/locks")
 GUARD_DELAY = 0.02  # seconds the nft guard's changes wait to be batched
+TABLE_CHECK = 1.0  # seconds between checks that table inet xlat is still there
 TICK = 0.5  # longest sleep of the timer loop: idle expiry lands within 1 s of its deadline
 # Sessions one expiry pass looks at before the loop serves signalling again: a mass
 # expiry (10k calls idle at once) becomes many short passes, not one long stall.
@@ -152,6 +155,11 @@ class Daemon:
         self._closers: list[Any] = []  # async-closable servers, closed in reverse
         self._control: ControlServer | None = None
         self._locks: InterfaceLocks | None = None
+        self._ebpf_problem: Exception | None = None  # --datapath auto: why not eBPF
+        self._reserved: Any = None  # ephemeral.ReservedPorts while we run
+        self._links: Any = None  # netwatch.LinkWatcher (eBPF only)
+        self._table_task: asyncio.Task[None] | None = None
+        self.table_restored = 0  # times table inet xlat was re-created after a flush
         self._should_exit = asyncio.Event()
         self._timer: asyncio.Task[None] | None = None
 
@@ -164,8 +172,8 @@ class Daemon:
             loop.add_signal_handler(sig, self._on_signal, sig)
         try:
             await self.start()
-            log.info("xlat ready: datapath %s, control %s",
-                     "+".join(p.name for p in self.parts), self.config.control)
+            log.info("xlat ready: media relayed by %s, control %s", self.media_relay,
+                     self.config.control)
             await self._should_exit.wait()
         finally:
             await self.stop()
@@ -190,6 +198,15 @@ class Daemon:
         interfaces = list(cfg.interfaces) or await asyncio.to_thread(default_interfaces)
         if not interfaces:
             raise StartupError("no interface to attach to (none is up)")
+        if cfg.datapath != "userspace":  # first: a missing privilege fails nothing before it
+            from xlat.media.ebpf import EbpfError, require
+
+            try:
+                await asyncio.to_thread(require, interfaces, cfg.bpffs)
+            except EbpfError as e:
+                if cfg.datapath == "ebpf":
+                    raise StartupError(f"eBPF datapath: {e}") from None
+                self._ebpf_problem = e
         self._locks = InterfaceLocks(interfaces)
         self._locks.acquire()
         log.debug("file descriptor limit %d", raise_fd_limit())
@@ -219,6 +236,12 @@ class Daemon:
                     await result
             except Exception:
                 log.exception("closing %s failed", type(server).__name__)
+        if self._table_task is not None:
+            self._table_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._table_task
+        if self._links is not None:
+            await asyncio.to_thread(self._links.close)
         if self._guard_timer is not None:
             self._guard_timer.cancel()
             self._flush_guard()
@@ -232,6 +255,11 @@ class Daemon:
                     part.close(keep)
             except Exception:
                 log.exception("closing the %s datapath failed", part.name)
+        if self._reserved is not None:
+            try:
+                self._reserved.close()
+            except OSError as e:
+                log.warning("could not give back the reserved relay ports: %s", e)
         if self._locks is not None:
             self._locks.release()
         log.info("stopped%s", " (kernel state kept for the next daemon)" if keep else "")
@@ -239,30 +267,100 @@ class Daemon:
     # ---- datapath -----------------------------------------------------------------
 
     async def _attach_datapath(self, interfaces: list[str]) -> None:
-        cfg = self.config
-        if cfg.datapath == "ebpf":
-            try:
-                from xlat.media.ebpf import EbpfDatapath
+        """Bring up what relays media, failing closed: with ``--datapath ebpf`` a kernel
+        path that cannot come up stops the start before anything in the kernel changed
+        (see ebpf.py for the order); only ``--datapath auto`` falls back to sockets."""
+        from xlat.media.nft import NftError, NftGuard
 
-                ebpf = await asyncio.to_thread(EbpfDatapath, interfaces, cfg.bpffs)
-                self.forwarders.append(ebpf)
-            except Exception as e:
-                log.warning("!!! eBPF datapath unavailable (%s): falling back to the userspace "
-                            "relay; every media packet will go through Python !!!", e)
-        if not self.forwarders or cfg.datapath == "userspace" or cfg.fallback_relay:
+        cfg = self.config
+        ebpf = None
+        problem = self._ebpf_problem
+        if cfg.datapath != "userspace" and problem is None:
+            try:
+                ebpf = await asyncio.to_thread(self._prepare_ebpf, interfaces)
+            except Exception as e:  # EbpfError, or ImportError: no python3-bpfcc
+                if cfg.datapath == "ebpf":
+                    raise StartupError(f"eBPF datapath: {e}") from None
+                problem = e
+        if problem is not None:
+            log.warning("!!! --datapath auto: the eBPF datapath is unavailable (%s): the "
+                        "userspace relay moves every media packet through Python !!!", problem)
+        if ebpf is not None:
+            self.forwarders.append(ebpf)
+        if ebpf is None or cfg.fallback_relay:
             from xlat.media.userspace import UserspaceRelay
 
             self.forwarders.append(UserspaceRelay())
-        from xlat.media.nft import NftGuard
-
-        sip_ports = sorted({e.port for e in cfg.sip_endpoints()})
-        guard = NftGuard(cfg.media, cfg.port_min, cfg.port_max, sip_ports=sip_ports,
-                         sip_rate=cfg.sip_rate)
+        trusted = await asyncio.to_thread(trusted_sources, cfg)
+        log.info("SIP rate limit %d packets/s per source on %s; exempt: %s", cfg.sip_rate,
+                 ", ".join(map(str, cfg.sip_endpoints())) or "no listener",
+                 ", ".join(map(str, trusted)) or "none")
+        try:
+            guard = NftGuard(cfg.media, cfg.port_min, cfg.port_max,
+                             sip_listen=cfg.sip_endpoints(), sip_rate=cfg.sip_rate,
+                             trusted=trusted)
+        except NftError as e:
+            if ebpf is not None:  # nothing attached yet; pins left as they were
+                await asyncio.to_thread(ebpf.close, True)
+            raise StartupError(f"nftables table inet xlat: {e}; fix: `xlat check`") from None
         self.parts = [*self.forwarders, guard]
+        if ebpf is not None:
+            await asyncio.to_thread(ebpf.attach)
+            from xlat.media.netwatch import LinkWatcher
+
+            self._links = LinkWatcher(ebpf, cfg.interfaces or None)
+            self._links.start()
+        self._table_task = asyncio.create_task(self._watch_table(guard))
         if any(p.name == "userspace" for p in self.forwarders):
             self.guard = guard  # it admits the relay ports the sockets serve
-        log.info("datapath attached to %s: %s", ", ".join(interfaces),
-                 " + ".join(p.name for p in self.parts))
+        log.info("datapath attached to %s: media relayed by %s", ", ".join(interfaces),
+                 self.media_relay)
+        from xlat.media.ephemeral import ReservedPorts
+
+        try:
+            self._reserved = ReservedPorts(cfg.port_min, cfg.port_max)
+            log.info("relay ports %d-%d kept from ephemeral use (ip_local_reserved_ports)",
+                     cfg.port_min, cfg.port_max)
+        except (OSError, ValueError) as e:
+            log.warning("cannot reserve the relay ports from ephemeral use (%s): a reply to "
+                        "a socket on a media address may be dropped as unallocated", e)
+
+    async def _watch_table(self, guard: Any) -> None:
+        """Re-create table inet xlat within TABLE_CHECK of its deletion (``nft flush
+        ruleset``, which every reload of Debian's nftables.service runs), with the
+        configuration and the relay ports of the flows the userspace relay serves."""
+        while True:
+            await asyncio.sleep(TABLE_CHECK)
+            try:
+                if guard.present():
+                    continue
+                admitted = [] if self.guard is None else [
+                    f for s in self.manager.sessions() for f in self.manager.flows(s)]
+                guard.restore(admitted)
+            except Exception:
+                log.exception("re-creating table inet xlat failed")
+                continue
+            self.table_restored += 1
+            log.warning("table inet xlat was deleted (nft flush ruleset?): re-created it with "
+                        "%d relay port(s) admitted (%d time(s) so far)", len(admitted),
+                        self.table_restored)
+
+    def _prepare_ebpf(self, interfaces: list[str]) -> Any:
+        """Mount a bpffs if needed, compile and verify: everything but attaching (the
+        start-up checks, ebpf.require, have passed)."""
+        from xlat.media import ebpf
+
+        mounted = ebpf.mount_bpffs(self.config.bpffs)
+        if mounted is not None:
+            log.info("mounted a bpf filesystem at %s (%s was on none)", mounted,
+                     self.config.bpffs)
+        return ebpf.EbpfDatapath(interfaces, self.config.bpffs, attach=False)
+
+    @property
+    def media_relay(self) -> str:
+        """Which datapath relays media: ``ebpf`` (the kernel), ``userspace`` (Python), or
+        ``ebpf+userspace`` (the kernel, sockets for what it passes up)."""
+        return "+".join(p.name for p in self.forwarders)
 
     @property
     def state_file(self) -> Path:
@@ -472,7 +570,8 @@ class Daemon:
         }
         return {
             "uptime": round(time.monotonic() - self.started, 1),
-            "datapath": "+".join(p.name for p in self.parts),
+            "datapath": self.media_relay,  # what relays media
+            "guard": "+".join(p.name for p in self.parts if p not in self.forwarders),
             "sessions": len(sessions),
             "deleting": sum(s.state == "deleting" for s in sessions),
             "flows": self.manager.flow_count,
@@ -483,6 +582,7 @@ class Daemon:
             "drops": {r: {"packets": d.packets, "bytes": d.bytes}
                       for r, d in sorted(self.drops().items())},
             "reasons": _reason_meanings(),
+            "table_restored": self.table_restored,
         }
 
     def _exit(self, keep_datapath: bool | None = None) -> dict[str, bool]:
@@ -506,6 +606,29 @@ def _apply(parts: Sequence[Datapath], remove: Sequence[Endpoint], install: Seque
         except Exception:
             log.exception("datapath %s rejected a batch (%d install, %d remove)",
                           part.name, len(install), len(remove))
+
+
+def trusted_sources(cfg: Config) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    """Sources the SIP rate limit spares: ``--trusted`` prefixes and every route target
+    (a host name is resolved once, now; one that does not resolve is logged)."""
+    from xlat.sip.uri import SipUri
+
+    out = list(cfg.trusted)
+    for route in cfg.routes:
+        host = SipUri.parse(route.target).host.strip("[]")
+        try:
+            out.append(ipaddress.ip_network(host))
+            continue
+        except ValueError:
+            pass
+        try:
+            infos = socket.getaddrinfo(host, None, type=socket.SOCK_DGRAM)
+        except OSError as e:
+            log.warning("route target %s does not resolve (%s): its SIP is rate-limited; "
+                        "give --trusted for it", host, e)
+            continue
+        out += [ipaddress.ip_network(str(info[4][0]).partition("%")[0]) for info in infos]
+    return list(dict.fromkeys(out))
 
 
 def _reason_meanings() -> dict[str, str]:

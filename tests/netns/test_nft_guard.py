@@ -7,7 +7,7 @@ import json
 import socket
 import time
 from collections.abc import Iterator
-from ipaddress import ip_address
+from ipaddress import ip_address, ip_network
 
 import pytest
 
@@ -35,8 +35,13 @@ def guards(lab: Lab) -> Iterator[list[NftGuard]]:
             g.close(keep=False)
 
 
-def new_guard(lab: Lab, guards: list[NftGuard], **kw: float) -> NftGuard:
-    args: dict = {"port_min": 30000, "port_max": 30999, "grace": 0.0} | kw
+SIP_LISTEN = (Endpoint(GW4, 5060), Endpoint(GW6, 5060))
+SO_RCVBUFFORCE = 33  # asm-generic/socket.h (not in Python's socket module)
+
+
+def new_guard(lab: Lab, guards: list[NftGuard], **kw: object) -> NftGuard:
+    args: dict = {"port_min": 30000, "port_max": 30999, "grace": 0.0,
+                  "sip_listen": SIP_LISTEN} | kw
     with in_netns(lab.gw):
         g = NftGuard([GW4, GW6], sip_rate=50, **args)
     guards.append(g)
@@ -189,6 +194,33 @@ def test_sip_flood_cut_per_source(lab: Lab, guards: list) -> None:
     assert got["calm4"] == 3
     assert got["same64"] == 0
     assert g.drops()["sip_rate_limited"].packets == 1006 - sum(got.values())
+
+
+def test_trusted_sources_and_other_ports_are_not_limited(lab: Lab, guards: list) -> None:
+    trusted = ip_network("203.0.113.2/32")  # a trunk
+    g = new_guard(lab, guards, trusted=[trusted], sip_listen=[Endpoint(GW4, 5060)])
+    with (
+        udp(lab.gw, 4, "203.0.113.1:5060") as sip,
+        udp(lab.gw, 4, "203.0.113.1:5070") as other,  # not a SIP listen address
+        udp(lab.v4, 4, "203.0.113.2:0") as trunk,
+        udp(lab.v4, 4, "203.0.113.3:0") as stranger,
+    ):
+        for sock in (sip, other):  # room for every datagram: nothing lost but to nft
+            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 1 << 22)
+        for i in range(400):
+            trunk.sendto(b"INVITE", ("203.0.113.1", 5060))
+            stranger.sendto(b"INVITE", ("203.0.113.1", 5060))
+            stranger.sendto(b"not SIP", ("203.0.113.1", 5070))
+            if i % 50 == 49:  # stay under the receive queue
+                time.sleep(0.01)
+        sources = drain(sip)
+        assert received(other) == 400
+        got = {"trunk": sources.count(trunk.getsockname()[:2]),
+               "stranger": sources.count(stranger.getsockname()[:2])}
+    print(f"\nSIP through: {got}")
+    assert got["trunk"] == 400
+    assert 0 < got["stranger"] < 100
+    assert g.drops()["sip_rate_limited"].packets == 400 - got["stranger"]
 
 
 def test_close_deletes_table_keep_leaves_it(lab: Lab, guards: list) -> None:

@@ -9,6 +9,10 @@ The C headers are the single source of the layouts (bcc's generated Key/Leaf), t
 reason names (``bpf/reasons.h``) and the flag bits (``bpf/maps.h``).
 
 Everything runs in the caller's network namespace (``ip netns exec <gw> xlat run``).
+Bringing it up fails closed, in an order that changes nothing in the kernel before the
+last step can fail: privileges and interfaces (``require``), a bpffs (``mount_bpffs``),
+compile and verify (``EbpfDatapath(..., attach=False)``), and only then the tc filters
+(``attach``). Every error names its cause and its fix in one line.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import os
 import platform
 import re
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -38,6 +43,11 @@ from xlat.media.datapath import DropCounter, Flow, FlowCounters, Latch
 BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
 BPF_SOURCE = BPF_DIR / "xlat.c"
 DEFAULT_BPFFS = Path("/sys/fs/bpf/xlat")
+BPFFS_ROOT = Path("/sys/fs/bpf")  # where systemd (and Cilium) mount the bpf filesystem
+MODULES = Path("/lib/modules")
+# bpf/xlat.c needs bpf_redirect_neigh() with a next hop (5.10) and BPF_F_NO_PREALLOC
+# hashes with batch operations: headers older than this cannot build it
+MIN_HEADERS = (5, 10)
 PROG_NAME = "xlat"  # function name in xlat.c and TCA_BPF_NAME of our filters
 MAP_NAMES = ("flows", "reasons")
 
@@ -46,6 +56,9 @@ TC_EGRESS = 0xFFFFFFF3
 TC_PRIO = 0xC0DE  # where a fresh filter goes; leftovers are replaced where they are
 TC_HANDLE = 1
 BPF_FS_MAGIC = 0xCAFE4A11
+IFF_UP = 0x1
+# capability bits (linux/capability.h) the kernel path needs
+CAPABILITIES = {"CAP_NET_ADMIN": 12, "CAP_SYS_ADMIN": 21, "CAP_PERFMON": 38, "CAP_BPF": 39}
 BATCH_DUMP = 4096  # entries per BPF_MAP_LOOKUP_BATCH call
 _V4_MAPPED = bytes(10) + b"\xff\xff"
 _BATCH_UNSUPPORTED = (errno.EINVAL, errno.EOPNOTSUPP, 524)  # 524: kernel ENOTSUPP
@@ -63,6 +76,22 @@ class BpffsError(EbpfError):
 
 class PinnedMapMismatch(EbpfError):
     """A pinned map left by another xlat version has a different layout."""
+
+
+class PrivilegeError(EbpfError):
+    """The process lacks root or a capability the kernel path needs."""
+
+
+class InterfaceError(EbpfError):
+    """An interface to attach to is missing or down."""
+
+
+class HeadersError(EbpfError):
+    """The kernel headers bcc compiles against are missing or unusable."""
+
+
+class ProgramError(EbpfError):
+    """bpf/xlat.c did not compile, or the verifier refused it."""
 
 
 # ---- what the C headers say ----------------------------------------------------------
@@ -118,6 +147,133 @@ def is_bpffs(path: Path) -> bool:
     return ct.c_long.from_buffer(buf).value == BPF_FS_MAGIC
 
 
+def effective_capabilities(status: Path = Path("/proc/self/status")) -> int:
+    """The CapEff bit mask of this process."""
+    for line in status.read_text().splitlines():
+        if line.startswith("CapEff:"):
+            return int(line.split()[1], 16)
+    return 0
+
+
+def missing_capabilities(mount: bool, caps: int | None = None) -> list[str]:
+    """What the kernel path needs and ``caps`` (default: this process's CapEff) lacks:
+    tc filters and nftables need CAP_NET_ADMIN; loading the program CAP_BPF and
+    CAP_PERFMON (the verifier's checks for unprivileged pointer use), each covered by
+    CAP_SYS_ADMIN; mounting a bpffs (``mount``) CAP_SYS_ADMIN."""
+    have = effective_capabilities() if caps is None else caps
+    needs = [("CAP_NET_ADMIN",), ("CAP_BPF", "CAP_SYS_ADMIN"), ("CAP_PERFMON", "CAP_SYS_ADMIN")]
+    if mount:
+        needs.append(("CAP_SYS_ADMIN",))
+    missing = [
+        " or ".join(alternatives)
+        for alternatives in needs
+        if not any(have >> CAPABILITIES[c] & 1 for c in alternatives)
+    ]
+    return list(dict.fromkeys(missing))
+
+
+def privilege_problem(mount: bool) -> str | None:
+    """One line naming what is missing and how to get it, or None."""
+    missing = missing_capabilities(mount)
+    if not missing:
+        return None
+    who = "not root" if os.geteuid() != 0 else "root without all capabilities"
+    return (f"{who} (uid {os.geteuid()}): lacking {', '.join(missing)}; fix: run xlat as "
+            "root, or give it these capabilities (systemd: AmbientCapabilities=)")
+
+
+def _version_tuple(release: str) -> tuple[int, ...]:
+    m = re.match(r"(\d+)\.(\d+)", release)
+    return (int(m[1]), int(m[2])) if m else (0, 0)
+
+
+def kernel_headers(release: str | None = None, modules: Path = MODULES) -> tuple[bool, str]:
+    """Can bcc compile bpf/xlat.c against /lib/modules/RELEASE/{build,source}? (ok,
+    detail with the fix when not ok). Headers of another release than the running
+    kernel are usable when they are not older than MIN_HEADERS and not newer than the
+    kernel (the program uses only uapi that is stable since then; the verifier checks
+    the rest): Debian's linux-headers-amd64 on a newer kernel is such a case."""
+    release = release or platform.release()
+    build, source = modules / release / "build", modules / release / "source"
+    fix = (f"apt-get install linux-headers-amd64 and link {build} to "
+           "/usr/src/linux-headers-*-amd64 and source to the -common tree (make setup does)")
+    for path in (build, source):
+        if not path.exists():
+            return False, f"{path} missing; fix: {fix}"
+    uts = build / "include" / "generated" / "utsrelease.h"
+    try:
+        m = re.search(r'UTS_RELEASE\s+"([^"]+)"', uts.read_text())
+    except OSError as e:
+        return False, f"{uts}: {e.strerror}, not a prepared header tree; fix: {fix}"
+    if m is None:
+        return False, f"{uts} names no UTS_RELEASE; fix: {fix}"
+    headers = m[1]
+    got, running = _version_tuple(headers), _version_tuple(release)
+    if got < MIN_HEADERS:
+        return False, (f"headers {headers} are older than "
+                       f"{'.'.join(map(str, MIN_HEADERS))}, which bpf/xlat.c needs; fix: {fix}")
+    if got > running:
+        return False, (f"headers {headers} are newer than the running kernel {release}; "
+                       f"fix: install the headers of {release} and link them at {build}")
+    if headers == release:
+        return True, f"headers {headers} match the running kernel ({build})"
+    return True, (f"headers {headers} for running kernel {release}: usable (>= "
+                  f"{'.'.join(map(str, MIN_HEADERS))}, not newer than the kernel)")
+
+
+def mount_bpffs(pin_dir: Path) -> Path | None:
+    """Make ``pin_dir`` be on a bpf filesystem: mount one at /sys/fs/bpf when the pin
+    directory is under it and it is not a bpffs (as systemd and Cilium do), else at the
+    pin directory itself. Returns the mount point, or None when nothing was needed.
+    Inside ``ip netns exec`` the mount is private to that process's mount namespace."""
+    if is_bpffs(pin_dir):
+        return None
+    target = BPFFS_ROOT if pin_dir.is_relative_to(BPFFS_ROOT) else pin_dir
+    if target == BPFFS_ROOT and is_bpffs(BPFFS_ROOT):  # pin_dir is another mount below
+        target = pin_dir
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BpffsError(f"cannot create {target} for a bpffs: {e.strerror}; fix: "
+                         "--bpffs DIR on a writable file system") from None
+    if _libc.mount(b"bpf", str(target).encode(), b"bpf", 0, b"mode=0700") != 0:
+        err = ct.get_errno()
+        raise BpffsError(f"mount -t bpf bpf {target}: {os.strerror(err)}; fix: run as root "
+                         f"(CAP_SYS_ADMIN), or mount one there first") from None
+    return target
+
+
+def resolve_interfaces(ipr: Any, names: Sequence[str]) -> dict[str, int]:
+    """name -> ifindex of each interface, which must exist and be up."""
+    links = {link.get("IFLA_IFNAME"): link for link in ipr.get_links()}
+    out = {}
+    for name in names:
+        link = links.get(name)
+        if link is None:
+            there = ", ".join(sorted(n for n in links if n != "lo")) or "none"
+            raise InterfaceError(f"no interface {name!r} in this network namespace (there "
+                                 f"are: {there}); fix: --interface")
+        if not link["flags"] & IFF_UP:
+            raise InterfaceError(f"interface {name} is down; fix: ip link set {name} up, "
+                                 "or leave it out of --interface")
+        out[name] = int(link["index"])
+    return out
+
+
+def require(interfaces: Sequence[str], pin_dir: Path) -> None:
+    """What must hold before anything is compiled or changed in the kernel: privileges
+    (with CAP_SYS_ADMIN if a bpffs must be mounted), interfaces that exist and are up,
+    usable kernel headers. Raises the EbpfError subclass naming the first problem."""
+    problem = privilege_problem(mount=not is_bpffs(pin_dir))
+    if problem:
+        raise PrivilegeError(problem)
+    with IPRoute() as ipr:
+        resolve_interfaces(ipr, interfaces)
+    ok, detail = kernel_headers()
+    if not ok:
+        raise HeadersError(f"kernel headers: {detail}")
+
+
 def _fdinfo(fd: int) -> dict[str, str]:
     lines = Path(f"/proc/self/fdinfo/{fd}").read_text().splitlines()
     return {k.strip(): v.strip() for k, _, v in (ln.partition(":") for ln in lines)}
@@ -169,35 +325,75 @@ class EbpfDatapath:
     """
 
     def __init__(
-        self, interfaces: Sequence[str], bpffs: Path = DEFAULT_BPFFS, name: str = "ebpf"
+        self,
+        interfaces: Sequence[str],
+        bpffs: Path = DEFAULT_BPFFS,
+        name: str = "ebpf",
+        attach: bool = True,
     ) -> None:
         from bcc import BPF  # Debian's python3-bpfcc; imported here so `xlat check` can say
 
         self.name = name
         self.bpffs = Path(bpffs)
         if not is_bpffs(self.bpffs):
-            raise BpffsError(
-                f"{self.bpffs} is not on a bpf filesystem (mount -t bpf bpf <dir> first)"
-            )
-        self.bpffs.mkdir(parents=True, exist_ok=True)
+            raise BpffsError(f"{self.bpffs} is not on a bpf filesystem; fix: mount -t bpf "
+                             f"bpf {self.bpffs} (xlat run mounts one itself)")
+        self._lock = threading.Lock()  # pyroute2 handle: the daemon's and netwatch's threads
         self._ipr = IPRoute()
+        self._attached: dict[str, int] = {}  # name -> ifindex our filter is on
         try:
-            self._ifindexes = [self._ifindex(ifname) for ifname in interfaces]
+            self._wanted = resolve_interfaces(self._ipr, interfaces)
+            self.bpffs.mkdir(parents=True, exist_ok=True)
+            pinned = {m for m in MAP_NAMES if (self.bpffs / m).exists()}
+            self._bpf = _compile(self.bpffs)
         except BaseException:
             self._ipr.close()
             raise
-        self._bpf = BPF(src_file=str(BPF_SOURCE).encode(), cflags=_cflags(self.bpffs))
         try:
             self._flows = self._bpf[b"flows"]
             self._reasons = self._bpf[b"reasons"]
+            self._epoch = self._bpf[b"link_epoch"]
             self._check_layout()
-            self._fn = self._bpf.load_func(PROG_NAME.encode(), BPF.SCHED_CLS)
-            for idx in self._ifindexes:
-                self._attach(idx)
+            self._fn = _load(self._bpf, BPF.SCHED_CLS)
+            if attach:
+                self.attach()
         except BaseException:
             self._bpf.cleanup()
+            for map_name in set(MAP_NAMES) - pinned:  # a failed start leaves no new pin
+                (self.bpffs / map_name).unlink(missing_ok=True)
             self._ipr.close()
             raise
+
+    def attach(self) -> None:
+        """Put the program on every interface given to the constructor."""
+        for name, idx in self._wanted.items():
+            self.attach_link(name, idx)
+
+    @property
+    def attached(self) -> dict[str, int]:
+        """name -> ifindex of the interfaces our filter is on."""
+        return dict(self._attached)
+
+    def attach_link(self, name: str, index: int) -> None:
+        """Attach to interface ``name`` (now ``index``): a new interface, or one
+        re-created with a new ifindex, whose old next hops are then looked up again."""
+        with self._lock:
+            self._attach(index)
+            self._attached[name] = index
+        self.next_link_epoch()
+
+    def link_gone(self, name: str) -> None:
+        """Interface ``name`` vanished (its filter with it): forget it, and have every
+        flow look its next hop up again, so none is sent to the gone ifindex."""
+        with self._lock:
+            self._attached.pop(name, None)
+        self.next_link_epoch()
+
+    def next_link_epoch(self) -> None:
+        """Invalidate every cached next hop (bpf/fib.h): the next packet of each flow
+        does a fresh bpf_fib_lookup."""
+        key = self._epoch.Key(0)
+        self._epoch[key] = self._epoch.Leaf((self._epoch[key].value + 1) & 0xFF)
 
     # ---- Datapath protocol ----------------------------------------------------------
 
@@ -278,7 +474,7 @@ class EbpfDatapath:
         when nothing else uses it) and unpin the maps."""
         try:
             if not keep:
-                for idx in self._ifindexes:
+                for idx in self._attached.values():
                     self._detach(idx)
                 for map_name in MAP_NAMES:
                     (self.bpffs / map_name).unlink(missing_ok=True)
@@ -317,7 +513,7 @@ class EbpfDatapath:
             if got != want:
                 raise PinnedMapMismatch(
                     f"pinned map {self.bpffs / map_name} has {got}, this xlat needs {want}; "
-                    "remove it (or stop the other xlat) first"
+                    f"fix: stop the xlat that uses it, or rm {self.bpffs / map_name}"
                 )
         if self._reasons.max_entries != len(reasons()):
             raise EbpfError(
@@ -418,12 +614,6 @@ class EbpfDatapath:
 
     # ---- tc -----------------------------------------------------------------------------
 
-    def _ifindex(self, ifname: str) -> int:
-        found = self._ipr.link_lookup(ifname=ifname)
-        if not found:
-            raise EbpfError(f"no interface {ifname!r} in this network namespace")
-        return int(found[0])
-
     def _filters(self, idx: int, parent: int) -> list[Any]:
         """The real filters (not the per-prio chain headers) on one hook."""
         return [
@@ -471,6 +661,30 @@ class EbpfDatapath:
                 self._ipr.tc("del-filter", "bpf", idx, handle, prio=prio, parent=TC_INGRESS)
             if not self._filters(idx, TC_INGRESS) and not self._filters(idx, TC_EGRESS):
                 self._ipr.tc("del", "clsact", idx)
+
+
+def _compile(pin_dir: Path | None) -> Any:
+    """bcc's BPF object for bpf/xlat.c (maps pinned in ``pin_dir``; private if None)."""
+    from bcc import BPF
+
+    try:
+        return BPF(src_file=str(BPF_SOURCE).encode(), cflags=_cflags(pin_dir))
+    except Exception as e:  # bcc raises plain Exception; clang printed the details
+        raise ProgramError(f"{BPF_SOURCE} does not compile ({e}); fix: check the kernel "
+                           "headers with `xlat check`") from None
+
+
+def _load(bpf: Any, prog_type: int) -> Any:
+    """Load (verify) the ``xlat`` function as ``prog_type``."""
+    try:
+        return bpf.load_func(PROG_NAME.encode(), prog_type)
+    except Exception as e:  # bcc printed the verifier log
+        if "Permission denied" in str(e) or "Operation not permitted" in str(e):
+            raise PrivilegeError(f"the kernel refused to load {PROG_NAME} ({e}); fix: run "
+                                 "as root with CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN)"
+                                 ) from None
+        raise ProgramError(f"the verifier refused {PROG_NAME} ({e}; its log is above); "
+                           "fix: `xlat check`, or report it with that log") from None
 
 
 def _cflags(pin_dir: Path | None) -> list[str]:
@@ -525,23 +739,25 @@ def prog_test_run(prog_fd: int, frame: bytes, repeat: int) -> tuple[int, int, by
 
 
 def check_kernel(bpffs: Path = DEFAULT_BPFFS) -> list[tuple[str, bool, str]]:
-    """What ``xlat check`` reports for the eBPF datapath: (feature, ok, detail).
-    Touches nothing outside a throw-away network namespace."""
+    """What ``xlat check`` reports for the eBPF datapath: (feature, ok, detail), the
+    privileges first; every failing detail ends with its fix. Touches nothing outside
+    a throw-away network namespace."""
+    problem = privilege_problem(mount=not is_bpffs(bpffs))
+    caps = f"CapEff {effective_capabilities():016x}"
+    results = [("privileges", problem is None, problem or f"uid {os.geteuid()}, {caps}")]
     try:
         import bcc
     except ImportError as e:
-        return [("bcc", False, f"cannot import bcc ({e}): apt-get install python3-bpfcc")]
-    results = [("bcc", True, f"python3-bpfcc at {Path(bcc.__file__).parent}")]
-
-    build = Path("/lib/modules") / platform.release() / "build"
-    if build.exists():
-        results.append(("kernel headers", True, f"{build} -> {build.resolve()}"))
-    else:
-        results.append(("kernel headers", False, f"{build} missing: link linux-headers there"))
+        return [*results,
+                ("bcc", False, f"cannot import bcc ({e}); fix: apt-get install python3-bpfcc")]
+    results.append(("bcc", True, f"python3-bpfcc at {Path(bcc.__file__).parent}"))
+    headers_ok, detail = kernel_headers()
+    results.append(("kernel headers", headers_ok, detail))
     if is_bpffs(bpffs):
         results.append(("bpffs", True, f"{bpffs} is on a bpf filesystem"))
     else:
-        results.append(("bpffs", False, f"{bpffs}: mount -t bpf bpf {bpffs.parent} first"))
+        results.append(("bpffs", True, f"{bpffs} is not on a bpf filesystem: xlat run mounts "
+                        f"one at {BPFFS_ROOT if bpffs.is_relative_to(BPFFS_ROOT) else bpffs}"))
     for key, path in (
         ("ipv4 forwarding", "net/ipv4/ip_forward"),
         ("ipv6 forwarding", "net/ipv6/conf/all/forwarding"),
@@ -550,10 +766,13 @@ def check_kernel(bpffs: Path = DEFAULT_BPFFS) -> list[tuple[str, bool, str]]:
         try:
             value = Path("/proc/sys", path).read_text().strip()
         except OSError as e:
-            results.append((key, False, f"{sysctl}: {e.strerror}"))
+            results.append((key, False, f"{sysctl}: {e.strerror}; fix: run in a network "
+                            "namespace with /proc/sys mounted"))
             continue
-        results.append((key, value == "1", f"{sysctl} = {value} (bpf_fib_lookup needs 1)"))
-    results.extend(_check_program())
+        results.append((key, value == "1", f"{sysctl} = {value} (bpf_fib_lookup needs 1)"
+                        + ("" if value == "1" else f"; fix: sysctl -w {sysctl}=1")))
+    if problem is None and headers_ok:
+        results.extend(_check_program())
     return results
 
 
@@ -563,10 +782,14 @@ def _check_program() -> list[tuple[str, bool, str]]:
     from bcc import BPF
 
     try:
-        bpf = BPF(src_file=str(BPF_SOURCE).encode(), cflags=_cflags(None))
-        fn = bpf.load_func(PROG_NAME.encode(), BPF.SCHED_CLS)
-    except Exception as e:
-        return [("bpf program", False, f"{BPF_SOURCE}: {e}")]
+        bpf = _compile(None)
+    except ProgramError as e:
+        return [("bpf program", False, str(e))]
+    try:
+        fn = _load(bpf, BPF.SCHED_CLS)
+    except EbpfError as e:
+        bpf.cleanup()
+        return [("bpf program", False, str(e))]
     results = [("bpf program", True, f"{BPF_SOURCE} compiles and passes the verifier")]
     ns = f"xlat-check-{uuid.uuid4().hex[:8]}"
     saved = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
@@ -590,7 +813,8 @@ def _check_program() -> list[tuple[str, bool, str]]:
             )
         results.append(("clsact", True, "direct-action bpf filter attaches on clsact ingress"))
     except (OSError, NetlinkError) as e:
-        results.append(("clsact", False, f"clsact/bpf filter in a scratch netns: {e}"))
+        results.append(("clsact", False, f"clsact/bpf filter in a scratch netns: {e}; fix: "
+                        "a kernel with CONFIG_NET_CLS_BPF and CONFIG_NET_SCH_INGRESS"))
     finally:
         netns.setns(saved, flags=0)
         os.close(saved)

@@ -13,6 +13,7 @@ every return code is checked and turned into ``NftError``.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import shutil
 import string
@@ -35,13 +36,16 @@ DROP_COUNTERS = ("unallocated", "sip_rate_limited")
 MEANINGS = {  # one line each, for `xlat stats`
     "unallocated": "(drop) UDP to a relay port that no userspace relay serves: no session "
                    "holds it, or eBPF alone forwards and passed it up (nftables)",
-    "sip_rate_limited": "(drop) SIP over the per-source rate: IPv4 address or IPv6 /64 (nftables)",
+    "sip_rate_limited": "(drop) SIP to a listen address over the per-source rate: IPv4 address "
+                        "or IPv6 /64; route targets and --trusted exempt (nftables)",
 }
 NAMED_COUNTERS = ("to_stack", *DROP_COUNTERS)
 _RELAY_SET = {4: "relay4", 6: "relay6"}
-_CONFIG_SETS = ("media4", "media6", "relay_ports", "sip_ports")
+_CONFIG_SETS = ("media4", "media6", "relay_ports", "sip_listen4", "sip_listen6", "trusted4",
+                "trusted6")
 
 JsonCmd = dict[str, Any]
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class NftError(RuntimeError):
@@ -63,9 +67,10 @@ class NftGuard:
         media: Sequence[IPAddress],
         port_min: int,
         port_max: int,
-        sip_ports: Sequence[int] = (5060,),
+        sip_listen: Sequence[Endpoint] = (),
         sip_rate: int = 200,
         grace: float = 5.0,
+        trusted: Sequence[IPNetwork] = (),
     ) -> None:
         if nftables is None:
             raise NftError("python3-nftables is not installed")
@@ -76,7 +81,8 @@ class NftGuard:
         self.grace = grace
         self._nft = nftables.Nftables()
         self._nft.set_json_output(True)
-        _run_text(self._nft, load_script(media, port_min, port_max, sip_ports, sip_rate))
+        self._script = load_script(media, port_min, port_max, sip_listen, sip_rate, trusted)
+        _run_text(self._nft, self._script)
 
     def install(self, flows: Sequence[Flow]) -> None:
         """Admit each flow's ``match`` for ``idle_timeout + grace`` seconds."""
@@ -127,6 +133,19 @@ class NftGuard:
                 )
         return found
 
+    def present(self) -> bool:
+        """Is the table still there? ``nft flush ruleset`` (every reload of Debian's
+        nftables.service) deletes it with everything else."""
+        cmd = {"list": {"counter": {"family": FAMILY, "table": TABLE, "name": "to_stack"}}}
+        rc, _out, _err = self._nft.json_cmd({"nftables": [cmd]})
+        return rc == 0
+
+    def restore(self, flows: Sequence[Flow]) -> None:
+        """Re-create the table as it was loaded, with ``flows``' relay elements (the
+        ports the userspace relay serves). Its named counters start again from zero."""
+        _run_text(self._nft, self._script)
+        self.install(flows)
+
     def close(self, keep: bool) -> None:
         """Delete the table unless ``keep`` (a restarted daemon adopts it)."""
         if not keep:
@@ -147,23 +166,34 @@ def load_script(
     media: Iterable[IPAddress],
     port_min: int,
     port_max: int,
-    sip_ports: Iterable[int],
+    sip_listen: Iterable[Endpoint],
     sip_rate: int,
+    trusted: Iterable[IPNetwork] = (),
     ruleset: Path = RULESET,
 ) -> str:
     """The nft script that (re)creates the table from ``ruleset`` with this configuration:
     flush the rules of a leftover table (elements stay), load the file, refill the
-    configuration sets. Raises KeyError if the file uses an unknown placeholder."""
+    configuration sets. The SIP rate limit covers the ``sip_listen`` addresses (an
+    unspecified host: every address of its family) and spares ``trusted`` sources.
+    Raises KeyError if the file uses an unknown placeholder."""
     body = string.Template(ruleset.read_text()).substitute(SIP_RATE=sip_rate)
     t = f"{FAMILY} {TABLE}"
     lines = [f"table {t}", f"flush table {t}", body]
     lines += [f"flush set {t} {name}" for name in _CONFIG_SETS]
+    media, listen, trusted = list(media), set(sip_listen), set(trusted)
     config: dict[str, list[str]] = {
-        "media4": [str(a) for a in media if a.version == 4],
-        "media6": [str(a) for a in media if a.version == 6],
         "relay_ports": [f"{port_min}-{port_max}" if port_min < port_max else str(port_min)],
-        "sip_ports": [str(p) for p in sorted(set(sip_ports))],
     }
+    for family in (4, 6):
+        config[f"media{family}"] = [str(a) for a in media if a.version == family]
+        ports = {e.port: e.host.is_unspecified for e in listen if e.family == family}
+        wildcard = {p for p, any_address in ports.items() if any_address}
+        config[f"sip_listen{family}"] = sorted(  # a wildcard covers (overlaps) the others
+            [f"{'0.0.0.0/0' if family == 4 else '::/0'} . {p}" for p in wildcard]
+            + [f"{e.host} . {e.port}" for e in listen
+               if e.family == family and e.port not in wildcard]
+        )
+        config[f"trusted{family}"] = sorted(str(n) for n in trusted if n.version == family)
     lines += [
         f"add element {t} {name} {{ {', '.join(values)} }}"
         for name, values in config.items()
@@ -175,17 +205,21 @@ def load_script(
 def check_nft() -> list[tuple[str, bool, str]]:
     """For ``xlat check``: (what, ok, detail) rows. The table is loaded in dry-run mode,
     so nothing changes in the kernel."""
-    rows = [("nft binary", shutil.which("nft") is not None, shutil.which("nft") or "not on PATH")]
+    nft_path = shutil.which("nft")
+    rows = [("nft binary", nft_path is not None,
+             nft_path or "not on PATH; fix: apt-get install nftables")]
     if nftables is None:
-        return [*rows, ("python3-nftables", False, "import nftables failed")]
+        return [*rows, ("python3-nftables", False,
+                        "import nftables failed; fix: apt-get install python3-nftables")]
     rows.append(("python3-nftables", True, str(Path(nftables.__file__).parent)))
     nft = nftables.Nftables()
     nft.set_dry_run(True)
     try:
-        script = load_script([], 30000, 30001, [5060], 200)
+        script = load_script([], 30000, 30001, [Endpoint.parse("0.0.0.0:5060")], 200)
         _run_text(nft, script)
     except (OSError, KeyError, NftError) as exc:
-        return [*rows, ("nft table inet xlat", False, str(exc))]
+        return [*rows, ("nft table inet xlat", False, f"{exc}; fix: run as root "
+                        "(CAP_NET_ADMIN) on a kernel with nf_tables")]
     return [*rows, ("nft table inet xlat", True, f"{RULESET} loads (dry run)")]
 
 
