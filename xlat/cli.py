@@ -47,11 +47,24 @@ def cli(ctx: click.Context, control: Path) -> None:
               help="Attach the datapath here (default: every non-loopback interface up).")
 @click.option("--ports", metavar="MIN-MAX", help="Relay port range on each media address. "
               "[default: 30000-39999]")
-@click.option("--sip-listen", multiple=True, metavar="A:P|none",
-              help="SIP listen address (default: port 5060 of each media address).")
+@click.option("--sip-listen", multiple=True, metavar="[udp:|tcp:|tls:]A:P|none",
+              help="SIP listen address: UDP and TCP, or only the transport prefixed "
+                   "(default: port 5060 of each media address).")
 @click.option("--domain", "domains", multiple=True, metavar="NAME", help="A domain we serve.")
 @click.option("--route", "routes", multiple=True, metavar="'DOMAIN|*=sip:HOST:PORT'",
               help="Static next hop for a domain.")
+@click.option("--dns-server", "dns_servers", multiple=True, metavar="ADDR[:PORT]",
+              help="Ask this DNS server (default: those of /etc/resolv.conf).")
+@click.option("--prefer-family", type=click.Choice(["ipv6", "ipv4"]),
+              help="Of a host name with AAAA and A records, try this family first. "
+                   "[default: ipv6]")
+@click.option("--tls-cert", type=click.Path(path_type=Path), metavar="FILE",
+              help="Our certificate chain (PEM) for SIP over TLS.")
+@click.option("--tls-key", type=click.Path(path_type=Path), metavar="FILE",
+              help="The private key of --tls-cert (PEM).")
+@click.option("--tls-ca", type=click.Path(path_type=Path), metavar="FILE",
+              help="CA certificates (PEM) that TLS servers must chain to "
+                   "[default: the system's].")
 @click.option("--ng-listen", metavar="A:P", help="rtpengine NG control (UDP); off by default.")
 @click.option("--datapath", type=click.Choice(["ebpf", "userspace"]), help="[default: ebpf]")
 @click.option("--delete-delay", type=float, metavar="S",

@@ -14,6 +14,8 @@ from xlat.media.datapath import Latch
 DEFAULT_CONTROL = Path("/run/xlat/control.sock")
 DEFAULT_BPFFS = Path("/sys/fs/bpf/xlat")
 SIP_PORT = 5060
+DNS_PORT = 53
+SIP_TRANSPORTS = ("udp", "tcp", "tls")  # prefixes of --sip-listen entries
 
 
 class ConfigError(ValueError):
@@ -50,6 +52,13 @@ class Config:
     port_min: int = 30000
     port_max: int = 39999
     sip_listen: tuple[Endpoint, ...] | None = None  # None: port 5060 on each media address
+    # --sip-listen entries with a transport prefix ("tls:[::]:5061"): that transport only
+    sip_listen_only: tuple[tuple[str, Endpoint], ...] = ()
+    tls_cert: Path | None = None  # our certificate chain (PEM), needed to listen on TLS
+    tls_key: Path | None = None
+    tls_ca: Path | None = None  # CAs that server certificates must chain to (default: system)
+    dns_servers: tuple[Endpoint, ...] = ()  # empty: /etc/resolv.conf's
+    prefer_family: int = 6  # of a name with AAAA and A records, the family tried first
     domains: tuple[str, ...] = ()
     routes: tuple[Route, ...] = ()
     ng_listen: Endpoint | None = None
@@ -72,9 +81,20 @@ class Config:
         return (*self.media_v4, *self.media_v6)
 
     def sip_endpoints(self) -> tuple[Endpoint, ...]:
+        """Every SIP listen endpoint, of any transport."""
+        return tuple(dict.fromkeys(ep for _, ep in self.sip_listeners()))
+
+    def sip_listeners(self) -> tuple[tuple[str, Endpoint], ...]:
+        """(transport, endpoint) of every SIP listener: UDP and TCP on each plain
+        ``--sip-listen`` entry (default: port 5060 of each media address), then the
+        entries with a transport prefix."""
         if self.sip_listen is not None:
-            return self.sip_listen
-        return tuple(Endpoint(a, SIP_PORT) for a in self.media)
+            plain = self.sip_listen
+        elif self.sip_listen_only:
+            plain = ()
+        else:
+            plain = tuple(Endpoint(a, SIP_PORT) for a in self.media)
+        return (*((t, ep) for ep in plain for t in ("udp", "tcp")), *self.sip_listen_only)
 
     def validate(self) -> Config:
         if not self.media:
@@ -86,6 +106,14 @@ class Config:
         for value, name in ((self.delete_delay, "delete-delay"), (self.idle_timeout, "timeout")):
             if value < 0:
                 raise ConfigError(f"{name} must not be negative")
+        tls = any(t == "tls" for t, _ in self.sip_listen_only)
+        if tls and (self.tls_cert is None or self.tls_key is None):
+            raise ConfigError("--sip-listen tls:... needs --tls-cert and --tls-key")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("--tls-cert and --tls-key go together")
+        for path in (self.tls_cert, self.tls_key, self.tls_ca):
+            if path is not None and not path.is_file():
+                raise ConfigError(f"{path}: no such file")
         return self
 
 
@@ -106,6 +134,38 @@ def parse_media(text: str, version: int) -> IPAddress:
     return addr
 
 
+def parse_sip_listen(items: list[str]) -> tuple[tuple[Endpoint, ...] | None,
+                                               tuple[tuple[str, Endpoint], ...]]:
+    """``--sip-listen`` entries: plain ``A:P`` (UDP and TCP) and ``udp:|tcp:|tls:A:P``;
+    ``none`` alone turns SIP off."""
+    if items == ["none"]:
+        return (), ()
+    plain: list[Endpoint] = []
+    only: list[tuple[str, Endpoint]] = []
+    for item in items:
+        prefix, sep, rest = item.partition(":")
+        if sep and prefix.lower() in SIP_TRANSPORTS:
+            only.append((prefix.lower(), parse_listen(rest)))
+        else:
+            plain.append(parse_listen(item))
+    return (tuple(plain) if plain else None), tuple(only)
+
+
+def parse_dns_server(text: str) -> Endpoint:
+    """``ADDR`` or ``ADDR:PORT`` (IPv6 bracketed when a port follows)."""
+    try:
+        return Endpoint(parse_ip(text), DNS_PORT)
+    except AddressError:
+        return parse_listen(text)
+
+
+def parse_family(value: Any) -> int:
+    text = str(value).lower().removeprefix("ipv")
+    if text not in ("4", "6"):
+        raise ConfigError(f"prefer-family must be ipv4 or ipv6, not {value!r}")
+    return int(text)
+
+
 def parse_listen(text: str) -> Endpoint:
     try:
         return Endpoint.parse(text)
@@ -123,7 +183,7 @@ def build(file: Path | None = None, **options: Any) -> Config:
         except (OSError, tomllib.TOMLDecodeError) as e:
             raise ConfigError(f"{file}: {e}") from None
     raw.update({k.replace("-", "_"): v for k, v in options.items() if v not in (None, ())})
-    known = {f.name for f in fields(Config)} | {"ports"}
+    known = ({f.name for f in fields(Config)} | {"ports"}) - {"sip_listen_only"}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ConfigError(f"unknown setting(s): {', '.join(unknown)}")
@@ -132,6 +192,8 @@ def build(file: Path | None = None, **options: Any) -> Config:
         kw[key] = _convert(key, value)
     if "ports" in kw:
         kw["port_min"], kw["port_max"] = kw.pop("ports")
+    if "sip_listen" in kw:
+        kw["sip_listen"], kw["sip_listen_only"] = kw["sip_listen"]
     return Config(**kw).validate()
 
 
@@ -148,8 +210,13 @@ def _convert(key: str, value: Any) -> Any:
         case "ports":
             return parse_ports(str(value))
         case "sip_listen":
-            items = [str(v) for v in _as_list(value)]
-            return () if items == ["none"] else tuple(parse_listen(v) for v in items)
+            return parse_sip_listen([str(v) for v in _as_list(value)])
+        case "dns_servers":
+            return tuple(parse_dns_server(str(v)) for v in _as_list(value))
+        case "prefer_family":
+            return parse_family(value)
+        case "tls_cert" | "tls_key" | "tls_ca":
+            return Path(value)
         case "ng_listen":
             return None if value == "none" else parse_listen(str(value))
         case "routes":

@@ -42,11 +42,11 @@ from dataclasses import dataclass
 from xlat.addr import Endpoint, IPAddress
 
 __all__ = [
-    "DEFAULT_PORTS",
-    "A",
     "AAAA",
+    "DEFAULT_PORTS",
     "NAPTR",
     "SRV",
+    "A",
     "Destination",
     "DnsCache",
     "FailedTargets",
@@ -310,7 +310,7 @@ def _naptr_services(records: Sequence[Record], allowed: Sequence[str]) -> list[t
         if not isinstance(record, Naptr) or record.flags.lower() != "s":
             continue
         transport = _NAPTR_SERVICES.get(record.service.upper())
-        if transport in allowed:
+        if transport is not None and transport in allowed and normalize(record.replacement):
             usable.append((record.order, record.preference, normalize(record.replacement),
                            transport))
     usable.sort(key=lambda r: (r[0], r[1]))

@@ -154,11 +154,11 @@ class ProxyConfig:
     ``sip``: the gateway's own SIP endpoint per family (4, 6), used in Via,
     Record-Route and mapped URIs and listened on with every transport of
     ``transports`` but TLS; ``tls``: its TLS endpoint per family (RFC 3261 §26: a
-    port of its own, 5061 by default), when it has one. ``aliases``: further addresses that are ours (the media
-    addresses). ``domains``: host names that are ours. ``routes``: (domain or "*",
-    next-hop URI), see ``SipProxy``. ``prefer_family``: of a name with both AAAA and
-    A records, the family tried first. ``delete_delay``: passed to the media layer when
-    a BYE ends a call (None: its default). ``register_expires``: the registrar's
+    port of its own, 5061 by default), when it has one. ``aliases``: further
+    addresses that are ours (the media addresses). ``domains``: host names that are
+    ours. ``routes``: (domain or "*", next-hop URI), see ``SipProxy``.
+    ``prefer_family``: of a name with both AAAA and A records, the family tried
+    first. ``delete_delay``: passed to the media layer when a BYE ends a call (None: its default). ``register_expires``: the registrar's
     default, minimum and maximum binding lifetimes (seconds)."""
 
     sip: Mapping[int, Endpoint]
