@@ -158,8 +158,9 @@ class ProxyConfig:
     addresses that are ours (the media addresses). ``domains``: host names that are
     ours. ``routes``: (domain or "*", next-hop URI), see ``SipProxy``.
     ``prefer_family``: of a name with both AAAA and A records, the family tried
-    first. ``delete_delay``: passed to the media layer when a BYE ends a call (None: its default). ``register_expires``: the registrar's
-    default, minimum and maximum binding lifetimes (seconds)."""
+    first. ``delete_delay``: passed to the media layer when a BYE ends a call (None:
+    its default). ``register_expires``: the registrar's default, minimum and maximum
+    binding lifetimes (seconds)."""
 
     sip: Mapping[int, Endpoint]
     transports: tuple[str, ...] = TRANSPORTS
