@@ -1384,7 +1384,7 @@ class SipProxy:
     # ---- bookkeeping ------------------------------------------------------------------
 
     def _send(self, data: bytes, hop: _Hop) -> Send:
-        return Send(data, hop.dest, hop.transport, hop.local)
+        return Send(data, hop.dest, hop.transport, hop.local, hop.server_name)
 
     def _token(self) -> str:
         return f"{self._rng.getrandbits(64):016x}"
