@@ -32,7 +32,8 @@ pytestmark = pytest.mark.e2e
 SRTP_SDP = (
     b"v=0\r\no=- 7 7 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
     b"m=audio 40000 RTP/SAVP 0\r\n"
-    b"a=crypto:1 AES_CM_128_HMAC_SHA1_80 inline:WVNfX19zZW1jdGwgKCkgewkyMjA7fQp9CnVubGVz|2^20|1:4\r\n"
+    b"a=crypto:1 AES_CM_128_HMAC_SHA1_80 "
+    b"inline:WVNfX19zZW1jdGwgKCkgewkyMjA7fQp9CnVubGVz|2^20|1:4\r\n"
     b"a=rtpmap:0 PCMU/8000\r\n"
 )
 
