@@ -86,11 +86,12 @@ class Config:
 
     def sip_listeners(self) -> tuple[tuple[str, Endpoint], ...]:
         """(transport, endpoint) of every SIP listener: UDP and TCP on each plain
-        ``--sip-listen`` entry (default: port 5060 of each media address), then the
-        entries with a transport prefix."""
+        ``--sip-listen`` entry, then the entries with a transport prefix. With no plain,
+        ``udp:`` or ``tcp:`` entry, UDP and TCP listen on port 5060 of each media
+        address (``tls:`` entries add to that)."""
         if self.sip_listen is not None:
             plain = self.sip_listen
-        elif self.sip_listen_only:
+        elif any(t != "tls" for t, _ in self.sip_listen_only):
             plain = ()
         else:
             plain = tuple(Endpoint(a, SIP_PORT) for a in self.media)

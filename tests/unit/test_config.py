@@ -54,3 +54,30 @@ def test_endpoint_strings_round_trip() -> None:
     for bad in ("2001:db8::1:5", "192.0.2.1", "host:5060", "192.0.2.1:70000"):
         with pytest.raises(AddressError):
             Endpoint.parse(bad)
+
+
+def test_sip_listen_transport_prefixes_and_tls_files(tmp_path: Path) -> None:
+    cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
+    cert.write_text("x")
+    key.write_text("x")
+    cfg = build(None, media_v4=("192.0.2.1",), sip_listen=("tls:[2001:db8::1]:5061",),
+                tls_cert=str(cert), tls_key=str(key))
+    # tls: adds to the default UDP/TCP listeners
+    assert [(t, str(e)) for t, e in cfg.sip_listeners()] == [
+        ("udp", "192.0.2.1:5060"), ("tcp", "192.0.2.1:5060"), ("tls", "[2001:db8::1]:5061")]
+    cfg = build(None, media_v4=("192.0.2.1",), sip_listen=("udp:192.0.2.1:5070", "[::]:5080"))
+    assert [(t, str(e)) for t, e in cfg.sip_listeners()] == [
+        ("udp", "[::]:5080"), ("tcp", "[::]:5080"), ("udp", "192.0.2.1:5070")]
+    with pytest.raises(ConfigError, match="needs --tls-cert"):
+        build(None, media_v4=("192.0.2.1",), sip_listen=("tls:192.0.2.1:5061",))
+    with pytest.raises(ConfigError, match="no such file"):
+        build(None, media_v4=("192.0.2.1",), tls_ca=str(tmp_path / "missing.pem"))
+
+
+def test_dns_server_and_prefer_family() -> None:
+    cfg = build(None, media_v4=("192.0.2.1",), dns_servers=("192.0.2.53", "[2001:db8::53]:5353"),
+                prefer_family="ipv4")
+    assert [str(e) for e in cfg.dns_servers] == ["192.0.2.53:53", "[2001:db8::53]:5353"]
+    assert cfg.prefer_family == 4 and build(None, media_v4=("192.0.2.1",)).prefer_family == 6
+    with pytest.raises(ConfigError, match="prefer-family"):
+        build(None, media_v4=("192.0.2.1",), prefer_family="ipv5")
