@@ -9,6 +9,7 @@ host. The phones are SIPp, as in test_sip_calls.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
 import time
@@ -92,6 +93,7 @@ def dnsmasq(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dnsm
 def dns_gateway(lab: Lab, dnsmasq: Dnsmasq) -> Iterator[Gateway]:
     """``xlat run`` whose namespace's resolv.conf names the lab's dnsmasq."""
     netns_etc = Path("/etc/netns") / lab.gw
+    made_parent = not netns_etc.parent.exists()
     netns_etc.mkdir(parents=True, exist_ok=True)
     try:
         (netns_etc / "resolv.conf").write_text(f"nameserver {DNS_SERVER}\n")
@@ -103,6 +105,9 @@ def dns_gateway(lab: Lab, dnsmasq: Dnsmasq) -> Iterator[Gateway]:
             gw.stop()
     finally:
         shutil.rmtree(netns_etc, ignore_errors=True)
+        if made_parent:
+            with contextlib.suppress(OSError):
+                netns_etc.parent.rmdir()
 
 
 @pytest.fixture

@@ -7,18 +7,23 @@ one clear log line."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import re
 import socket
 import ssl
+import threading
 from ipaddress import IPv4Address, ip_address
 from pathlib import Path
 
 import pytest
 from conftest import Certificate, issue, make_ca
+from test_sip_calls import assert_kernel_carried, assert_media_both_ways, assert_own_family
 
 from xlat.addr import Endpoint
+from xlat.demo import Phone, place_call, start_gateway
+from xlat.lab import GW4, GW6, V4_HOST, V6_HOST, Lab, in_netns
 from xlat.media.ports import RelayPortPool
 from xlat.media.session import SessionManager
 from xlat.sip.dns import Query
@@ -149,3 +154,87 @@ def test_untrusted_server_certificate_fails_the_call_with_one_clear_line(
     assert [m[:12] for m in got] == [b"SIP/2.0 100 ", b"SIP/2.0 503 "]
     lines = [r.getMessage() for r in caplog.records if "not trusted" in r.getMessage()]
     assert len(lines) == 1 and "pbx.test" in lines[0], caplog.text
+
+
+# ---- in the lab: an IPv6 phone over TLS calls an IPv4 phone over UDP -----------------------
+
+
+class TlsShim:
+    """Debian's SIPp has no TLS: this takes its plain TCP connection in namespace
+    ``ns`` on ``listen`` and carries it over TLS to ``upstream`` (the gateway),
+    checking the gateway's certificate against ``ca`` for ``server_name``."""
+
+    def __init__(self, ns: str, listen: Endpoint, upstream: Endpoint, ca: Path,
+                 server_name: str) -> None:
+        self.ns, self.upstream, self.server_name = ns, upstream, server_name
+        self.context = ssl.create_default_context(cafile=str(ca))
+        with in_netns(ns):
+            self.sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((str(listen.host), listen.port))
+        self.sock.listen(1)
+        self.sock.settimeout(20)
+        self.peer_cert: dict[str, object] | None = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        try:
+            plain, _ = self.sock.accept()
+            with in_netns(self.ns):
+                raw = socket.create_connection((str(self.upstream.host), self.upstream.port), 5)
+            tls = self.context.wrap_socket(raw, server_hostname=self.server_name)
+            self.peer_cert = tls.getpeercert()
+            tls.settimeout(None)
+            back = threading.Thread(target=_pump, args=(tls, plain), daemon=True)
+            back.start()
+            _pump(plain, tls)
+            back.join(5)
+        except BaseException as exc:
+            self.error = exc
+
+    def close(self) -> None:
+        self.sock.close()
+        self.thread.join(5)
+
+
+def _pump(src: socket.socket, dst: socket.socket) -> None:
+    try:
+        while data := src.recv(65536):
+            dst.sendall(data)
+    except OSError:
+        pass
+    finally:
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+
+def test_ipv6_phone_over_tls_calls_ipv4_phone_over_udp(
+        lab: Lab, pki: dict[str, Certificate], tmp_path: Path) -> None:
+    cert = issue(pki["gw"].cert.parent, (pki["gw"].ca, pki["gw"].ca.with_suffix(".key")),
+                 "lab-gw", [str(GW6), "gw.test"])
+    tls6 = Endpoint(GW6, 5061)
+    gateway = start_gateway(lab, "--sip-listen", f"tls:{tls6}", "--tls-cert", str(cert.cert),
+                            "--tls-key", str(cert.key), "--tls-ca", str(cert.ca),
+                            "--ports", "30400-30599", "--delete-delay", "1")
+    alice = Phone(lab.v6, V6_HOST, "alice", tcp=True)
+    bob = Phone(lab.v4, V4_HOST, "bob")
+    shim = TlsShim(lab.v6, Endpoint(V6_HOST, 5071), tls6, cert.ca, str(GW6))
+    try:
+        kernel_before = gateway.forwarded().get("ebpf", 0)
+        record = place_call(gateway, alice, bob, bob.uri, tmp_path,
+                            remote=Endpoint(V6_HOST, 5071))
+    finally:
+        shim.close()
+        gateway.stop()
+    assert shim.error is None and shim.peer_cert, shim.error
+    assert record.ok, record.explain()
+    assert_own_family(record, alice, bob)
+    invite = record.uas.received("INVITE")[0]
+    # RFC 5658 double Record-Route: the UDP/IPv4 entry faces bob, the TLS/IPv6 one alice
+    assert invite.values("record-route") == [f"<sip:{GW4}:5060;lr;r2=on>",
+                                             f"<sip:[{GW6}]:5061;transport=tls;lr;r2=on>"]
+    assert invite.values("via")[0].startswith("SIP/2.0/UDP ")
+    assert_media_both_ways(record)
+    assert_kernel_carried(record, kernel_before)
