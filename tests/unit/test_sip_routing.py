@@ -391,3 +391,55 @@ def test_asyncio_edge_icmp_port_unreachable_fails_over_on_loopback() -> None:
     forwarded, replies = asyncio.run(scenario())
     assert forwarded.startswith(b"INVITE sip:bob@example.invalid SIP/2.0")
     assert [r[:12] for r in replies] == [b"SIP/2.0 100 "]  # no final: the second target took it
+
+
+# ---- TLS and SRTP in the core -----------------------------------------------------------------
+
+TLS6 = Endpoint.parse("[2001:db8:6::1]:5061")
+
+
+def test_phone_registered_over_tls_is_called_over_its_connection() -> None:
+    gw = Gateway(domains=("gw.example",), tls={6: TLS6})
+    alice = Phone("alice", Endpoint.parse("[2001:db8:6::2]:40123"), transport="tls")
+    dialog = Dialog("reg-tls", "r", None, "sip:alice@gw.example", "sip:alice@gw.example",
+                    "sip:gw.example", [])
+    reg = alice.request("REGISTER", "sip:gw.example", dialog=dialog)
+    sends = gw.proxy.receive(reg.to_bytes(), alice.addr, TLS6, "tls", gw.now)
+    assert [(s.dest, s.transport) for s in sends] == [(alice.addr, "tls")]
+    bob = Phone("bob", BOB4)
+    sends, _ = invite(gw, "sip:alice@gw.example", bob)
+    got = request(sends, alice.addr, "INVITE")
+    assert [s.transport for s in sends if s.dest == alice.addr] == ["tls"]
+    assert got.get_all("Via")[0].startswith("SIP/2.0/TLS [2001:db8:6::1]:5061;")
+    assert got.get_all("Record-Route") == ["<sip:[2001:db8:6::1]:5061;transport=tls;lr;r2=on>",
+                                           "<sip:203.0.113.1:5060;lr;r2=on>"]
+
+
+def test_sips_without_a_tls_listener_is_refused() -> None:
+    gw = Gateway()
+    sends, _ = invite(gw, "sips:bob@203.0.113.2")
+    assert response(sends, ALICE6, 416).reason == "TLS is not configured here"
+
+
+def test_srtp_offer_and_answer_keep_crypto_and_the_secure_profile() -> None:
+    """RFC 4568 a=crypto and RTP/SAVP cross untouched; only the relay address and port
+    change (the media is relayed like any RTP)."""
+    crypto = (b"a=crypto:1 AES_CM_128_HMAC_SHA1_80 "
+              b"inline:PS1uQCVeeCFCanVmcjkpPywjNWhcYD0mXXtxaVBR|2^20|1:32\r\n")
+
+    def srtp(host: str, port: int, ip: str) -> bytes:
+        return (f"v=0\r\no=- 1 1 IN {ip} {host}\r\ns=-\r\nc=IN {ip} {host}\r\nt=0 0\r\n"
+                f"m=audio {port} RTP/SAVP 0\r\n").encode() + crypto + b"a=rtpmap:0 PCMU/8000\r\n"
+    gw = Gateway()
+    alice, bob = Phone("alice", ALICE6), Phone("bob", BOB4)
+    offer = srtp("2001:db8:6::2", 40000, "IP6")
+    msg, _ = alice.invite("sip:bob@203.0.113.2", offer)
+    got = request(gw.send(alice, msg), BOB4, "INVITE")
+    relay = relay_of(got.body)
+    assert got.body == offer.replace(b"IN IP6 2001:db8:6::2", b"IN IP4 203.0.113.1").replace(
+        b"m=audio 40000 ", f"m=audio {relay.port} ".encode())
+    answer_sdp = srtp("203.0.113.2", 50000, "IP4")
+    ok = response(gw.send(bob, bob.reply(got, 200, answer_sdp)), ALICE6, 200)
+    back = relay_of(ok.body)
+    assert ok.body == answer_sdp.replace(b"IN IP4 203.0.113.2", b"IN IP6 2001:db8:6::1").replace(
+        b"m=audio 50000 ", f"m=audio {back.port} ".encode())

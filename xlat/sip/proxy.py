@@ -1178,6 +1178,8 @@ class SipProxy:
             transport = "tls"  # RFC 3261 §26.2.2: sips: over TCP is TLS
         if transport is not None and transport not in KNOWN_TRANSPORTS:
             raise _Reject(503, f"Unsupported transport {transport}"[:100])
+        if (secure or transport == "tls") and "tls" not in self.config.usable_transports:
+            raise _Reject(416 if secure else 503, "TLS is not configured here")
         host = uri.params.get("maddr") or uri.host
         where = dns.Destination(host, uri.port, transport, secure)
         result = dns.locate(where, self.dns, now, rng=self._rng,
