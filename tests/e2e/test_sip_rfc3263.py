@@ -9,8 +9,10 @@ host. The phones are SIPp, as in test_sip_calls.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import shutil
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -25,8 +27,11 @@ from test_sip_calls import (
     assert_own_family,
 )
 
+from xlat.addr import Endpoint
 from xlat.demo import GW_SIP, Gateway, Phone, Sipp, place_call, start_gateway
 from xlat.lab import V4_HOST, V4_HOST2, V6_HOST, V6_HOST2, Lab
+from xlat.sip.dns import Naptr, Query, Srv
+from xlat.sip.resolver import DnsResolver
 
 pytestmark = pytest.mark.e2e
 
@@ -183,3 +188,40 @@ def test_dns_server_gone_bounded_final_response_while_a_literal_call_completes(
     assert_completed(record)
     assert doomed.received(status=503)
     assert elapsed < 15
+
+
+def test_resolver_edge_reads_real_answers_and_bounds_a_dead_server(tmp_path: Path) -> None:
+    """``DnsResolver`` against dnsmasq on loopback: NAPTR, SRV and A records come out
+    as the core's records; a name that does not exist is a negative answer; a server
+    that does not answer is a failure within the timeout."""
+    require("dnsmasq", shutil.which("dnsmasq") is not None)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = (tmp_path / "dnsmasq.log").open("wb")
+    proc = subprocess.Popen([
+        "dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv", "--no-hosts",
+        "--bind-interfaces", "--listen-address=127.0.0.1", f"--port={port}", "--pid-file=",
+        "--local-ttl=120", *RECORDS], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        time.sleep(0.3)
+        resolver = DnsResolver([Endpoint.parse(f"127.0.0.1:{port}")], timeout=1.0)
+
+        async def lookups() -> list[object]:
+            return [await resolver.lookup(q) for q in (
+                Query("example.net", "NAPTR"), Query("_sip._udp.example.net", "SRV"),
+                Query("pbx.example.net", "A"), Query("nothing.example.net", "A"))]
+
+        naptr, srv, a, missing = asyncio.run(lookups())
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        log.close()
+    assert naptr == ([Naptr(10, 10, "S", "SIP+D2U", "_sip._udp.example.net.")], 120.0)
+    assert srv == ([Srv(10, 0, 5060, "pbx.example.net.")], 120.0)
+    assert a == ([PBX], 120.0)
+    assert missing is not None and missing[0] == []  # NXDOMAIN: a negative answer
+    dead = DnsResolver([Endpoint.parse(f"127.0.0.1:{port}")], timeout=1.0)
+    started = time.monotonic()
+    assert asyncio.run(dead.lookup(Query("example.net", "NAPTR"))) is None
+    assert time.monotonic() - started < 2.0
