@@ -58,14 +58,27 @@ config_file_option = click.option(
               help="Attach the datapath here (default: every non-loopback interface up).")
 @click.option("--ports", metavar="MIN-MAX", help="Relay port range on each media address. "
               "[default: 30000-39999]")
-@click.option("--sip-listen", multiple=True, metavar="A:P|none",
-              help="SIP listen address (default: port 5060 of each media address).")
+@click.option("--sip-listen", multiple=True, metavar="[udp:|tcp:|tls:]A:P|none",
+              help="SIP listen address: UDP and TCP, or only the transport prefixed "
+                   "(default: port 5060 of each media address).")
 @click.option("--domain", multiple=True, metavar="NAME", help="A domain we serve.")
 @click.option("--route", multiple=True, metavar="'DOMAIN|*=sip:HOST:PORT'",
               help="Static next hop for a domain.")
 @click.option("--trusted", multiple=True, metavar="PREFIX",
               help="SIP from here is not rate-limited (a trunk, an upstream proxy); route "
                    "targets never are.")
+@click.option("--dns-server", multiple=True, metavar="ADDR[:PORT]",
+              help="Ask this DNS server (default: those of /etc/resolv.conf).")
+@click.option("--prefer-family", type=click.Choice(["ipv6", "ipv4"]),
+              help="Of a host name with AAAA and A records, try this family first. "
+                   "[default: ipv6]")
+@click.option("--tls-cert", type=click.Path(path_type=Path), metavar="FILE",
+              help="Our certificate chain (PEM) for SIP over TLS.")
+@click.option("--tls-key", type=click.Path(path_type=Path), metavar="FILE",
+              help="The private key of --tls-cert (PEM).")
+@click.option("--tls-ca", type=click.Path(path_type=Path), metavar="FILE",
+              help="CA certificates (PEM) that TLS servers must chain to "
+                   "[default: the system's].")
 @click.option("--ng-listen", metavar="A:P", help="rtpengine NG control (UDP); off by default.")
 @click.option("--metrics-listen", metavar="A:P",
               help="Prometheus metrics over HTTP (/metrics); off by default.")

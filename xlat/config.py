@@ -33,6 +33,8 @@ DEFAULT_FILE = Path("/etc/xlat/xlat.toml")
 DEFAULT_CONTROL = Path("/run/xlat/control.sock")
 DEFAULT_BPFFS = Path("/sys/fs/bpf/xlat")
 SIP_PORT = 5060
+DNS_PORT = 53
+SIP_TRANSPORTS = ("udp", "tcp", "tls")  # prefixes of --sip-listen entries
 MAX_FILE = 1 << 20  # bytes; the shipped file is ~6 KiB, a megabyte is no config file
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
@@ -95,6 +97,13 @@ class Config:
     port_min: int = 30000
     port_max: int = 39999
     sip_listen: tuple[Endpoint, ...] | None = None  # None: port 5060 on each media address
+    # --sip-listen entries with a transport prefix ("tls:[::]:5061"): that transport only
+    sip_listen_only: tuple[tuple[str, Endpoint], ...] = ()
+    tls_cert: Path | None = None  # our certificate chain (PEM), needed to listen on TLS
+    tls_key: Path | None = None
+    tls_ca: Path | None = None  # CAs that server certificates must chain to (default: system)
+    dns_servers: tuple[Endpoint, ...] = ()  # empty: /etc/resolv.conf's
+    prefer_family: int = 6  # of a name with AAAA and A records, the family tried first
     domains: tuple[str, ...] = ()
     routes: tuple[Route, ...] = ()
     ng_listen: Endpoint | None = None
@@ -125,9 +134,21 @@ class Config:
         return (*self.media_v4, *self.media_v6)
 
     def sip_endpoints(self) -> tuple[Endpoint, ...]:
+        """Every SIP listen endpoint, of any transport."""
+        return tuple(dict.fromkeys(ep for _, ep in self.sip_listeners()))
+
+    def sip_listeners(self) -> tuple[tuple[str, Endpoint], ...]:
+        """(transport, endpoint) of every SIP listener: UDP and TCP on each plain
+        ``--sip-listen`` entry, then the entries with a transport prefix. With no plain,
+        ``udp:`` or ``tcp:`` entry, UDP and TCP listen on port 5060 of each media
+        address (``tls:`` entries add to that)."""
         if self.sip_listen is not None:
-            return self.sip_listen
-        return tuple(Endpoint(a, SIP_PORT) for a in self.media)
+            plain = self.sip_listen
+        elif any(t != "tls" for t, _ in self.sip_listen_only):
+            plain = ()
+        else:
+            plain = tuple(Endpoint(a, SIP_PORT) for a in self.media)
+        return (*((t, ep) for ep in plain for t in ("udp", "tcp")), *self.sip_listen_only)
 
 
 # ---- value parsers: a value as TOML or click gives it -> the field's value ----------
@@ -249,9 +270,44 @@ def parse_listen(text: str) -> Endpoint:
         raise _Bad(str(e)) from None
 
 
-def _sip_listen(value: Any) -> tuple[Endpoint, ...]:
+def _sip_listen(value: Any) -> tuple[tuple[Endpoint, ...] | None,
+                                     tuple[tuple[str, Endpoint], ...]]:
+    """``--sip-listen`` entries: plain ``A:P`` (UDP and TCP) and ``udp:|tcp:|tls:A:P``;
+    ``none`` alone turns SIP off. Returns (plain entries or None, prefixed entries)."""
     items = _strings(value)
-    return () if items == ("none",) else tuple(parse_listen(v) for v in items)
+    if items == ("none",):
+        return (), ()
+    plain: list[Endpoint] = []
+    only: list[tuple[str, Endpoint]] = []
+    for item in items:
+        prefix, sep, rest = item.partition(":")
+        if sep and prefix.lower() in SIP_TRANSPORTS:
+            only.append((prefix.lower(), parse_listen(rest)))
+        else:
+            plain.append(parse_listen(item))
+    return (tuple(plain) if plain else None), tuple(only)
+
+
+def _dns_servers(value: Any) -> tuple[Endpoint, ...]:
+    """``ADDR`` or ``ADDR:PORT`` each (IPv6 bracketed when a port follows)."""
+    out = []
+    for text in _strings(value):
+        try:
+            out.append(Endpoint(parse_ip(text), DNS_PORT))
+        except AddressError:
+            out.append(parse_listen(text))
+    return tuple(out)
+
+
+def _family(value: Any) -> int:
+    return int(_choice("ipv6", "ipv4")(value).removeprefix("ipv"))
+
+
+def _file(value: Any) -> Path:
+    path = Path(_string(value))
+    if not path.is_file():
+        raise _Bad(f"{path}: no such file")
+    return path
 
 
 def _listen(value: Any) -> Endpoint | None:
@@ -334,7 +390,12 @@ KEYS: dict[str, Key] = {k.name: k for k in (
     Key("media-v6", "media_v6", _media(6)),
     Key("interface", "interfaces", _interfaces),
     Key("ports", "ports", _ports),  # sets port_min and port_max
-    Key("sip-listen", "sip_listen", _sip_listen),
+    Key("sip-listen", "sip_listen", _sip_listen),  # sets sip_listen and sip_listen_only
+    Key("tls-cert", "tls_cert", _file),
+    Key("tls-key", "tls_key", _file),
+    Key("tls-ca", "tls_ca", _file),
+    Key("dns-server", "dns_servers", _dns_servers),
+    Key("prefer-family", "prefer_family", _family),
     Key("domain", "domains", _domains),
     Key("route", "routes", _routes),
     Key("ng-listen", "ng_listen", _listen),
@@ -411,6 +472,8 @@ def build(file: Path | None = None, *, control: Path | None = None, **options: A
     if "ports" in values:
         values["port_min"], values["port_max"] = values.pop("ports")
         origin["port_min"] = origin["port_max"] = origin.pop("ports")
+    if "sip_listen" in values:
+        values["sip_listen"], values["sip_listen_only"] = values["sip_listen"]
     cfg_source = str(file) if file is not None else None
     if not problems:
         problems += _cross_checks(values, origin, cfg_source)
@@ -478,6 +541,13 @@ def _cross_checks(values: Mapping[str, Any], origin: Mapping[str, tuple[str | No
         high = values.get("port_max", Config.port_max)
         if not low < high:
             out.append(Problem(*where("port_min", "ports"), f"{low}-{high}: need MIN < MAX"))
+    if any(t == "tls" for t, _ in values.get("sip_listen_only", ())) and not (
+            values.get("tls_cert") and values.get("tls_key")):
+        out.append(Problem(*where("sip_listen", "sip-listen"),
+                           "a tls: listener needs tls-cert and tls-key"))
+    if ("tls_cert" in values) != ("tls_key" in values):
+        out.append(Problem(*where("tls_cert" if "tls_cert" in values else "tls_key",
+                                  "tls-cert"), "tls-cert and tls-key go together"))
     if not values.get("allow_remote_control"):
         for name in ("ng_listen", "metrics_listen"):
             ep = values.get(name)

@@ -13,7 +13,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from ipaddress import IPv4Network, IPv6Address, IPv6Network
+from ipaddress import IPv4Network, IPv6Address, IPv6Network, ip_address
 from pathlib import Path
 
 import pytest
@@ -172,3 +172,52 @@ def _start_tayga(lab: Lab, workdir: Path) -> subprocess.Popen[bytes]:
     if proc.poll() is not None:
         raise RuntimeError(f"tayga exited: {(workdir / 'tayga.log').read_text()}")
     return proc
+
+
+# ---- TLS: a CA made by the test ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Certificate:
+    """A certificate (PEM chain: leaf) and its key, issued by ``ca``."""
+
+    cert: Path
+    key: Path
+    ca: Path
+
+
+def _openssl(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=30)
+
+
+def make_ca(directory: Path, name: str = "xlat test CA") -> tuple[Path, Path]:
+    """A self-signed CA (EC P-256, valid two days): (certificate, key)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    cert, key = directory / "ca.pem", directory / "ca.key"
+    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+             "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", f"/CN={name}",
+             "-addext", "basicConstraints=critical,CA:TRUE",
+             "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    return cert, key
+
+
+def issue(directory: Path, ca: tuple[Path, Path], stem: str, names: list[str]) -> Certificate:
+    """A server certificate for ``names`` (DNS names and IP addresses, as
+    subjectAltName: RFC 5922 §7.1) signed by ``ca``."""
+    key, csr, cert = directory / f"{stem}.key", directory / f"{stem}.csr", directory / f"{stem}.pem"
+    ext = directory / f"{stem}.ext"
+    sans = ",".join(f"IP:{n}" if _is_ip(n) else f"DNS:{n}" for n in names)
+    ext.write_text(f"subjectAltName={sans}\nextendedKeyUsage=serverAuth,clientAuth\n")
+    _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+             "-keyout", str(key), "-out", str(csr), "-subj", f"/CN={names[0]}")
+    _openssl("x509", "-req", "-in", str(csr), "-CA", str(ca[0]), "-CAkey", str(ca[1]),
+             "-CAcreateserial", "-out", str(cert), "-days", "2", "-extfile", str(ext))
+    return Certificate(cert, key, ca[0])
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ip_address(text)
+    except ValueError:
+        return False
+    return True

@@ -197,10 +197,12 @@ def test_example_file_parses_and_documents_every_key() -> None:
     text = EXAMPLE.read_text()
     assert tomllib.loads(text) == {}  # everything commented out: the defaults
     documented = {m[1] for m in DEFAULT_LINE.finditer(text)}
-    # sip-listen's default (port 5060 of each media address) has no TOML spelling: it
-    # is shown by example
-    assert documented == set(KEYS) - {"sip-listen"}
-    assert re.search(r"^#\s+sip-listen = ", text, re.M)
+    # sip-listen's default (port 5060 of each media address) and the TLS files' (none)
+    # have no TOML spelling: they are shown by example
+    by_example = {"sip-listen", "tls-cert", "tls-key", "tls-ca"}
+    assert documented == set(KEYS) - by_example
+    for key in by_example:
+        assert re.search(rf"^#\s+{key} = ", text, re.M), key
 
 
 def test_example_file_defaults_are_the_defaults(tmp_path: Path) -> None:
@@ -213,7 +215,7 @@ def test_example_file_defaults_are_the_defaults(tmp_path: Path) -> None:
 def test_every_config_field_has_a_key() -> None:
     bookkeeping = {"source", "options", "warnings"}
     set_by_keys = {k.field for k in KEYS.values()} - {"ports"} | {"port_min", "port_max",
-                                                                   "control"}
+                                                                   "control", "sip_listen_only"}
     assert {f.name for f in dataclasses.fields(Config)} - bookkeeping == set_by_keys
 
 
@@ -230,3 +232,30 @@ def test_endpoint_strings_round_trip() -> None:
     for bad in ("2001:db8::1:5", "192.0.2.1", "host:5060", "192.0.2.1:70000"):
         with pytest.raises(AddressError):
             Endpoint.parse(bad)
+
+
+def test_sip_listen_transport_prefixes_and_tls_files(tmp_path: Path) -> None:
+    cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
+    cert.write_text("x")
+    key.write_text("x")
+    cfg = build(None, media_v4=("192.0.2.1",), sip_listen=("tls:[2001:db8::1]:5061",),
+                tls_cert=str(cert), tls_key=str(key))
+    # tls: adds to the default UDP/TCP listeners
+    assert [(t, str(e)) for t, e in cfg.sip_listeners()] == [
+        ("udp", "192.0.2.1:5060"), ("tcp", "192.0.2.1:5060"), ("tls", "[2001:db8::1]:5061")]
+    cfg = build(None, media_v4=("192.0.2.1",), sip_listen=("udp:192.0.2.1:5070", "[::]:5080"))
+    assert [(t, str(e)) for t, e in cfg.sip_listeners()] == [
+        ("udp", "[::]:5080"), ("tcp", "[::]:5080"), ("udp", "192.0.2.1:5070")]
+    with pytest.raises(ConfigError, match="a tls: listener needs tls-cert and tls-key"):
+        build(None, media_v4=("192.0.2.1",), sip_listen=("tls:192.0.2.1:5061",))
+    with pytest.raises(ConfigError, match="no such file"):
+        build(None, media_v4=("192.0.2.1",), tls_ca=str(tmp_path / "missing.pem"))
+
+
+def test_dns_server_and_prefer_family() -> None:
+    cfg = build(None, media_v4=("192.0.2.1",), dns_server=("192.0.2.53", "[2001:db8::53]:5353"),
+                prefer_family="ipv4")
+    assert [str(e) for e in cfg.dns_servers] == ["192.0.2.53:53", "[2001:db8::53]:5353"]
+    assert cfg.prefer_family == 4 and build(None, media_v4=("192.0.2.1",)).prefer_family == 6
+    with pytest.raises(ConfigError, match="prefer-family"):
+        build(None, media_v4=("192.0.2.1",), prefer_family="ipv5")

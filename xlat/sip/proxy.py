@@ -36,7 +36,7 @@ import ipaddress
 import itertools
 import logging
 import random
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from netaddr import IPNetwork
@@ -44,6 +44,7 @@ from netaddr import IPNetwork
 from xlat.addr import Endpoint, IPAddress
 from xlat.media.session import PortsExhausted, SessionManager, SessionNotFound
 from xlat.sdp import SdpError, is_sdp_type, parse_sdp, rewrite_sdp, stream_specs
+from xlat.sip import dns
 from xlat.sip.errors import SipParseError
 from xlat.sip.message import (
     REASONS,
@@ -78,7 +79,8 @@ MAGIC = "z9hG4bK"  # RFC 3261 §8.1.1.7 branch cookie
 BRANCH_PREFIX = MAGIC + "X"  # ours: z9hG4bKX<loop hash>.<token>
 XLAT_PARAM = "xlat"  # URI parameter holding the address we mapped away (base32)
 DEFAULT_PORT = 5060
-TRANSPORTS = ("udp", "tcp")
+TRANSPORTS = ("udp", "tcp")  # what the gateway listens with by default
+KNOWN_TRANSPORTS = ("udp", "tcp", "tls")
 # Methods that never get a Record-Route: REGISTER makes no dialog (RFC 3261 §10.2),
 # CANCEL and ACK are not forwarded as new requests.
 _NO_RECORD_ROUTE = frozenset({"REGISTER", "CANCEL", "ACK"})
@@ -132,14 +134,16 @@ def nat64_embedded(
 
 @dataclass(frozen=True, slots=True)
 class Send:
-    """Send ``data`` to ``dest`` over ``transport`` ("udp" | "tcp") from ``local`` (our
-    SIP endpoint to send from; for TCP, the connection to ``dest`` is reused if one
-    exists)."""
+    """Send ``data`` to ``dest`` over ``transport`` ("udp" | "tcp" | "tls") from
+    ``local`` (our SIP endpoint to send from; for TCP and TLS, the connection to
+    ``dest`` is reused if one exists). ``server_name``: for a TLS connection we open,
+    the name the server's certificate must show (RFC 5922 §4)."""
 
     data: bytes
     dest: Endpoint
     transport: str
     local: Endpoint | None
+    server_name: str | None = None
 
 
 @dataclass(frozen=True)
@@ -148,14 +152,19 @@ class ProxyConfig:
 
     ``sip``: the gateway's own SIP endpoint per family (4, 6), used in Via,
     Record-Route and mapped URIs and listened on with every transport of
-    ``transports``. ``aliases``: further addresses that are ours (the media
-    addresses). ``domains``: host names that are ours. ``routes``: (domain or "*",
-    next-hop URI), see ``SipProxy``. ``delete_delay``: passed to the media layer when
-    a BYE ends a call (None: its default). ``register_expires``: the registrar's
-    default, minimum and maximum binding lifetimes (seconds)."""
+    ``transports`` but TLS; ``tls``: its TLS endpoint per family (RFC 3261 §26: a
+    port of its own, 5061 by default), when it has one. ``aliases``: further
+    addresses that are ours (the media addresses). ``domains``: host names that are
+    ours. ``routes``: (domain or "*", next-hop URI), see ``SipProxy``.
+    ``prefer_family``: of a name with both AAAA and A records, the family tried
+    first. ``delete_delay``: passed to the media layer when a BYE ends a call (None:
+    its default). ``register_expires``: the registrar's default, minimum and maximum
+    binding lifetimes (seconds)."""
 
     sip: Mapping[int, Endpoint]
     transports: tuple[str, ...] = TRANSPORTS
+    tls: Mapping[int, Endpoint] = field(default_factory=dict)
+    prefer_family: int = 6
     aliases: tuple[IPAddress, ...] = ()
     domains: tuple[str, ...] = ()
     routes: tuple[tuple[str, SipUri], ...] = ()
@@ -172,13 +181,25 @@ class ProxyConfig:
         for family, ep in self.sip.items():
             if ep.family != family:
                 raise ValueError(f"sip[{family}] is {ep}, not an IPv{family} endpoint")
+        for family, ep in self.tls.items():
+            if ep.family != family:
+                raise ValueError(f"tls[{family}] is {ep}, not an IPv{family} endpoint")
         for transport in self.transports:
-            if transport not in TRANSPORTS:
+            if transport not in KNOWN_TRANSPORTS:
                 raise ValueError(f"unsupported SIP transport {transport!r}")
+        if self.prefer_family not in (4, 6):
+            raise ValueError(f"prefer_family must be 4 or 6, not {self.prefer_family!r}")
+
+    @property
+    def usable_transports(self) -> tuple[str, ...]:
+        """What requests may be sent with: TLS needs a TLS endpoint of ours (its
+        Record-Route names it)."""
+        return (*(t for t in self.transports if t != "tls"), *(("tls",) if self.tls else ()))
 
     def listen(self) -> list[tuple[str, Endpoint]]:
         """Every (transport, endpoint) the proxy expects to receive on."""
-        return [(t, ep) for ep in self.sip.values() for t in self.transports]
+        out = [(t, ep) for ep in self.sip.values() for t in self.transports if t != "tls"]
+        return out + [("tls", ep) for ep in self.tls.values()]
 
 
 class _Reject(Exception):
@@ -202,6 +223,7 @@ class _Hop:
     local: Endpoint | None
     family: int
     nat64: IPNetwork | None = None
+    server_name: str | None = None  # TLS: the name its certificate must show
 
     @property
     def media_family(self) -> int:
@@ -210,9 +232,36 @@ class _Hop:
 
 
 @dataclass(frozen=True, slots=True)
+class _Dest:
+    """Where routing sends a request: the Request-URI of the branch, and either the
+    hop (a registered contact's flow) or the URI of the next hop, located per RFC 3263."""
+
+    uri: SipUri | str
+    hop: _Hop | None = None
+    next_hop: SipUri | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class _Target:
     uri: SipUri | str  # Request-URI of the branch
     hop: _Hop
+    alternatives: tuple[_Hop, ...] = ()  # RFC 3263 §4.3: tried in turn if ``hop`` fails
+
+
+class _Unresolved(Exception):
+    """Routing needs DNS answers first."""
+
+    def __init__(self, queries: frozenset[dns.Query]) -> None:
+        super().__init__(", ".join(sorted(f"{q.name}/{q.rdtype}" for q in queries)))
+        self.queries = queries
+
+
+@dataclass(eq=False, slots=True)
+class _Parked:
+    """A request waiting for DNS answers: ``resume(now)`` carries on with it."""
+
+    resume: Callable[[float], list[Send]]
+    done: bool = False
 
 
 @dataclass(eq=False, slots=True)
@@ -226,6 +275,7 @@ class _Server:
     hop: _Hop
     context: _Context | None = None
     pushed: float | None = None
+    parked: _Parked | None = None  # routing waits for DNS
 
     def deadline(self) -> float | None:
         return self.txn.next_deadline()
@@ -238,7 +288,9 @@ class _Context:
     branches: list[_Branch] = field(default_factory=list)
     offer: bool = False  # the request carried an SDP offer: responses carry the answer
     best: SipResponse | None = None
+    best_local: bool = False  # ``best`` is our own verdict (no target reachable)
     final_sent: bool = False
+    cancelled: bool = False  # CANCELled, or a fork's 2xx/6xx ended the others: no failover
 
     @property
     def initial_invite(self) -> bool:
@@ -256,6 +308,7 @@ class _Branch:
     request: SipRequest  # as sent
     hop: _Hop
     context: _Context | None
+    alternatives: tuple[_Hop, ...] = ()
     timer_c: float | None = None
     provisional: bool = False
     done: bool = False  # final response received (or timed out)
@@ -274,14 +327,23 @@ _Entry = _Server | _Branch
 
 
 class SipProxy:
-    """See the module docstring. Where a request goes (DESIGN.md "CLI"): Route entries
-    naming us are popped and the next Route wins; else, for a Request-URI in our
-    domains (our names, or our addresses with no port or one of our ports): the
-    registrar, then a matching route, then the ``*`` route, else 404; for any other
-    Request-URI: the flow of a registered contact (TCP connection, NAT64 binding),
-    else a matching route, else its own host. A route is a next hop; the Request-URI
-    stays. Host names are not resolved (no DNS in the core): routes and targets are
-    IP literals."""
+    """See the module docstring. Where a request goes (DESIGN.md "CLI"), first match
+    wins: (1) Route entries naming us are popped and the next Route wins; (2) for a
+    Request-URI in our domains (our names, or our addresses with no port or one of
+    our ports), the registrar's bindings, and for any other the flow of a contact
+    registered here (TCP/TLS connection, NAT64 binding); a Request-URI we mapped
+    (``;xlat=``) goes to the address it encodes; (3) a route whose domain equals the
+    Request-URI host; (4) the ``*`` route, for everything else, ours or not, name or
+    literal. With no ``*``: 404 for our domains (480 for a user whose bindings
+    expired), and any other Request-URI goes to its own host. A route is a next hop;
+    the Request-URI stays.
+
+    Next hops are located per RFC 3263 (``xlat.sip.dns``) from the answers in
+    ``self.dns``; a request whose answers are missing waits: ``dns_queries()`` says
+    what to look up, ``dns_answer()`` hands the answer in and carries on with the
+    requests that waited for it. A branch whose target fails (transport error,
+    Timer B/F, 503) is retried on the next target on a new branch (§4.3), and the
+    failed target is avoided for a while (``dns.FailedTargets``)."""
 
     def __init__(self, config: ProxyConfig, media: SessionManager, rng: random.Random) -> None:
         self.config = config
@@ -293,7 +355,8 @@ class SipProxy:
         self._timers: list[tuple[float, int, _Entry]] = []
         self._seq = itertools.count()
         self._our_ips = self._own_addresses()
-        self._our_ports = frozenset(ep.port for ep in config.sip.values())
+        self._our_ports = frozenset(ep.port for ep in (*config.sip.values(),
+                                                       *config.tls.values()))
         self._our_domains = frozenset(_host_key(d) for d in config.domains)
         self._routes = [(_host_key(domain), uri) for domain, uri in config.routes
                         if domain != "*"]
@@ -302,6 +365,10 @@ class SipProxy:
         self._ours: dict[str, bool] = {}  # _is_ours by host as written
         self._contacts: dict[tuple[str, int, IPNetwork | None], str] = {}  # _mapped_contact
         self._flows: dict[str, tuple[_Hop, float]] = {}  # NAT64 phone's Contact -> its flow
+        self.dns = dns.DnsCache()
+        self.failed_targets = dns.FailedTargets()
+        self._parked: dict[dns.Query, list[_Parked]] = {}  # requests waiting for an answer
+        self._queries: list[dns.Query] = []  # asked for, not yet handed to the edge
 
     # ---- public API -----------------------------------------------------------------
 
@@ -358,6 +425,27 @@ class SipProxy:
         for branch in list(self._clients.values()):
             if branch.hop.dest == dest and branch.hop.transport == transport:
                 out += self._branch_actions(branch, branch.txn.transport_error(now), now)
+        return out
+
+    def dns_queries(self) -> list[dns.Query]:
+        """The DNS queries to run now (each asked for once until answered); the edge
+        answers each with ``dns_answer``, within a bounded time."""
+        queries, self._queries = self._queries, []
+        return queries
+
+    def dns_answer(self, query: dns.Query, records: Sequence[dns.Record] | None,
+                   ttl: float | None, now: float) -> list[Send]:
+        """The answer to ``query``: its records and TTL (``DnsCache.store``), or None
+        when the lookup failed. Carries on with every request that waited for it."""
+        if records is None:
+            self.dns.store_failure(query, now)
+        else:
+            self.dns.store(query, records, ttl, now)
+        out: list[Send] = []
+        for parked in self._parked.pop(query, []):
+            if not parked.done:
+                parked.done = True
+                out += parked.resume(now)
         return out
 
     def next_deadline(self) -> float | None:
@@ -418,9 +506,24 @@ class SipProxy:
         loop = self._loop_hash(request)
         if self._looped(request, loop):
             raise _Reject(482)
-        targets = self._route(request, now)
-        if targets is None:
+        dests = self._route(request, now)
+        if dests is None:
             return self._respond_locally(server, now)
+        return self._forward(server, dests, loop, now)
+
+    def _forward(self, server: _Server, dests: Sequence[_Dest], loop: str,
+                 now: float) -> list[Send]:
+        """Locate the next hops of ``dests`` and send a branch to each; when DNS
+        answers are missing, wait for them (``_park``). Raises _Reject."""
+        request = server.request
+        try:
+            targets = self._locate(dests, now)
+        except _Unresolved as exc:
+            server.parked = self._park(exc.queries, functools.partial(
+                self._resume, server, dests, loop))
+            log.debug("%s %s waits for DNS: %s", request.method, request.uri, exc)
+            return []
+        server.parked = None
         context = _Context(server, loop)
         server.context = context
         offers = self._request_media(context, targets, now)
@@ -433,6 +536,30 @@ class SipProxy:
                 continue
             out += self._start_branch(context, target, body, now)
         return out
+
+    def _resume(self, server: _Server, dests: Sequence[_Dest], loop: str,
+                now: float) -> list[Send]:
+        """DNS answered for a request that waited: forward it (if it still wants to be:
+        a CANCEL may have ended it meanwhile)."""
+        if not self._alive(server) or server.parked is None:
+            return []
+        try:
+            return self._forward(server, dests, loop, now)
+        except _Reject as exc:
+            request = server.request
+            log.info("%s %s: %d %s", request.method, request.uri, exc.status, exc)
+            return self._respond(server, exc.status, now, exc.reason, exc.headers)
+
+    def _park(self, queries: frozenset[dns.Query],
+              resume: Callable[[float], list[Send]]) -> _Parked:
+        parked = _Parked(resume)
+        for query in queries:
+            waiting = self._parked.get(query)
+            if waiting is None:  # not asked yet (or asked and answered since)
+                self._parked[query] = waiting = []
+                self._queries.append(query)
+            waiting.append(parked)
+        return parked
 
     def _respond_locally(self, server: _Server, now: float) -> list[Send]:
         """A request addressed to the gateway itself: REGISTER, or OPTIONS (keepalive)."""
@@ -519,7 +646,8 @@ class SipProxy:
             make_ack=functools.partial(_ack_for, out) if kind is Kind.INVITE_CLIENT else None,
         )
         out.compact()  # kept as long as its transaction
-        branch = _Branch((branch_id, out.method), txn, out, target.hop, context)
+        branch = _Branch((branch_id, out.method), txn, out, target.hop, context,
+                         target.alternatives)
         if out.method == "INVITE":
             branch.timer_c = now + self.config.timer_c
         context.branches.append(branch)
@@ -545,7 +673,7 @@ class SipProxy:
         self._map_addresses(out, target.hop)
         if body is not None:
             out.body = body
-        local = self._our_endpoint(target.hop)
+        local = self._our_endpoint(target.hop, transport=True)
         out.insert("top", "Via", f"SIP/2.0/{target.hop.transport.upper()} "
                    f"{format_host(local.host)}:{local.port};branch={branch_id};rport")
         return out
@@ -556,6 +684,9 @@ class SipProxy:
         if invite is None:
             raise _Reject(481)
         out = self._respond(server, 200, now)
+        if invite.parked is not None:  # still waiting for DNS: nothing was forwarded
+            invite.parked.done, invite.parked = True, None
+            return out + self._respond(invite, 487, now)
         context = invite.context
         if context is not None and not context.final_sent:
             out += self._cancel_branches(context, now)
@@ -572,13 +703,25 @@ class SipProxy:
         if request.max_forwards == 0 or self._looped(request, loop):
             return []
         try:
-            targets = self._route(request, now)
+            dests = self._route(request, now)
         except _Reject as exc:
             log.info("ACK %s not forwarded: %s", request.uri, exc)
             return []
-        if not targets:
+        if not dests:
             return []
-        target = targets[0]
+        return self._forward_ack(request, hop, dests[0], loop, now)
+
+    def _forward_ack(self, request: SipRequest, hop: _Hop, dest: _Dest, loop: str,
+                     now: float) -> list[Send]:
+        try:
+            target = self._locate([dest], now)[0]
+        except _Unresolved as exc:
+            self._park(exc.queries, functools.partial(self._forward_ack, request, hop, dest,
+                                                      loop))
+            return []
+        except _Reject as exc:
+            log.info("ACK %s not forwarded: %s", request.uri, exc)
+            return []
         body = self._ack_media(request, target.hop, now)
         token = hashlib.sha1((request.vias[0].branch or request.call_id).encode()).hexdigest()
         branch_id = f"{BRANCH_PREFIX}{loop}.{token[:16]}"
@@ -611,8 +754,10 @@ class SipProxy:
             branch, branch.txn.receive_response(response.status, response, now), now
         )
 
-    def _on_branch_response(self, branch: _Branch, response: SipResponse, now: float) -> list[Send]:
-        """§16.7: a response of one branch, passed up by its client transaction."""
+    def _on_branch_response(self, branch: _Branch, response: SipResponse, now: float,
+                            local: bool = False) -> list[Send]:
+        """§16.7: a response of one branch, passed up by its client transaction (or
+        ``local``: the one we take it to have given)."""
         context = branch.context
         if context is None:  # the response to a CANCEL of ours
             return []
@@ -628,6 +773,11 @@ class SipProxy:
                 return out
             return out + self._relay(context, response, now)
         branch.done, branch.timer_c = True, None
+        if status == 503 and not local:  # RFC 3263 §4.3: the next target, if any
+            self.failed_targets.failed(branch.hop.dest, branch.hop.transport, now)
+            retried = self._failover(branch, now)
+            if retried is not None:
+                return out + retried
         if status < 300:
             out += self._relay(context, response, now)
             context.final_sent = True
@@ -635,7 +785,7 @@ class SipProxy:
                 out += self._cancel_branches(context, now)
             return out
         if context.best is None or _rank(response) < _rank(context.best):
-            context.best = response
+            context.best, context.best_local = response, local
         if status >= 600 and branch.request.method == "INVITE":
             out += self._cancel_branches(context, now)
         return out + self._final_if_done(context, now)
@@ -648,7 +798,9 @@ class SipProxy:
         context.final_sent = True
         best = context.best
         assert best is not None
-        if best.status == 503:  # §16.7 step 6: a 503 would make the caller fail over
+        if best.status == 503 and not context.best_local:
+            # §16.7 step 6: a downstream 503 would make the caller fail over; our own
+            # (no target could be reached, RFC 3263 §4.3) says just that
             best = _with_status(best, 500)
         if context.initial_invite:
             request = context.server.request
@@ -710,11 +862,52 @@ class SipProxy:
                 out += self._on_branch_response(branch, action.message, now)
             elif isinstance(action, Timeout) and branch.context is not None:
                 # §16.7 step 6 / §16.8: a timed-out branch counts as a 408
-                out += self._on_branch_response(branch, self._local_final(branch, 408), now)
+                out += self._branch_failed(branch, 408, now)
             elif isinstance(action, TransportFailure) and branch.context is not None:
-                out += self._on_branch_response(branch, self._local_final(branch, 503), now)
+                out += self._branch_failed(branch, 503, now)
         self._track(branch)
         return out
+
+    def _branch_failed(self, branch: _Branch, status: int, now: float) -> list[Send]:
+        """The branch's target did not answer (Timer B/F: ``status`` 408) or could not
+        be reached (503): the next target, else the branch counts as ``status``."""
+        self.failed_targets.failed(branch.hop.dest, branch.hop.transport, now)
+        retried = self._failover(branch, now)
+        if retried is not None:
+            return retried
+        return self._on_branch_response(branch, self._local_final(branch, status), now,
+                                        local=True)
+
+    def _failover(self, branch: _Branch, now: float) -> list[Send] | None:
+        """RFC 3263 §4.3: the request again, on a new branch, to the next target that
+        can take it; None when there is none (or the request is being cancelled). An
+        offer goes along as sent when the target is of the same family; to the other
+        family it is made anew (a new call only, with no other branch pending)."""
+        context = branch.context
+        if context is None or context.final_sent or context.cancelled or branch.cancel_wanted:
+            return None
+        branch.done, branch.timer_c = True, None
+        for i, hop in enumerate(branch.alternatives):
+            body: bytes | None = None
+            target = _Target(branch.request.uri, hop, branch.alternatives[i + 1:])
+            if context.offer and hop.media_family == branch.hop.media_family:
+                body = branch.request.body
+            elif context.offer:
+                alone = all(b.done for b in context.branches)
+                if not (alone and context.initial_invite):
+                    continue
+                request = context.server.request
+                self.media.delete(request.call_id, request.from_.tag, now=now, delay=0)
+                try:
+                    offers = self._request_media(context, [target], now)
+                except _Reject:
+                    return None
+                body = None if offers is None else offers[0]
+            log.info("%s %s: %s/%s failed, trying %s/%s", branch.request.method,
+                     branch.request.uri, branch.hop.dest, branch.hop.transport, hop.dest,
+                     hop.transport)
+            return self._start_branch(context, target, body, now)
+        return None
 
     def _branch_timer(self, branch: _Branch, now: float) -> list[Send]:
         out: list[Send] = []
@@ -733,7 +926,8 @@ class SipProxy:
         the caller is not kept waiting for Timer B (Kamailio's cancel_b_method 0), and
         gets its CANCEL if a provisional response still comes."""
         out: list[Send] = []
-        for branch in context.branches:
+        context.cancelled = True
+        for branch in list(context.branches):
             if branch.done or branch.request.method != "INVITE":
                 continue
             if branch.provisional:
@@ -854,9 +1048,10 @@ class SipProxy:
 
     # ---- routing --------------------------------------------------------------------
 
-    def _route(self, request: SipRequest, now: float) -> list[_Target] | None:
-        """§16.4-16.5: pop Route entries naming us, then pick the targets. None: the
-        request is for the gateway itself. Raises _Reject."""
+    def _route(self, request: SipRequest, now: float) -> list[_Dest] | None:
+        """§16.4-16.5: pop Route entries naming us, then pick where the request goes
+        (see the class docstring). None: the request is for the gateway itself.
+        Raises _Reject."""
         routes = request.routes
         if routes and isinstance(request.uri, SipUri) and "lr" in request.uri.params \
                 and self._names_us(request.uri):
@@ -870,31 +1065,41 @@ class SipProxy:
         if ours:
             request.replace_values("Route", request.get_all("Route")[ours:])
             routes = routes[ours:]
+        mapped = False
         if isinstance(request.uri, SipUri):
             original = self._unmapped(request.uri)
             if original is not None:
-                request.uri = original
-        if routes:
-            return [_Target(request.uri, self._hop_to(routes[0].uri))]
+                request.uri, mapped = original, True
         uri = request.uri
-        if not isinstance(uri, SipUri):
-            raise _Reject(416)
-        if not self._is_ours(uri.host) or uri.port not in (None, *self._our_ports):
+        if routes:  # (1)
+            first = routes[0].uri
+            if not isinstance(first, SipUri):
+                raise _Reject(416, "Route is not a SIP URI")
+            return [_Dest(uri, next_hop=first)]
+        if not isinstance(uri, SipUri):  # tel:, urn:, ...: only a default route knows
+            if self._default_route is None:
+                raise _Reject(416)
+            return [_Dest(uri, next_hop=self._default_route)]
+        own = not mapped and self._is_ours(uri.host) and uri.port in (None, *self._our_ports)
+        key = Registrar.key(uri) if own else None
+        if own:  # (2)
+            if request.method == "REGISTER" or (request.method == "OPTIONS" and uri.user is None):
+                return None
+            bindings = self.registrar.lookup(key, now=now) if key else []
+            if bindings:
+                return [_Dest(b.uri, hop=self._binding_hop(b, now)) for b in bindings]
+        else:
             flow = self._flow(uri, now)
             if flow is not None:  # a registered phone or one behind NAT64: use its flow
-                return [_Target(uri, flow)]
-            route = self._match_route(uri.host, wildcard=False)
-            return [_Target(uri, self._hop_to(route or uri))]
-        if request.method == "REGISTER" or (request.method == "OPTIONS" and uri.user is None):
-            return None
-        key = Registrar.key(uri)
-        bindings = self.registrar.lookup(key, now=now) if key else []
-        if bindings:
-            return [_Target(b.uri, self._binding_hop(b)) for b in bindings]
-        route = self._match_route(uri.host, wildcard=True)
-        if route is None:
-            raise _Reject(404)
-        return [_Target(uri, self._hop_to(route))]
+                return [_Dest(uri, hop=flow)]
+            if mapped:
+                return [_Dest(uri, next_hop=uri)]
+        route = self._match_route(uri.host)  # (3), (4)
+        if route is not None:
+            return [_Dest(uri, next_hop=route)]
+        if own:
+            raise _Reject(480 if key and self.registrar.lapsed(key, now=now) else 404)
+        return [_Dest(uri, next_hop=uri)]  # its own host (RFC 3263)
 
     def _learn_flow(self, request: SipRequest, hop: _Hop, now: float) -> None:
         """Remember how to reach a phone behind NAT64 at the Contact it gave: through
@@ -915,13 +1120,13 @@ class SipProxy:
         """How to reach a Contact that registered here, or of a phone behind NAT64."""
         binding = self.registrar.binding(uri, now=now)
         if binding is not None:
-            return self._binding_hop(binding)
+            return self._binding_hop(binding, now)
         learnt = self._flows.get(str(uri))
         if learnt is not None and learnt[1] + NAT64_FLOW_LIFETIME > now:
             return learnt[0]
         return None
 
-    def _binding_hop(self, binding: Binding) -> _Hop:
+    def _binding_hop(self, binding: Binding, now: float) -> _Hop:
         """How to reach a registered contact: over the connection it registered on
         (TCP), through the NAT64 it registered through (an IPv6 contact registered
         from an IPv4 source: RFC 5626-style flow reuse), else at its address."""
@@ -933,33 +1138,93 @@ class SipProxy:
                         and nat64_embedded(self.config.nat64_prefixes, contact) is None)
         if behind_nat64:
             return _Hop(binding.source, binding.transport, local4, 6, prefix)
-        return self._hop_to(binding.uri, binding.source if binding.transport == "tcp" else None)
+        return self._contact_hop(binding, now)
 
-    def _match_route(self, host: str, *, wildcard: bool) -> SipUri | None:
+    def _match_route(self, host: str) -> SipUri | None:
+        """The route whose domain is ``host``, else the ``*`` route (None: neither)."""
         wanted = _host_key(host)
         for key, uri in self._routes:
             if key == wanted:
                 return uri
-        return self._default_route if wildcard else None
+        return self._default_route
 
-    def _hop_to(self, uri: SipUri | str, connection: Endpoint | None = None) -> _Hop:
-        """The transport destination a URI names (IP literals only: no DNS in the
-        core). A NAT64-synthesised IPv6 address is reached on its IPv4 address."""
-        if not isinstance(uri, SipUri):
-            raise _Reject(416)
-        ip = uri.host_ip
-        if ip is None:
-            raise _Reject(404, f"Cannot resolve {uri.host}"[:100])
+    def _locate(self, dests: Sequence[_Dest], now: float) -> list[_Target]:
+        """The transport targets of ``dests`` (RFC 3263 from ``self.dns``), each with
+        its alternatives. Raises _Unresolved (answers missing), _Reject (none)."""
+        targets: list[_Target] = []
+        missing: set[dns.Query] = set()
+        for dest in dests:
+            if dest.hop is not None:
+                targets.append(_Target(dest.uri, dest.hop))
+                continue
+            assert dest.next_hop is not None
+            hops = self._hops_to(dest.next_hop, now)
+            if isinstance(hops, dns.Lookup):
+                missing |= hops.queries
+            else:
+                targets.append(_Target(dest.uri, hops[0], tuple(hops[1:])))
+        if missing:
+            raise _Unresolved(frozenset(missing))
+        return targets
+
+    def _hops_to(self, uri: SipUri, now: float) -> list[_Hop] | dns.Lookup:
+        """Where a request for ``uri`` may go, in the order to try (RFC 3263 §4: maddr,
+        else host; port; transport; sips: needs TLS). Targets that failed lately come
+        only when nothing else is left. Raises _Reject when there is none."""
+        transport = uri.transport
+        secure = uri.scheme == "sips"
+        if secure and transport == "tcp":
+            transport = "tls"  # RFC 3261 §26.2.2: sips: over TCP is TLS
+        if transport is not None and transport not in KNOWN_TRANSPORTS:
+            raise _Reject(503, f"Unsupported transport {transport}"[:100])
+        if (secure or transport == "tls") and "tls" not in self.config.usable_transports:
+            raise _Reject(416 if secure else 503, "TLS is not configured here")
+        host = uri.params.get("maddr") or uri.host
+        where = dns.Destination(host, uri.port, transport, secure)
+        result = dns.locate(where, self.dns, now, rng=self._rng,
+                            transports=self.config.usable_transports,
+                            prefer=self.config.prefer_family)
+        if isinstance(result, dns.Lookup):
+            return result
+        if isinstance(result, dns.Unresolvable):
+            raise _Reject(503 if result.failed else 404, result.reason[:100])
+        hops = [hop for target in self.failed_targets.order(result, now)
+                if (hop := self._target_hop(target)) is not None]
+        if not hops:
+            families = sorted({t.endpoint.family for t in result})
+            raise _Reject(503, "No " + "/".join(f"IPv{f}" for f in families) + " SIP address")
+        return hops
+
+    def _target_hop(self, target: dns.Target) -> _Hop | None:
+        """The hop to a located target; a NAT64-synthesised IPv6 address is reached on
+        its IPv4 address. None when we have no SIP address of its family."""
+        ip = target.endpoint.host
+        dest = target.endpoint
         if ip.version == 6:
-            ip = nat64_embedded(self.config.nat64_prefixes, ip) or ip
-        transport = uri.transport or "udp"
-        if transport not in self.config.transports:
-            raise _Reject(503, f"Unsupported transport {transport}")
-        local = self.config.sip.get(ip.version)
+            embedded = nat64_embedded(self.config.nat64_prefixes, ip)
+            if embedded is not None:
+                dest = Endpoint(embedded, dest.port)
+        local = self._local_for(dest.family, target.transport)
         if local is None:
-            raise _Reject(503, f"No IPv{ip.version} SIP address")
-        dest = connection or Endpoint(ip, uri.port or DEFAULT_PORT)
-        return _Hop(dest, transport, local, ip.version)
+            return None
+        return _Hop(dest, target.transport, local, dest.family, server_name=target.server_name)
+
+    def _local_for(self, family: int, transport: str) -> Endpoint | None:
+        return (self.config.tls if transport == "tls" else self.config.sip).get(family)
+
+    def _contact_hop(self, binding: Binding, now: float) -> _Hop:
+        """The hop to a registered contact: over the connection it registered on (TCP,
+        TLS), else at its address (an IP literal: RFC 3263 §4.2 defaults)."""
+        if binding.transport in ("tcp", "tls"):
+            source = binding.source
+            local = self._local_for(source.family, binding.transport)
+            return _Hop(source, binding.transport, local, source.family)
+        uri = binding.uri
+        if uri.host_ip is None:
+            raise _Reject(404, f"Cannot resolve {uri.host}"[:100])
+        hops = self._hops_to(uri, now)
+        assert isinstance(hops, list)  # a literal needs no lookup
+        return hops[0]
 
     def _looped(self, request: SipRequest, loop: str) -> bool:
         """§16.3 item 4: one of our Vias carries this very request's loop hash."""
@@ -981,7 +1246,8 @@ class SipProxy:
     # ---- what is ours, address mapping ------------------------------------------------
 
     def _own_addresses(self) -> frozenset[IPAddress]:
-        mine: set[IPAddress] = {ep.host for ep in self.config.sip.values()}
+        mine: set[IPAddress] = {ep.host for ep in (*self.config.sip.values(),
+                                                   *self.config.tls.values())}
         mine |= set(self.config.aliases)
         for prefix in self.config.nat64_prefixes:
             mine |= {nat64_synthesize(prefix, ip) for ip in list(mine)
@@ -1011,8 +1277,12 @@ class SipProxy:
     def _nat64_prefix(self) -> IPNetwork | None:
         return self.config.nat64_prefixes[0] if self.config.nat64_prefixes else None
 
-    def _our_endpoint(self, hop: _Hop) -> Endpoint:
-        """The gateway's SIP endpoint as ``hop``'s party must address it."""
+    def _our_endpoint(self, hop: _Hop, *, transport: bool = False) -> Endpoint:
+        """The gateway's SIP endpoint as ``hop``'s party must address it; with
+        ``transport``, the one of the hop's transport (Via, Record-Route: TLS has its
+        own port), else the UDP/TCP one (mapped URIs, which carry no transport)."""
+        if transport and hop.transport == "tls" and hop.family in self.config.tls:
+            return self.config.tls[hop.family]
         if hop.nat64 is not None:
             v4 = self.config.sip[4]
             assert isinstance(v4.host, ipaddress.IPv4Address)
@@ -1032,8 +1302,8 @@ class SipProxy:
         request.insert("top", "Record-Route", f"<{facing_out};r2=on>")
 
     def _rr_uri(self, hop: _Hop) -> str:
-        ep = self._our_endpoint(hop)
-        transport = ";transport=tcp" if hop.transport == "tcp" else ""
+        ep = self._our_endpoint(hop, transport=True)
+        transport = f";transport={hop.transport}" if hop.transport != "udp" else ""
         return f"sip:{format_host(ep.host)}:{ep.port}{transport};lr"
 
     def _map_addresses(self, message: SipRequest | SipResponse, hop: _Hop) -> None:
@@ -1115,7 +1385,7 @@ class SipProxy:
     # ---- bookkeeping ------------------------------------------------------------------
 
     def _send(self, data: bytes, hop: _Hop) -> Send:
-        return Send(data, hop.dest, hop.transport, hop.local)
+        return Send(data, hop.dest, hop.transport, hop.local, hop.server_name)
 
     def _token(self) -> str:
         return f"{self._rng.getrandbits(64):016x}"

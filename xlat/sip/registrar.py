@@ -17,6 +17,8 @@ from xlat.sip.uri import SipUri
 
 __all__ = ["Binding", "Registrar", "RegistrarError"]
 
+MAX_LAPSED = 65536  # users remembered as "registered once, expired since"
+
 
 class RegistrarError(Exception):
     """A REGISTER the registrar refuses; ``status`` and ``headers`` make the reply."""
@@ -57,6 +59,9 @@ class Registrar:
         self.min_expires = min_expires
         self.max_expires = max_expires
         self._bindings: dict[str, list[Binding]] = {}
+        # Users whose every binding expired (not removed by a REGISTER): calls to them
+        # get 480, not 404 (RFC 3261 §21.4.18). Bounded: oldest first out.
+        self._lapsed: dict[str, None] = {}
 
     @staticmethod
     def key(uri: SipUri | str) -> str | None:
@@ -82,12 +87,21 @@ class Registrar:
 
     def lookup(self, key: str, *, now: float) -> list[Binding]:
         """Live bindings of a user, highest q first (ties: most recent first)."""
-        live = [b for b in self._bindings.get(key, []) if b.expires_at > now]
+        stored = self._bindings.get(key, [])
+        live = [b for b in stored if b.expires_at > now]
         if live:
             self._bindings[key] = live
         else:
             self._bindings.pop(key, None)
+            if stored:
+                self._lapsed[key] = None
+                if len(self._lapsed) > MAX_LAPSED:
+                    del self._lapsed[next(iter(self._lapsed))]
         return sorted(live, key=lambda b: (-b.q, -b.expires_at))
+
+    def lapsed(self, key: str, *, now: float) -> bool:
+        """A user with no live binding whose last bindings expired by themselves."""
+        return not self.lookup(key, now=now) and key in self._lapsed
 
     def binding(self, uri: SipUri, *, now: float) -> Binding | None:
         """The live binding whose contact is exactly ``uri`` (an in-dialog request to a
@@ -104,6 +118,7 @@ class Registrar:
         if key is None:
             raise RegistrarError(404, "No user in the address of record")
         call_id, (cseq, _) = request.call_id, request.cseq
+        self._lapsed.pop(key, None)
         header_expires = request.get("Expires")
         current = {str(b.uri): b for b in self.lookup(key, now=now)}
         if request.wildcard_contact:

@@ -3,31 +3,42 @@
 The only SIP module touching sockets (the aioquic adapter shape): every input is
 handed to the sans-I/O core with ``loop.time()`` as ``now``, everything the core
 returns is sent at once, and exactly one loop timer is kept armed at
-``proxy.next_deadline()``. UDP and TCP listen on every given endpoint (IPv6 sockets
-are IPV6_V6ONLY, so both families can share a port number). TCP connections are
-reused in both directions: a response or request for a peer goes down the
-connection that peer opened, else a new one is opened from our address of that
-family.
+``proxy.next_deadline()``. UDP, TCP and TLS listen where they are told (IPv6
+sockets are IPV6_V6ONLY, so both families can share a port number). TCP and TLS
+connections are reused in both directions: a response or request for a peer goes
+down the connection that peer opened, else a new one is opened from our address of
+that family; a TLS connection we open checks the server's certificate against the
+system's CAs (or ``--tls-ca``) and the name of the target domain (SNI and name
+check, RFC 5922 §7.2). An ICMP error for a UDP datagram we sent (IP_RECVERR) is the
+transport error that makes the proxy fail over to the next target (RFC 3263 §4.3).
+DNS queries the proxy asks for are run as tasks of their own (``DnsResolver``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import ipaddress
 import logging
+import os
 import random
 import socket
-from collections.abc import Sequence
+import ssl
+import struct
+from collections.abc import Coroutine, Sequence
+from typing import Any
 
 from netaddr import IPNetwork
 
 from xlat.addr import Endpoint
 from xlat.config import Config
 from xlat.media.session import SessionManager
+from xlat.sip import dns
 from xlat.sip.errors import SipParseError
 from xlat.sip.message import SipRequest, SipResponse, StreamFramer
 from xlat.sip.proxy import ProxyConfig, Send, SipProxy
+from xlat.sip.resolver import DnsResolver
 from xlat.sip.uri import SipUri
 
 log = logging.getLogger(__name__)
@@ -44,6 +55,12 @@ IDLE_OPENED = 120.0
 # longer than the longest registration the registrar grants (a registered phone
 # refreshes within it).
 SWEEP_INTERVAL = 10.0  # how often idle connections are looked for
+# Linux <linux/in.h>, <linux/in6.h>: queue ICMP errors of a UDP socket (ip(7), ipv6(7));
+# Python's socket module does not name them.
+IP_RECVERR = getattr(socket, "IP_RECVERR", 11)
+IPV6_RECVERR = getattr(socket, "IPV6_RECVERR", 25)
+MSG_ERRQUEUE = getattr(socket, "MSG_ERRQUEUE", 0x2000)
+_SOCK_EXTENDED_ERR = struct.Struct("=IBBBBII")  # ee_errno, origin, type, code, pad, info, data
 
 
 # Peers repeat: their socket addresses and Endpoints are converted once each way.
@@ -68,6 +85,11 @@ def _socket(ep: Endpoint, kind: int) -> socket.socket:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        if kind == socket.SOCK_DGRAM:
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVERR, 1)
+            else:
+                sock.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
         sock.bind((str(ep.host), ep.port))
         sock.setblocking(False)
     except OSError:
@@ -77,22 +99,50 @@ def _socket(ep: Endpoint, kind: int) -> socket.socket:
 
 
 class _Udp(asyncio.DatagramProtocol):
-    def __init__(self, server: SipServer, local: Endpoint) -> None:
-        self.server, self.local = server, local
+    def __init__(self, server: SipServer, local: Endpoint, sock: socket.socket) -> None:
+        self.server, self.local, self.sock = server, local, sock
 
     def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
         self.server.received(data, _endpoint(addr), self.local, "udp")
 
     def error_received(self, exc: Exception) -> None:
+        """An ICMP error came back (port or host unreachable): the error queue says
+        for which destination (msg_name of each queued error, ip(7) IP_RECVERR)."""
         log.debug("UDP %s: %s", self.local, exc)
+        for dest, errno in _queued_errors(self.sock):
+            log.info("UDP to %s failed: %s", dest, os.strerror(errno))
+            self.server.transport_error(dest, "udp")
+
+
+def _queued_errors(sock: socket.socket) -> list[tuple[Endpoint, int]]:
+    """Drain the socket's error queue: (original destination, errno) of each."""
+    out: list[tuple[Endpoint, int]] = []
+    while True:
+        try:
+            _, ancdata, _, addr = sock.recvmsg(1, 512, MSG_ERRQUEUE)
+        except (BlockingIOError, InterruptedError):
+            return out
+        except OSError as exc:
+            log.debug("reading the error queue: %s", exc)
+            return out
+        errno = 0
+        for _, _, cdata in ancdata:
+            if len(cdata) >= _SOCK_EXTENDED_ERR.size:
+                errno = _SOCK_EXTENDED_ERR.unpack_from(cdata)[0]
+        if addr:
+            with contextlib.suppress(ValueError):
+                out.append((_endpoint(addr), errno))
 
 
 class _Tcp(asyncio.Protocol):
-    """One TCP connection, accepted or opened by us; frames the stream (RFC 3261 §18.3)."""
+    """One TCP or TLS connection, accepted or opened by us; frames the stream (RFC
+    3261 §18.3)."""
 
-    def __init__(self, server: SipServer, local: Endpoint, opened: bool = False) -> None:
+    def __init__(self, server: SipServer, local: Endpoint, opened: bool = False,
+                 kind: str = "tcp") -> None:
         self.server, self.local = server, local
         self.opened = opened  # we connected (else the peer did)
+        self.kind = kind  # "tcp" | "tls"
         self.framer = StreamFramer()
         self.transport: asyncio.Transport | None = None
         self.peer: Endpoint | None = None
@@ -114,7 +164,7 @@ class _Tcp(asyncio.Protocol):
             self.transport.close()
             return
         for message in messages:
-            self.server.received_message(message, self.peer, self.local)
+            self.server.received_message(message, self.peer, self.local, self.kind)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.peer is not None and self.server.connections.get(self.peer) is self:
@@ -124,13 +174,17 @@ class _Tcp(asyncio.Protocol):
 class SipServer:
     """The running SIP edge of one proxy. Build it with ``start_sip``."""
 
-    def __init__(self, proxy: SipProxy, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, proxy: SipProxy, loop: asyncio.AbstractEventLoop,
+                 resolver: DnsResolver | None = None,
+                 tls_client: ssl.SSLContext | None = None) -> None:
         self.proxy = proxy
         self.loop = loop
+        self.resolver = resolver
+        self.tls_client = tls_client
         self.udp: dict[Endpoint, asyncio.DatagramTransport] = {}
         self.tcp: list[asyncio.Server] = []
         self.connections: dict[Endpoint, _Tcp] = {}
-        self._connecting: dict[Endpoint, list[bytes]] = {}
+        self._connecting: dict[tuple[Endpoint, str], list[bytes]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._timer: asyncio.TimerHandle | None = None
         self._sweeper: asyncio.TimerHandle | None = None
@@ -147,10 +201,12 @@ class SipServer:
         self.transmit(sends)
 
     def received_message(
-        self, message: SipRequest | SipResponse, source: Endpoint, local: Endpoint
+        self, message: SipRequest | SipResponse, source: Endpoint, local: Endpoint,
+        transport: str = "tcp",
     ) -> None:
         try:
-            sends = self.proxy.receive_message(message, source, local, "tcp", self.loop.time())
+            sends = self.proxy.receive_message(message, source, local, transport,
+                                               self.loop.time())
         except Exception:
             log.exception("SIP message from %s dropped", source)
             sends = []
@@ -165,19 +221,51 @@ class SipServer:
             sends = []
         self.transmit(sends)
 
+    def transport_error(self, dest: Endpoint, transport: str) -> None:
+        try:
+            sends = self.proxy.transport_error(dest, transport, self.loop.time())
+        except Exception:
+            log.exception("SIP transport error handling failed")
+            sends = []
+        self.transmit(sends)
+
+    async def _lookup(self, query: dns.Query) -> None:
+        """Run one DNS query and hand the answer to the proxy (bounded by the
+        resolver's timeout; a failure is an answer too)."""
+        result = None
+        if self.resolver is not None:
+            try:
+                result = await self.resolver.lookup(query)
+            except Exception:
+                log.exception("DNS lookup of %s %s failed", query.rdtype, query.name)
+        records, ttl = result if result is not None else (None, None)
+        try:
+            sends = self.proxy.dns_answer(query, records, ttl, self.loop.time())
+        except Exception:
+            log.exception("SIP DNS answer handling failed")
+            sends = []
+        self.transmit(sends)
+
     # ---- output --------------------------------------------------------------------
 
     def transmit(self, sends: Sequence[Send]) -> None:
-        """Send everything, then re-arm the one timer."""
+        """Send everything, start the DNS lookups asked for, then re-arm the one timer."""
         for send in sends:
             try:
-                if send.transport == "tcp":
-                    self._send_tcp(send)
-                else:
+                if send.transport == "udp":
                     self._send_udp(send)
+                else:
+                    self._send_stream(send)
             except OSError as exc:
                 log.info("sending to %s/%s failed: %s", send.dest, send.transport, exc)
+        for query in self.proxy.dns_queries():
+            self._spawn(self._lookup(query))
         self._arm()
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = self.loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _send_udp(self, send: Send) -> None:
         sock = self.udp.get(send.local) if send.local is not None else None
@@ -188,44 +276,58 @@ class SipServer:
             return
         sock.sendto(send.data, _sockaddr(send.dest))
 
-    def _send_tcp(self, send: Send) -> None:
+    def _send_stream(self, send: Send) -> None:
+        """TCP or TLS: down the peer's connection of that kind, else a new one."""
         conn = self.connections.get(send.dest)
-        if conn is not None and conn.transport is not None and not conn.transport.is_closing():
+        if conn is not None and conn.kind == send.transport and conn.transport is not None \
+                and not conn.transport.is_closing():
             conn.transport.write(send.data)
             conn.active = self.loop.time()
             return
-        if send.dest in self._connecting:
-            self._connecting[send.dest].append(send.data)
+        key = (send.dest, send.transport)
+        if key in self._connecting:
+            self._connecting[key].append(send.data)
             return
-        self._connecting[send.dest] = [send.data]
-        task = self.loop.create_task(self._connect(send.dest, send.local))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._connecting[key] = [send.data]
+        self._spawn(self._connect(send.dest, send.local, send.transport, send.server_name))
 
-    async def _connect(self, dest: Endpoint, local: Endpoint | None) -> None:
+    async def _connect(self, dest: Endpoint, local: Endpoint | None, kind: str = "tcp",
+                       server_name: str | None = None) -> None:
         """Open a connection to ``dest`` and send what waits for it; if that fails, the
         transactions that sent there fail at once (``SipProxy.transport_error``)."""
         source = None if local is None else (str(local.host), 0)
         own = local or Endpoint(ipaddress.ip_address("::" if dest.family == 6 else "0.0.0.0"), 0)
+        context: ssl.SSLContext | None = None
+        name: str | None = None
+        if kind == "tls":
+            # RFC 5922 §4, §7.2: the certificate must name the domain we were asked to
+            # reach (the URI's host, not an SRV target); SNI carries it (RFC 6066 §3).
+            context = self.tls_client or ssl.create_default_context()
+            name = server_name or str(dest.host)
         try:
             _, protocol = await asyncio.wait_for(
-                self.loop.create_connection(functools.partial(_Tcp, self, own, opened=True),
-                                            str(dest.host), dest.port, local_addr=source),
+                self.loop.create_connection(
+                    functools.partial(_Tcp, self, own, opened=True, kind=kind),
+                    str(dest.host), dest.port, local_addr=source, ssl=context,
+                    server_hostname=name),
                 CONNECT_TIMEOUT,
             )
-        except OSError as exc:  # refused, unreachable, or TimeoutError
-            log.info("TCP connection to %s failed: %s", dest, exc or "timed out")
-            self._connecting.pop(dest, None)
-            try:
-                sends = self.proxy.transport_error(dest, "tcp", self.loop.time())
-            except Exception:
-                log.exception("SIP transport error handling failed")
-                sends = []
-            self.transmit(sends)
+        except ssl.SSLCertVerificationError as exc:
+            log.warning("TLS connection to %s refused: certificate of %s not trusted: %s",
+                        dest, name, exc.verify_message or exc.reason)
+            self._connect_failed(dest, kind)
+            return
+        except OSError as exc:  # refused, unreachable, TLS handshake, or TimeoutError
+            log.info("%s connection to %s failed: %s", kind.upper(), dest, exc or "timed out")
+            self._connect_failed(dest, kind)
             return
         assert isinstance(protocol, _Tcp) and protocol.transport is not None
-        for data in self._connecting.pop(dest, []):
+        for data in self._connecting.pop((dest, kind), []):
             protocol.transport.write(data)
+
+    def _connect_failed(self, dest: Endpoint, kind: str) -> None:
+        self._connecting.pop((dest, kind), None)
+        self.transport_error(dest, kind)
 
     def sweep_idle(self) -> None:
         """Close idle TCP connections (IDLE_OPENED, or ``idle_accepted`` for those the
@@ -273,45 +375,65 @@ class SipServer:
 
 
 async def start_sip(
-    proxy: SipProxy, listen: Sequence[Endpoint], transports: Sequence[str] = ("udp", "tcp")
+    proxy: SipProxy, listen: Sequence[Endpoint], transports: Sequence[str] = ("udp", "tcp"),
+    *, more: Sequence[tuple[str, Endpoint]] = (), tls_server: ssl.SSLContext | None = None,
+    tls_client: ssl.SSLContext | None = None, resolver: DnsResolver | None = None,
 ) -> SipServer:
-    """Listen for SIP on every endpoint with every transport; returns the running server.
-    Raises OSError if an endpoint cannot be bound (nothing is left open then)."""
+    """Listen for SIP on every endpoint of ``listen`` with every transport of
+    ``transports``, and on each (transport, endpoint) of ``more`` (TLS with
+    ``tls_server``); returns the running server. Raises OSError if an endpoint cannot
+    be bound (nothing is left open then)."""
     loop = asyncio.get_running_loop()
-    server = SipServer(proxy, loop)
+    server = SipServer(proxy, loop, resolver, tls_client)
+    listeners = [(t, ep) for ep in listen for t in transports] + list(more)
     try:
-        for ep in listen:
-            if "udp" in transports:
+        for transport, ep in listeners:
+            if transport == "udp":
+                sock = _socket(ep, socket.SOCK_DGRAM)
                 udp, _ = await loop.create_datagram_endpoint(
-                    functools.partial(_Udp, server, ep), sock=_socket(ep, socket.SOCK_DGRAM)
-                )
+                    functools.partial(_Udp, server, ep, sock), sock=sock)
                 server.udp[ep] = udp
-            if "tcp" in transports:
+            else:
+                context = tls_server if transport == "tls" else None
                 sock = _socket(ep, socket.SOCK_STREAM)
-                tcp = await loop.create_server(functools.partial(_Tcp, server, ep), sock=sock)
-                server.tcp.append(tcp)
+                stream = await loop.create_server(
+                    functools.partial(_Tcp, server, ep, kind=transport), sock=sock,
+                    ssl=context)
+                server.tcp.append(stream)
     except OSError:
         server.close()
         raise
-    if "tcp" in transports:
+    if any(t != "udp" for t, _ in listeners):
         server.sweep_idle()
-    log.info("SIP listening on %s (%s)", ", ".join(map(str, listen)), "/".join(transports))
+    log.info("SIP listening on %s", ", ".join(f"{t}:{ep}" for t, ep in listeners))
     return server
 
 
+def _advertised(cfg: Config, ep: Endpoint) -> Endpoint:
+    """A wildcard listen address is advertised as the first media address of its family."""
+    host = ep.host
+    if host.is_unspecified:
+        host = next((a for a in cfg.media if a.version == ep.family), host)
+    return Endpoint(host, ep.port)
+
+
 def proxy_config(cfg: Config) -> ProxyConfig:
-    """The proxy's view of the daemon configuration: the first SIP endpoint of each
-    family is the gateway's SIP address (a wildcard listen address is advertised as
-    the first media address of its family); every media address is ours too."""
+    """The proxy's view of the daemon configuration: the first UDP/TCP endpoint of each
+    family is the gateway's SIP address, the first TLS endpoint its TLS address;
+    every media address is ours too."""
     sip: dict[int, Endpoint] = {}
-    for ep in cfg.sip_endpoints():
-        host = ep.host
-        if host.is_unspecified:
-            host = next((a for a in cfg.media if a.version == ep.family), host)
-        sip.setdefault(ep.family, Endpoint(host, ep.port))
+    tls: dict[int, Endpoint] = {}
+    transports: list[str] = []
+    for transport, ep in cfg.sip_listeners():
+        (tls if transport == "tls" else sip).setdefault(ep.family, _advertised(cfg, ep))
+        if transport != "tls" and transport not in transports:
+            transports.append(transport)
     extra = tuple(ep.host for ep in cfg.sip_endpoints() if not ep.host.is_unspecified)
     return ProxyConfig(
-        sip=sip,
+        sip=sip or dict(tls),
+        transports=tuple(transports),
+        tls=tls,
+        prefer_family=cfg.prefer_family,
         aliases=(*cfg.media, *extra),
         domains=cfg.domains,
         routes=tuple((r.domain, SipUri.parse(r.target)) for r in cfg.routes),
@@ -320,8 +442,26 @@ def proxy_config(cfg: Config) -> ProxyConfig:
     )
 
 
+def tls_contexts(cfg: Config) -> tuple[ssl.SSLContext | None, ssl.SSLContext]:
+    """(server, client) TLS contexts. The client verifies server certificates against
+    ``tls_ca`` or the system's CAs, with the host name checked (RFC 5922 §7.2), and
+    shows our certificate when it has one (RFC 5922 §7.3: proxies authenticate each
+    other); the server asks phones for none. Raises ssl.SSLError / OSError for
+    unusable files."""
+    client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH,
+                                        cafile=str(cfg.tls_ca) if cfg.tls_ca else None)
+    server = None
+    if cfg.tls_cert is not None and cfg.tls_key is not None:
+        server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        server.load_cert_chain(str(cfg.tls_cert), str(cfg.tls_key))
+        client.load_cert_chain(str(cfg.tls_cert), str(cfg.tls_key))
+    return server, client
+
+
 async def start_proxy(cfg: Config, manager: SessionManager) -> SipServer:
     """The daemon's entry point: a proxy over ``manager`` listening on every SIP
-    endpoint of ``cfg`` with UDP and TCP."""
+    listener of ``cfg``, resolving names with ``cfg.dns_servers`` or resolv.conf."""
     proxy = SipProxy(proxy_config(cfg), manager, random.Random())
-    return await start_sip(proxy, cfg.sip_endpoints())
+    server_ctx, client_ctx = tls_contexts(cfg)
+    return await start_sip(proxy, (), more=cfg.sip_listeners(), tls_server=server_ctx,
+                           tls_client=client_ctx, resolver=DnsResolver(cfg.dns_servers))
