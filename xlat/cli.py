@@ -72,11 +72,11 @@ config_file_option = click.option(
 @click.option("--prefer-family", type=click.Choice(["ipv6", "ipv4"]),
               help="Of a host name with AAAA and A records, try this family first. "
                    "[default: ipv6]")
-@click.option("--tls-cert", type=click.Path(path_type=Path), metavar="FILE",
+@click.option("--tls-cert", metavar="FILE",
               help="Our certificate chain (PEM) for SIP over TLS.")
-@click.option("--tls-key", type=click.Path(path_type=Path), metavar="FILE",
+@click.option("--tls-key", metavar="FILE",
               help="The private key of --tls-cert (PEM).")
-@click.option("--tls-ca", type=click.Path(path_type=Path), metavar="FILE",
+@click.option("--tls-ca", metavar="FILE",
               help="CA certificates (PEM) that TLS servers must chain to "
                    "[default: the system's].")
 @click.option("--ng-listen", metavar="A:P", help="rtpengine NG control (UDP); off by default.")
