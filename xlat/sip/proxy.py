@@ -52,7 +52,7 @@ from xlat.sip.message import (
     SipRequest,
     SipResponse,
     Via,
-    canonical_name,
+    error_response,
     make_response,
     parse_message,
 )
@@ -986,36 +986,17 @@ class SipProxy:
     def _malformed(
         self, data: bytes, error: SipParseError, source: Endpoint, local: Endpoint, transport: str
     ) -> list[Send]:
-        """Answer an unparseable request from what can be salvaged of its Via, From,
-        To, Call-ID and CSeq lines; drop responses, ACKs and what has no usable Via."""
-        head = data.split(b"\n\n", 1)[0].split(b"\r\n\r\n", 1)[0]
-        lines = head.decode("utf-8", "surrogateescape").splitlines()
-        start = lines[0].split(" ", 1)[0] if lines else ""
-        if not start or start.upper().startswith("SIP/") or start == "ACK":
+        """Answer an unparseable request from the parts of it that parse (see
+        `error_response`); drop responses, ACKs and what has no usable Via or CSeq."""
+        response = error_response(data, error, self._token())
+        if response is None:
             log.info("malformed message from %s dropped: %s", source, error.reason)
             return []
-        kept: list[str] = []
-        via: Via | None = None
-        for line in lines[1:]:
-            name, colon, value = line.partition(":")
-            canon = canonical_name(name.strip())
-            if colon and canon in ("via", "from", "to", "call-id", "cseq"):
-                kept.append(line)
-                if canon == "via" and via is None:
-                    try:
-                        via = Via.parse(value.split(",")[0])
-                    except SipParseError:
-                        break
-        if via is None:
-            log.info("malformed request from %s dropped (no usable Via): %s", source, error.reason)
-            return []
         log.info("malformed request from %s: %d %s", source, error.status, error.reason)
-        phrase = "".join(c if c.isprintable() and c != '"' else "?" for c in error.reason)[:120]
-        response = f"SIP/2.0 {error.status} {phrase}\r\n" + "".join(f"{line}\r\n" for line in kept)
-        response += "Content-Length: 0\r\n\r\n"
+        via = response.vias[0]
         _stamp(via, source)
         hop = self._incoming_hop(via, source, local, transport)
-        return [self._send(response.encode("utf-8", "surrogateescape"), hop)]
+        return [self._send(response.to_bytes(), hop)]
 
     @staticmethod
     def _stamp_via(request: SipRequest, source: Endpoint) -> None:
