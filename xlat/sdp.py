@@ -319,14 +319,14 @@ _TYPE_VALUE = re.compile(rb"[a-zA-Z]=")
 def _split_lines(body: bytes) -> list[_Line]:
     """Split at LF, keeping each line's own ending (CRLF, LF, or none at the very end)."""
     lines = []
-    for raw in body.split(b"\n"):
+    *ended, last = body.split(b"\n")  # last: what follows the final LF (b"" if it ends so)
+    for raw in ended:
         if raw.endswith(b"\r"):
             lines.append(_Line(raw[:-1], b"\r\n"))
         else:
             lines.append(_Line(raw, b"\n"))
-    last = lines.pop()  # what follows the final LF: b"" for a body that ends with one
-    if last.text:
-        lines.append(_Line(last.text, b""))
+    if last:  # kept whole: a CR there ends no line (found by tests/fuzz, target sdp)
+        lines.append(_Line(last, b""))
     return lines
 
 

@@ -70,7 +70,7 @@ def digest_response(algorithm: str, ha1_hex: str, *, nonce: str, nc: str, cnonce
 
 
 def _hash(algorithm: str, text: str) -> str:
-    return ALGORITHMS[algorithm](text.encode("utf-8")).hexdigest()
+    return ALGORITHMS[algorithm](text.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -216,7 +216,7 @@ class DigestAuth:
         expected = digest_response(
             algorithm, known or _DUMMY_HA1[algorithm], nonce=params["nonce"], nc=params["nc"],
             cnonce=params["cnonce"], qop="auth", method=method, uri=params["uri"])
-        good = hmac.compare_digest(expected, params["response"].lower()) and known is not None
+        good = _same(expected, params["response"].lower()) and known is not None
         if not good:
             return Result(Verdict.FAILED, user)
         issued = self._issued(params["nonce"])
@@ -241,7 +241,7 @@ class DigestAuth:
     def _issued(self, nonce: str) -> float | None:
         """When we issued ``nonce`` (seconds), None if we did not."""
         stamp, _, mac = nonce.rpartition(".")
-        if not hmac.compare_digest(self._mac(stamp), mac):
+        if not _same(self._mac(stamp), mac):
             return None
         millis = stamp.split(".", 1)[0]
         return int(millis, 16) / 1000
@@ -256,6 +256,12 @@ class DigestAuth:
         while len(self._counts) > MAX_NONCES:
             self._counts.popitem(last=False)
         return True
+
+
+def _same(ours: str, theirs: str) -> bool:
+    """Constant-time comparison of our hex digest with a client's text (which may hold
+    any character: compare_digest refuses non-ASCII str)."""
+    return hmac.compare_digest(ours.encode(), theirs.encode("utf-8", "surrogateescape"))
 
 
 def _quote(text: str) -> str:

@@ -1227,7 +1227,7 @@ def error_response(data: bytes, error: SipParseError, to_tag: str) -> SipRespons
         key = _field_key(name) if colon else None
         value = raw_value.strip(_WSP)
         if key == "via" and not vias_done:
-            for element in split_list(value) if not _has_control(value) else [""]:
+            for element in _valid_list(value):
                 if not _valid(_parse_via, element):
                     vias_done = True  # below a broken Via the path back is unknown
                     break
@@ -1250,6 +1250,17 @@ def error_response(data: bytes, error: SipParseError, to_tag: str) -> SipRespons
         Header("Content-Length", "0"),
     ]
     return SipResponse(error.status, phrase, headers)
+
+
+def _valid_list(value: str) -> list[str]:
+    """The elements of a list header value; [""] (one invalid element) when it does
+    not split (an unterminated quote or <) or holds a control character."""
+    if _has_control(value):
+        return [""]
+    try:
+        return split_list(value)
+    except SipParseError:
+        return [""]
 
 
 def _valid(parse: Callable[[str], object], value: str) -> bool:
