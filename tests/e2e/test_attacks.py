@@ -123,3 +123,62 @@ def test_sipvicious_learns_nothing_while_calls_go_on(gateway: Gateway, lab: Lab,
     assert peak - rss_before < 20 * 1024
     assert rss_after - rss_before < 8 * 1024
     assert os.path.exists(f"/proc/{pid}")  # still the same daemon
+
+
+JUNK_SECONDS = 10.0
+
+
+def test_a_sip_junk_flood_does_not_stop_the_calls(gateway: Gateway, lab: Lab, alice6: Phone,
+                                                  bob4: Phone, tmp_path: Path) -> None:
+    """Garbage at the SIP port as fast as one Python sender goes, for JUNK_SECONDS, from
+    another host of the callee's network, while legitimate calls go on."""
+    import socket
+    import threading
+
+    from xlat.lab import in_netns
+
+    rng = os.urandom
+    branch = rng(8).hex().encode()
+    junk = [rng(n) for n in (40, 200, 900, 1400)] + [
+        b"INVITE sip:x SIP/2.0\r\nVia: SIP/2.0/UDP 203.0.113.3;branch=z9hG4bK" + branch
+        + b"\r\n\r\n"]
+    sent = [0]
+    stop = threading.Event()
+
+    def flood() -> None:
+        with in_netns(lab.v4):
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s.bind((str(V4_HOST2), 0))
+        dest = (str(GW_SIP[4].host), GW_SIP[4].port)
+        with s:
+            while not stop.is_set():
+                for packet in junk:
+                    try:
+                        s.sendto(packet, dest)
+                        sent[0] += 1
+                    except OSError:
+                        pass
+
+    pid = gateway.pid()
+    assert pid is not None
+    rss_before = rss_kib(pid)
+    sender = threading.Thread(target=flood, daemon=True)
+    started = time.monotonic()
+    sender.start()
+    calls = []
+    try:
+        while time.monotonic() - started < JUNK_SECONDS:
+            calls.append(place_call(gateway, alice6, bob4, bob4.uri, tmp_path,
+                                    name=f"junk{len(calls)}", pause_ms=300))
+    finally:
+        stop.set()
+        sender.join(timeout=5)
+    elapsed = time.monotonic() - started
+    completed = sum(c.ok for c in calls)
+    drops = gateway.json("stats")["drops"]
+    print(f"\njunk flood: {sent[0]} datagrams in {elapsed:.1f} s ({sent[0] / elapsed:,.0f}/s), "
+          f"{completed}/{len(calls)} calls completed, RSS {rss_before} -> {rss_kib(pid)} kB, "
+          f"nft sip_rate_limited drops {drops['sip_rate_limited']['packets']}")
+    assert completed >= 0.99 * len(calls), next(c.explain() for c in calls if not c.ok)
+    assert rss_kib(pid) - rss_before < 20 * 1024
+    assert gateway.pid() == pid and gateway.json("stats")["sessions"] >= 0  # still serving
