@@ -42,7 +42,8 @@ def main() -> None:
         work.mkdir(parents=True, exist_ok=True)
         args += [str(work), *(str(d) for d in targets.SEEDS[name] if d.is_dir())]
     atheris.Setup([sys.argv[0], *args], targets.TARGETS[name])
-    atheris.Fuzz()
+    with targets.logged_exceptions_raise():
+        atheris.Fuzz()
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import ipaddress
 import logging
 import random
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from xlat.addr import Endpoint
@@ -53,12 +53,22 @@ class _RaiseOnLoggedException(logging.Handler):
             raise CaughtBug(f"{record.name}: {record.getMessage()}") from record.exc_info[1]
 
 
-def _watch_logs() -> None:
+@contextlib.contextmanager
+def logged_exceptions_raise() -> Iterator[None]:
+    """While inside: an exception xlat's code catches and logs is raised as CaughtBug,
+    and xlat's log is quiet (the fuzzer runs millions of inputs)."""
     root = logging.getLogger("xlat")
-    if not any(isinstance(h, _RaiseOnLoggedException) for h in root.handlers):
-        root.addHandler(_RaiseOnLoggedException())
-        root.setLevel(logging.INFO)
-        root.propagate = False  # and stay quiet: the fuzzer runs millions of inputs
+    handler = _RaiseOnLoggedException()
+    saved = root.level, root.propagate
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    root.propagate = False
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(saved[0])
+        root.propagate = saved[1]
 
 
 def _media() -> SessionManager:
@@ -274,4 +284,3 @@ SEEDS["sip_parser"] += [FUZZ_DIR.parent / "unit" / "sip_torture" / "valid",
                         FUZZ_DIR.parent / "unit" / "sip_torture" / "invalid"]
 SEEDS["sdp"] += [FUZZ_DIR.parent / "unit" / "sdp_fixtures"]
 
-_watch_logs()

@@ -16,8 +16,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import targets
 
 FUZZ_RUNS = 3000
-# The config loader's typed errors are issue #13's: its crashers fail until that lands.
-PENDING = {"config": "config loader's typed errors (#13)"}
 
 
 def _inputs(name: str, kind: str) -> list[Path]:
@@ -25,11 +23,7 @@ def _inputs(name: str, kind: str) -> list[Path]:
     return sorted(p for d in dirs if d.is_dir() for p in d.iterdir() if p.is_file())
 
 
-def _mark(name: str) -> pytest.MarkDecorator | tuple[()]:
-    return pytest.mark.xfail(reason=PENDING[name], strict=False) if name in PENDING else ()
-
-
-CASES = [pytest.param(name, kind, id=f"{name}-{kind}", marks=_mark(name))
+CASES = [pytest.param(name, kind, id=f"{name}-{kind}")
          for name in targets.TARGETS for kind in ("seeds", "crashers")]
 
 
@@ -38,11 +32,12 @@ def test_every_seed_and_crasher_passes_its_target(name: str, kind: str) -> None:
     paths = _inputs(name, kind)
     if kind == "seeds":
         assert paths, f"no seed corpus for {name}"
-    for path in paths:
-        targets.TARGETS[name](path.read_bytes())
+    with targets.logged_exceptions_raise():
+        for path in paths:
+            targets.TARGETS[name](path.read_bytes())
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=_mark(n)) for n in targets.TARGETS])
+@pytest.mark.parametrize("name", list(targets.TARGETS))
 def test_a_short_fuzz_run_finds_nothing(name: str, tmp_path: Path) -> None:
     pytest.importorskip("atheris")
     seeds = [str(d) for d in targets.SEEDS[name] if d.is_dir()]

@@ -106,11 +106,11 @@ def test_user_hash_prints_a_users_file_line_the_daemon_accepts(tmp_path: Path) -
     bad = tmp_path / "bad.toml"
     bad.write_text('realm = "xlat.test"\n[users]\nbob = { MD5 = "xyz" }\n')
     for options, error in (
-        (("--users", str(bad)), f"xlat: {bad}: users.bob.MD5 must be 32 hex digits"),
+        (("--users", str(bad)), f"xlat: --users: {bad}: users.bob.MD5 must be 32 hex digits"),
         (("--users", str(users), "--registrar-upstream", "sip:192.0.2.9"),
-         "xlat: give --users (a local registrar) or --registrar-upstream, not both"),
+         "xlat: --registrar-upstream: a local registrar (users) or an upstream one, not both"),
         (("--registrar-upstream", "sip:pbx.example"),
-         "xlat: registrar-upstream 'sip:pbx.example': the host must be an IP literal"),
+         "xlat: --registrar-upstream: 'sip:pbx.example': the host must be an IP literal"),
     ):
         r = xlat("run", "--media-v4", "192.0.2.1", *options, control=tmp_path / "c.sock")
         assert r.returncode == 1 and r.stderr.strip() == error
