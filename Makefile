@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup test unit demo bench lint clean
+.PHONY: setup test unit demo bench lint fuzz clean
 
 setup:
 	@bash scripts/setup.sh
@@ -20,6 +20,13 @@ demo: setup
 
 bench: setup
 	$(PY) -m bench $(if $(QUICK),--quick,) $(if $(PYSPY),--pyspy $(PYSPY),)
+
+# Each fuzz target for FUZZ_SECONDS (new inputs under build/fuzz/; crashes too, to be
+# copied into tests/fuzz/crashers/TARGET/). `make test` runs a short smoke of it.
+FUZZ_SECONDS ?= 60
+fuzz: setup
+	$(PY) tests/fuzz/fuzz.py all -max_total_time=$(FUZZ_SECONDS) \
+	  '-artifact_prefix=build/fuzz/{target}-'
 
 lint: setup
 	$(VENV)/bin/ruff check xlat tests bench

@@ -80,6 +80,11 @@ config_file_option = click.option(
               help="CA certificates (PEM) that TLS servers must chain to "
                    "[default: the system's].")
 @click.option("--ng-listen", metavar="A:P", help="rtpengine NG control (UDP); off by default.")
+@click.option("--users", metavar="FILE",
+              help="Registrar users (TOML, HA1 hashes; see `xlat user hash`): turns on the "
+                   "local registrar with Digest auth. Re-read when it changes. [default: off]")
+@click.option("--registrar-upstream", metavar="sip:HOST:PORT",
+              help="Forward REGISTER there with a Path header instead of a local registrar.")
 @click.option("--metrics-listen", metavar="A:P",
               help="Prometheus metrics over HTTP (/metrics); off by default.")
 @click.option("--allow-remote-control", is_flag=True, default=None,
@@ -313,6 +318,29 @@ def check(ctx: click.Context, as_json: bool) -> None:
 
 
 # ---- the namespace lab -------------------------------------------------------------
+
+
+@cli.group()
+def user() -> None:
+    """Registrar users (the --users file)."""
+
+
+@user.command("hash")
+@click.argument("name")
+@click.option("--realm", required=True, help="The users file's realm (HA1 depends on it).")
+def user_hash(name: str, realm: str) -> None:
+    """Print NAME's line for the [users] table of a users file: its HA1 for SHA-256 and
+    MD5 (RFC 7616 §3.4.2). The password is read from stdin (prompted on a terminal)."""
+    from xlat.sip.auth import PREFERENCE, ha1
+
+    if sys.stdin.isatty():
+        password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        raise click.ClickException("empty password")
+    hashes = ", ".join(f'{a} = "{ha1(a, name, realm, password)}"' for a in PREFERENCE)
+    click.echo(f"{json.dumps(name)} = {{ {hashes} }}")
 
 
 @cli.group()

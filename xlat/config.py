@@ -124,6 +124,8 @@ class Config:
     control: Path = DEFAULT_CONTROL
     log_level: str = "info"
     log_format: str = "text"
+    users: Path | None = None  # registrar credentials file: turns the local registrar on
+    registrar_upstream: str | None = None  # sip: URI: REGISTER goes there (RFC 3327 Path)
     # where it came from, for ``reload`` and for the warnings ``xlat run`` logs
     source: Path | None = field(default=None, compare=False)
     options: tuple[tuple[str, Any], ...] = field(default=(), compare=False)
@@ -370,6 +372,33 @@ def _ng_interfaces(value: Any) -> dict[str, int]:
     return {"v4": 4, "v6": 6, **value}
 
 
+def _users(value: Any) -> Path:
+    """A registrar users file, read and checked now (xlat/sip/auth.py's format)."""
+    from xlat.sip.auth import UsersError, parse_users
+
+    path = _file(value)
+    try:
+        parse_users(path.read_bytes(), str(path))
+    except OSError as e:
+        raise _Bad(f"{path}: {e.strerror or e}") from None
+    except UsersError as e:
+        raise _Bad(str(e)) from None
+    return path
+
+
+def _registrar_uri(value: Any) -> str:
+    from xlat.sip.uri import SipUri
+
+    text = _string(value)
+    try:
+        uri = SipUri.parse(text)
+    except ValueError as e:
+        raise _Bad(str(e)) from None
+    if uri.host_ip is None:
+        raise _Bad(f"{text!r}: the host must be an IP literal")
+    return text
+
+
 def _latch(value: Any) -> Latch:
     return Latch[_choice("off", "learn", "strict")(value).upper()]
 
@@ -415,6 +444,8 @@ KEYS: dict[str, Key] = {k.name: k for k in (
     Key("bpffs", "bpffs", _path),
     Key("log-level", "log_level", _choice(*LOG_LEVELS)),
     Key("log-format", "log_format", _choice(*LOG_FORMATS)),
+    Key("users", "users", _users),
+    Key("registrar-upstream", "registrar_upstream", _registrar_uri),
 )}
 CLI_ONLY = {"control": "control"}  # the global --control: clients never read the file
 
@@ -548,6 +579,9 @@ def _cross_checks(values: Mapping[str, Any], origin: Mapping[str, tuple[str | No
     if ("tls_cert" in values) != ("tls_key" in values):
         out.append(Problem(*where("tls_cert" if "tls_cert" in values else "tls_key",
                                   "tls-cert"), "tls-cert and tls-key go together"))
+    if values.get("users") is not None and values.get("registrar_upstream") is not None:
+        out.append(Problem(*where("registrar_upstream", "registrar-upstream"),
+                           "a local registrar (users) or an upstream one, not both"))
     if not values.get("allow_remote_control"):
         for name in ("ng_listen", "metrics_listen"):
             ep = values.get(name)

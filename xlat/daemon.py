@@ -487,14 +487,14 @@ class Daemon:
         reg = Registry()
         reg.add("version", lambda: {"version": _version(), "pid": os.getpid()})
         reg.add("session.list", self._session_list)
-        reg.add("session.show", self._session_show, required=("id",))
-        reg.add("session.add", self._session_add, required=("peer_a", "peer_b"),
-                optional=("timeout", "lifetime"))
-        reg.add("session.del", self._session_del, required=("id",))
+        reg.add("session.show", self._session_show, required={"id": str})
+        reg.add("session.add", self._session_add, required={"peer_a": str, "peer_b": str},
+                optional={"timeout": float, "lifetime": float})
+        reg.add("session.del", self._session_del, required={"id": str})
         reg.add("session.flush", self._session_flush)
         reg.add("flow.list", self._flow_list)
         reg.add("stats", self._stats)
-        reg.add("exit", self._exit, optional=("keep_datapath",))
+        reg.add("exit", self._exit, optional={"keep_datapath": bool})
         return reg
 
     def _describe(self, session: Any, now: float) -> dict[str, Any]:
@@ -518,10 +518,7 @@ class Daemon:
 
     def _session_add(self, peer_a: str, peer_b: str, timeout: float | None = None,
                      lifetime: float | None = None) -> dict[str, Any]:
-        a, b = Endpoint.parse(peer_a), Endpoint.parse(peer_b)
-        for label, ep in (("peer-a", a), ("peer-b", b)):
-            if ep.host.is_unspecified or ep.port == 0:
-                raise ControlError(f"{label} {ep} is not a usable address")
+        a, b = _peer("peer_a", peer_a), _peer("peer_b", peer_b)
         if timeout is not None and timeout <= 0:
             raise ControlError("timeout must be positive")
         if lifetime is not None and lifetime <= 0:
@@ -590,6 +587,17 @@ class Daemon:
             self.keep_datapath = bool(keep_datapath)
         asyncio.get_running_loop().call_soon(self.request_exit)
         return {"exiting": True}
+
+
+def _peer(label: str, text: str) -> Endpoint:
+    """A session.add peer argument; errors name the argument."""
+    try:
+        ep = Endpoint.parse(text)
+    except ValueError as e:
+        raise ControlError(f"{label}: {e}") from None
+    if ep.host.is_unspecified or ep.port == 0:
+        raise ControlError(f"{label}: {ep} is not a usable address")
+    return ep
 
 
 def _apply(parts: Sequence[Datapath], remove: Sequence[Endpoint], install: Sequence[Flow],

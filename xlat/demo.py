@@ -480,11 +480,13 @@ def place_call(gw: Gateway, caller: Phone, callee: Phone, ruri: str, workdir: Pa
                name: str = "call", uac: str = "uac.xml", uas: str = "uas.xml",
                remote: Endpoint | None = None, pause_ms: int = 1000,
                keys: Mapping[str, str] | None = None, timeout: float = 15.0,
-               every: float = 0.25, on_sample: Sample | None = None) -> CallRecord:
+               every: float = 0.25, on_sample: Sample | None = None,
+               uac_options: Sequence[str] = ()) -> CallRecord:
     """Run scenario ``uas`` for ``callee`` and ``uac`` for ``caller`` (sending to
     ``remote``, default the gateway's SIP address of the caller's family) with
     ``-key ruri RURI``; while the UAC runs, sample the call's sessions and kernel flows
-    every ``every`` seconds (``on_sample(elapsed, flows)`` sees each sample)."""
+    every ``every`` seconds (``on_sample(elapsed, flows)`` sees each sample).
+    ``uac_options``: more SIPp options for the caller (``-ap`` for its password)."""
     workdir.mkdir(parents=True, exist_ok=True)
     if not (workdir / TONE).exists():
         write_tone(workdir / TONE)
@@ -495,7 +497,7 @@ def place_call(gw: Gateway, caller: Phone, callee: Phone, ruri: str, workdir: Pa
     time.sleep(0.2)  # let it bind; the INVITE is retransmitted anyway
     caller_proc = Sipp(gw.lab, caller, uac, workdir, f"{name}-uac", keys=all_keys,
                        remote=remote or GW_SIP[caller.family], pause_ms=pause_ms,
-                       timeout=timeout, call_id=call_id)
+                       timeout=timeout, call_id=call_id, options=uac_options)
     record = CallRecord(call_id, caller_proc, callee_proc)
     started = time.monotonic()
     try:

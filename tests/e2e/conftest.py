@@ -21,6 +21,7 @@ from pyroute2 import IPRoute, netns
 
 from xlat.demo import Gateway, Phone, start_gateway
 from xlat.lab import HOST_IF, LAB_RUN_DIR, V4_HOST, V6_HOST, Lab, in_netns, write_sysctl
+from xlat.sip.auth import ha1
 
 DELETE_DELAY = 2.0  # seconds a BYE'd session lingers here: long enough to see it "deleting"
 DOMAIN = "xlat.test"
@@ -36,6 +37,19 @@ def require(what: str, ok: bool) -> None:
         if os.environ.get("CI") == "true":
             pytest.fail(message)
         pytest.skip(message)
+
+
+# The registrar's users (--users): every phone name the tests use, one password. SIPp
+# 3.6 answers only MD5 and only the first challenge, hence algorithms = ["MD5"].
+USERS = ("alice", "bob", "reg4", "reg6", "multi")
+PASSWORD = "xlat-e2e-password"
+AUTH = ("-ap", PASSWORD)  # SIPp's password for a challenge; the user is its -s
+
+
+def write_users(path: Path) -> None:
+    lines = [f'realm = "{DOMAIN}"', 'algorithms = ["MD5"]', "[users]"]
+    lines += [f'{u} = {{ MD5 = "{ha1("MD5", u, DOMAIN, PASSWORD)}" }}' for u in USERS]
+    path.write_text("\n".join(lines) + "\n")
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +70,9 @@ def gateway(lab: Lab) -> Iterator[Gateway]:
     (a config-file setting) and a short delete delay."""
     config = LAB_RUN_DIR / lab.tag / "xlat.toml"
     config.write_text(f'nat64-prefix = ["{NAT64_PREFIX}"]\n')
-    gw = start_gateway(lab, "-c", str(config), "--domain", DOMAIN,
+    users = LAB_RUN_DIR / lab.tag / "users.toml"
+    write_users(users)
+    gw = start_gateway(lab, "-c", str(config), "--domain", DOMAIN, "--users", str(users),
                        "--delete-delay", f"{DELETE_DELAY:g}", "--ports", "30000-30199",
                        "--log-level", "debug")
     try:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
-from conftest import DELETE_DELAY, DOMAIN, Nat64
+from conftest import AUTH, DELETE_DELAY, DOMAIN, Nat64
 
 from xlat.addr import Endpoint, parse_ip
 from xlat.demo import (
@@ -155,13 +155,14 @@ def test_register_then_called_by_aor(gateway: Gateway, lab: Lab, phones: dict[in
     family calls that AOR; the gateway finds it in its registrar."""
     registrant, caller = replace(phones[family], user=f"reg{family}"), phones[10 - family]
     register = Sipp(lab, registrant, "register.xml", tmp_path, "register",
-                    remote=GW_SIP[family], keys={"domain": DOMAIN}, timeout=10)
+                    remote=GW_SIP[family], keys={"domain": DOMAIN}, timeout=10, options=AUTH)
     assert register.wait() == 0, register.explain()
+    assert register.received(status=401)  # Digest: nothing binds without the password
     (ok,) = register.received(status=200)
     assert [registrant.host] in [addresses_in(c) for c in ok.values("contact")]
 
     record = place_call(gateway, caller, registrant, f"sip:{registrant.user}@{DOMAIN}",
-                        tmp_path)
+                        tmp_path, uac="uac_auth.xml", uac_options=AUTH)
 
     assert_completed(record)
     assert_own_family(record, caller, registrant)
@@ -179,11 +180,12 @@ def test_call_forks_to_two_contacts_and_cancels_the_loser(
     rings = Phone(lab.v4, V4_HOST2, "multi", media_port=6010)
     for phone in (answers, rings):
         register = Sipp(lab, phone, "register.xml", tmp_path, f"register-{phone.host}",
-                        remote=GW_SIP[4], keys={"domain": DOMAIN}, timeout=10)
+                        remote=GW_SIP[4], keys={"domain": DOMAIN}, timeout=10, options=AUTH)
         assert register.wait() == 0, register.explain()
     ringing = Sipp(lab, rings, "uas_cancel.xml", tmp_path, "rings", timeout=15)
 
-    record = place_call(gateway, alice6, answers, f"sip:multi@{DOMAIN}", tmp_path)
+    record = place_call(gateway, alice6, answers, f"sip:multi@{DOMAIN}", tmp_path,
+                        uac="uac_auth.xml", uac_options=AUTH)
 
     assert ringing.wait() == 0, ringing.explain()
     assert_completed(record)
@@ -192,7 +194,7 @@ def test_call_forks_to_two_contacts_and_cancels_the_loser(
     assert ringing.received("CANCEL") and ringing.received("ACK")
     finals = [m.status for m in record.uac.received() if m.method == "INVITE"
               and (m.status or 0) >= 200]
-    assert finals == [200]
+    assert finals == [407, 200]  # challenged (a user of our domain), then answered
     assert_media_both_ways(record)
     assert_gone(gateway, record)
 

@@ -90,3 +90,27 @@ def test_config_check_of_the_shipped_file_asks_for_a_media_address(tmp_path: Pat
     assert r.returncode == 1
     assert r.stderr == f"xlat: {example}: media-v4: no media address: set media-v4 and/or " \
                        "media-v6 (or the options --media-v4/--media-v6)\n"
+
+
+def test_user_hash_prints_a_users_file_line_the_daemon_accepts(tmp_path: Path) -> None:
+    r = subprocess.run([*XLAT, "user", "hash", "alice", "--realm", "xlat.test"],
+                       input="s3cret\n", capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    from xlat.sip.auth import ha1, parse_users
+
+    users = tmp_path / "users.toml"
+    users.write_text(f'realm = "xlat.test"\n[users]\n{r.stdout}')
+    creds = parse_users(users.read_bytes(), str(users))
+    assert creds.users["alice"] == {a: ha1(a, "alice", "xlat.test", "s3cret")
+                                    for a in ("SHA-256", "MD5")}
+    bad = tmp_path / "bad.toml"
+    bad.write_text('realm = "xlat.test"\n[users]\nbob = { MD5 = "xyz" }\n')
+    for options, error in (
+        (("--users", str(bad)), f"xlat: --users: {bad}: users.bob.MD5 must be 32 hex digits"),
+        (("--users", str(users), "--registrar-upstream", "sip:192.0.2.9"),
+         "xlat: --registrar-upstream: a local registrar (users) or an upstream one, not both"),
+        (("--registrar-upstream", "sip:pbx.example"),
+         "xlat: --registrar-upstream: 'sip:pbx.example': the host must be an IP literal"),
+    ):
+        r = xlat("run", "--media-v4", "192.0.2.1", *options, control=tmp_path / "c.sock")
+        assert r.returncode == 1 and r.stderr.strip() == error

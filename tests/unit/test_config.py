@@ -197,9 +197,9 @@ def test_example_file_parses_and_documents_every_key() -> None:
     text = EXAMPLE.read_text()
     assert tomllib.loads(text) == {}  # everything commented out: the defaults
     documented = {m[1] for m in DEFAULT_LINE.finditer(text)}
-    # sip-listen's default (port 5060 of each media address) and the TLS files' (none)
-    # have no TOML spelling: they are shown by example
-    by_example = {"sip-listen", "tls-cert", "tls-key", "tls-ca"}
+    # sip-listen's default (port 5060 of each media address), the TLS files' and the
+    # registrar's (none) have no TOML spelling: they are shown by example
+    by_example = {"sip-listen", "tls-cert", "tls-key", "tls-ca", "users", "registrar-upstream"}
     assert documented == set(KEYS) - by_example
     for key in by_example:
         assert re.search(rf"^#\s+{key} = ", text, re.M), key

@@ -25,6 +25,7 @@ from xlat.sip.message import (
     StreamFramer,
     Via,
     _split_quoted,
+    error_response,
     make_response,
     parse_message,
     split_list,
@@ -79,6 +80,84 @@ def test_invalid_message_raises(path: Path) -> None:
         parse_message(path.read_bytes())
     assert info.value.status == expected
     assert info.value.reason
+
+
+def _error_reply(data: bytes) -> SipResponse | None:
+    with pytest.raises(SipParseError) as info:
+        parse_message(data)
+    reply = error_response(data, info.value, "t0")
+    if reply is None:
+        return None
+    parsed = parse_message(reply.to_bytes())  # the reply itself parses, with xlat's parser
+    assert isinstance(parsed, SipResponse) and parsed.status == info.value.status
+    assert parsed.to.tag is not None
+    return parsed
+
+
+@pytest.mark.parametrize("path", INVALID, ids=lambda p: p.stem)
+def test_the_reply_to_an_invalid_request_parses(path: Path) -> None:
+    data = path.read_bytes()
+    reply = _error_reply(data)
+    assert (reply is None) == (path.stem in NOT_ANSWERED)
+    if reply is not None:  # what it copied is what the request said
+        assert str(reply.vias[0]).encode() in data
+        cseq = reply.get("CSeq") or ""
+        assert cseq.encode() in data or cseq == "0 " + data.split(b" ", 1)[0].decode()
+
+
+# Not answered: responses, and requests with no valid top Via to send a reply to.
+NOT_ANSWERED = {
+    "bad_status_code", "status_code_out_of_range", "empty_message", "garbage_bytes",
+    "missing_via", "received_not_an_address",
+    "unbracketed_ipv6_via", "via_bad_protocol", "via_no_sent_by",
+}
+
+
+@pytest.mark.parametrize(
+    ("spoil", "header", "copied"),
+    [
+        ("From: <sip:al ice@a.example>;tag=1", "From", "<sip:anonymous@anonymous.invalid>"),
+        ("To: <sip:bob@2001:db8::1>", "To", "<sip:anonymous@anonymous.invalid>;tag=t0"),
+        ("Call-ID: a b c", "Call-ID", "invalid"),
+        ("Call-ID: ok\x01", "Call-ID", "invalid"),
+        ("Call-ID: \udcff\udcfe@x", "Call-ID", "invalid"),  # bytes ff fe: not UTF-8
+        ("From: \"\udcff\" <sip:a@a.example>;tag=1", "From", "<sip:anonymous@anonymous.invalid>"),
+        ("To: <sip:bob@b.example>", "To", "<sip:bob@b.example>;tag=t0"),
+        ("Max-Forwards: many", "From", "<sip:alice@a.example>;tag=1"),
+        ("CSeq: x OPTIONS", "CSeq", "0 OPTIONS"),
+        ("CSeq: 99999999999 OPTIONS", "CSeq", "0 OPTIONS"),
+    ],
+)
+def test_the_reply_copies_only_valid_fields(spoil: str, header: str, copied: str) -> None:
+    lines = {
+        "Via": "Via: SIP/2.0/UDP [2001:db8::5]:5062;branch=z9hG4bK1, SIP/2.0/UDP 192.0.2.9:70000",
+        "From": "From: <sip:alice@a.example>;tag=1",
+        "To": "To: <sip:bob@b.example>;tag=2",
+        "Call-ID": "Call-ID: c1@a.example",
+        "CSeq": "CSeq: 4 OPTIONS",
+        "Max-Forwards": "Max-Forwards: 70",
+    }
+    lines[spoil.split(":")[0]] = spoil
+    data = ("OPTIONS sip:bob@b.example SIP/2.0\r\n" + "\r\n".join(lines.values())
+            + "\r\nContent-Length: 0\r\n\r\n").encode("utf-8", "surrogateescape")
+    reply = _error_reply(data)
+    assert reply is not None and reply.get(header) == copied
+    # the Via list is cut at the first value that does not parse (port 70000)
+    assert [str(v) for v in reply.vias] == ["SIP/2.0/UDP [2001:db8::5]:5062;branch=z9hG4bK1"]
+    assert reply.cseq[1] == "OPTIONS"
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"SIP/2.0 200 OK\r\nVia: x\r\n\r\n",  # a response: never answered
+        b"ACK sip:b@b SIP/2.0\r\nVia: SIP/2.0/UDP h;branch=z9hG4bK1\r\nCSeq: 1 ACK\r\n\r\n",
+        b"OPTIONS sip:b@b SIP/2.0\r\nVia: SIP/2.0/UDP h:99999\r\nCSeq: 1 OPTIONS\r\n\r\n",
+        b"\x00\x01 sip:b@b SIP/2.0\r\nVia: SIP/2.0/UDP h\r\nCSeq: 1 OPTIONS\r\n\r\n",
+    ],
+)
+def test_no_reply_without_a_valid_top_via(data: bytes) -> None:
+    assert _error_reply(data) is None
 
 
 # -- reading ------------------------------------------------------------------------------

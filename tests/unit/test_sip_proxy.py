@@ -21,6 +21,7 @@ from xlat.addr import Endpoint
 from xlat.media.datapath import FakeDatapath
 from xlat.media.ports import RelayPortPool
 from xlat.media.session import SessionManager
+from xlat.sip.auth import ALGORITHMS, Credentials, digest_response, ha1
 from xlat.sip.message import SipRequest, SipResponse, make_response, parse_message
 from xlat.sip.proxy import ProxyConfig, Send, SipProxy, _Branch, _Context, _Server
 from xlat.sip.transaction import Timers
@@ -247,6 +248,61 @@ def uri_family(value: str) -> int:
 
 ALICE6 = Endpoint.parse("[2001:db8:6::2]:5060")
 BOB4 = Endpoint.parse("203.0.113.2:5060")
+
+# The registrar's users: a password each, stored as HA1 per algorithm (as a users file)
+REALM = "gw.example"
+PASSWORDS = {"alice": "alice-pw", "bob": "bob-pw", "carol": "carol-pw"}
+CREDENTIALS = Credentials(REALM, {
+    user: {a: ha1(a, user, REALM, pw) for a in ALGORITHMS} for user, pw in PASSWORDS.items()})
+
+
+def registrar(**config: object) -> Gateway:
+    """A gateway with its local registrar on (Digest against CREDENTIALS)."""
+    return Gateway(users=lambda: CREDENTIALS, auth_secret=b"k" * 32, **config)
+
+
+def credentials(challenge: str, user: str, password: str, method: str, uri: str,
+                nc: int = 1) -> str:
+    """The Authorization value a phone computes for ``challenge`` (RFC 7616 §3.4)."""
+    params = dict(re.findall(r'(\w+)="?([^",]*)"?', challenge))
+    algorithm = params["algorithm"]
+    cnonce, count = "c0ffee", f"{nc:08x}"
+    digest = digest_response(algorithm, ha1(algorithm, user, params["realm"], password),
+                             nonce=params["nonce"], nc=count, cnonce=cnonce, qop="auth",
+                             method=method, uri=uri)
+    return (f'Digest username="{user}", realm="{params["realm"]}", nonce="{params["nonce"]}", '
+            f'uri="{uri}", response="{digest}", algorithm={algorithm}, cnonce="{cnonce}", '
+            f"qop=auth, nc={count}")
+
+
+def authorized(gw: Gateway, phone: Phone, req: SipRequest, *, user: str | None = None,
+               password: str | None = None, dialog: Dialog | None = None,
+               algorithm: str = "SHA-256") -> list[Send]:
+    """Send ``req``, answer its 401/407 challenge the way a phone does (ACK for an
+    INVITE's, then the request again with CSeq + 1 and credentials) and return what
+    the retry made the gateway send."""
+    user = user or phone.name
+    password = password or PASSWORDS.get(user, "wrong")
+    challenge = next(m for m in to(gw.send(phone, req), phone.addr)
+                     if isinstance(m, SipResponse) and m.status in (401, 407))
+    assert isinstance(challenge, SipResponse)
+    name = "WWW-Authenticate" if challenge.status == 401 else "Proxy-Authenticate"
+    offered = challenge.get_all(name)
+    if req.method == "INVITE":
+        gw.send(phone, SipRequest("ACK", req.uri, [
+            ("Via", req.get("Via") or ""), ("Max-Forwards", "70"),
+            ("From", req.get("From") or ""), ("To", challenge.get("To") or ""),
+            ("Call-ID", req.call_id), ("CSeq", f"{req.cseq[0]} ACK")]))
+    value = credentials(next(c for c in offered if f"algorithm={algorithm}" in c), user,
+                        password, req.method, str(req.uri))
+    retry = req.copy()
+    retry.set("CSeq", f"{req.cseq[0] + 1} {req.method}")
+    retry.replace_values("Via", [str(req.vias[0]).replace("branch=", "branch=z9hG4bKa-")])
+    retry.insert(len(retry.headers), "Authorization" if name == "WWW-Authenticate"
+                 else "Proxy-Authorization", value)
+    if dialog is not None:
+        dialog.cseq += 1
+    return gw.send(phone, retry)
 
 
 def gw_family_of(phone: Phone) -> Endpoint:
@@ -502,7 +558,7 @@ def test_late_offer_in_200_answer_in_ack() -> None:
 
 
 def test_register_then_call_by_aor_forks_to_every_contact() -> None:
-    gw = Gateway()
+    gw = registrar()
     alice = Phone("alice", ALICE6)
     desk, soft = Phone("bob", BOB4), Phone("bob", Endpoint.parse("203.0.113.3:5070"))
     for phone, q in ((desk, "1.0"), (soft, "0.5")):
@@ -510,11 +566,11 @@ def test_register_then_call_by_aor_forks_to_every_contact() -> None:
             phone._next("reg-"), "r", None, "sip:bob@203.0.113.1", "sip:bob@203.0.113.1",
             "sip:203.0.113.1", []), extra=(("Expires", "600"),))
         reg.replace_values("Contact", [f"{phone.contact};q={q}"])
-        ok = response(gw.send(phone, reg), phone.addr, 200)
+        ok = response(authorized(gw, phone, reg), phone.addr, 200)
         assert phone.contact in " ".join(ok.get_all("Contact"))
     # calling the AOR on the gateway's *IPv6* address reaches the IPv4 registrations
     invite, dialog = alice.invite("sip:bob@[2001:db8:6::1]", sdp(ALICE6.host, 40000))
-    sends = gw.send(alice, invite)
+    sends = authorized(gw, alice, invite, dialog=dialog)
     branches = [request(sends, phone.addr, "INVITE") for phone in (desk, soft)]
     assert [str(b.uri) for b in branches] == [desk.contact.strip("<>"), soft.contact.strip("<>")]
     assert branches[0].body == branches[1].body  # one offer, one answerer-side relay
@@ -536,18 +592,18 @@ def test_register_then_call_by_aor_forks_to_every_contact() -> None:
 
 
 def test_unknown_user_in_our_domain_is_404_and_unregister_works() -> None:
-    gw = Gateway(domains=("gw.example",))
+    gw = registrar(domains=("gw.example",))
     bob = Phone("bob", BOB4)
     dialog = Dialog("reg-1", "r", None, "sip:bob@gw.example", "sip:bob@gw.example",
                     "sip:gw.example", [])
     reg = bob.request("REGISTER", "sip:gw.example", dialog=dialog)
-    assert response(gw.send(bob, reg), BOB4, 200)
+    assert response(authorized(gw, bob, reg, dialog=dialog), BOB4, 200)
     dialog.cseq += 1
     unreg = bob.request("REGISTER", "sip:gw.example", dialog=dialog, extra=(("Expires", "0"),))
-    assert response(gw.send(bob, unreg), BOB4, 200).get_all("Contact") == []
+    assert response(authorized(gw, bob, unreg), BOB4, 200).get_all("Contact") == []
     alice = Phone("alice", ALICE6)
     invite, _ = alice.invite("sip:bob@gw.example", sdp(ALICE6.host, 40000))
-    assert response(gw.send(alice, invite), ALICE6, 404)
+    assert response(authorized(gw, alice, invite), ALICE6, 404)  # authenticated: told
     assert gw.media.sessions() == []
 
 
@@ -722,8 +778,11 @@ def test_malformed_requests_get_400_and_the_next_call_completes() -> None:
             if not s.data.startswith(b"SIP/2.0 "):
                 assert s.dest == BOB4  # still valid enough to forward
                 continue
-            # the 400 echoes the request's Via/From/To/Call-ID/CSeq lines, broken or not
-            status = int(s.data.split(b" ", 2)[1])
+            # the 400 carries the request's Via/From/To/Call-ID/CSeq where they were
+            # valid, and parses itself
+            reply = parse_message(s.data)
+            assert isinstance(reply, SipResponse)
+            status = reply.status
             assert s.dest == ALICE6
             if status >= 400:
                 answered += 1
@@ -913,16 +972,16 @@ def test_strict_router_request_uri_naming_us_is_replaced_by_the_last_route() -> 
 
 
 def test_two_forks_answer_both_2xx_reach_the_caller_with_their_own_relays() -> None:
-    gw = Gateway()
+    gw = registrar()
     alice = Phone("alice", ALICE6)
     desk, soft = Phone("bob", BOB4), Phone("bob", Endpoint.parse("203.0.113.3:5060"))
     for i, phone in enumerate((desk, soft)):
         reg = phone.request("REGISTER", "sip:203.0.113.1", dialog=Dialog(
             f"r{i}", "r", None, "sip:bob@203.0.113.1", "sip:bob@203.0.113.1",
             "sip:203.0.113.1", []))
-        gw.send(phone, reg)
+        authorized(gw, phone, reg)
     invite, _ = alice.invite("sip:bob@203.0.113.1", sdp(ALICE6.host, 40000))
-    sends = gw.send(alice, invite)
+    sends = authorized(gw, alice, invite)
     oks = []
     for i, phone in enumerate((desk, soft)):
         got = request(sends, phone.addr, "INVITE")
@@ -934,16 +993,16 @@ def test_two_forks_answer_both_2xx_reach_the_caller_with_their_own_relays() -> N
 
 
 def test_phone_registered_through_nat64_is_called_through_its_flow() -> None:
-    gw = Gateway()
+    gw = registrar()
     flow = Endpoint.parse("198.51.100.7:41000")
     carol = Phone("carol", flow, via_host="[2001:db8:77::5]")
     reg = carol.request("REGISTER", "sip:203.0.113.1", dialog=Dialog(
         "r-carol", "r", None, "sip:carol@203.0.113.1", "sip:carol@203.0.113.1",
         "sip:203.0.113.1", []))
-    assert response(gw.send(carol, reg), flow, 200)
+    assert response(authorized(gw, carol, reg), flow, 200)
     bob = Phone("bob", BOB4)
     invite, dialog = bob.invite("sip:carol@203.0.113.1", sdp(BOB4.host, 50000))
-    got = request(gw.send(bob, invite), flow, "INVITE")
+    got = request(authorized(gw, bob, invite, dialog=dialog), flow, "INVITE")
     assert str(got.uri) == carol.contact.strip("<>")  # its own IPv6 address
     assert got.get_all("Record-Route")[0] == "<sip:[64:ff9b::cb00:7101]:5060;lr;r2=on>"
     assert got.contacts[0].uri.host == "[64:ff9b::cb00:7101]"  # type: ignore[union-attr]
@@ -960,15 +1019,15 @@ def test_phone_registered_through_nat64_is_called_through_its_flow() -> None:
 
 
 def test_decline_from_one_fork_cancels_the_others_and_503_becomes_500() -> None:
-    gw = Gateway()
+    gw = registrar()
     alice = Phone("alice", ALICE6)
     phones = [Phone("bob", BOB4), Phone("bob", Endpoint.parse("203.0.113.3:5060"))]
     for i, phone in enumerate(phones):
-        gw.send(phone, phone.request("REGISTER", "sip:203.0.113.1", dialog=Dialog(
+        authorized(gw, phone, phone.request("REGISTER", "sip:203.0.113.1", dialog=Dialog(
             f"r{i}", "r", None, "sip:bob@203.0.113.1", "sip:bob@203.0.113.1",
             "sip:203.0.113.1", [])))
     invite, _ = alice.invite("sip:bob@203.0.113.1", sdp(ALICE6.host, 40000))
-    sends = gw.send(alice, invite)
+    sends = authorized(gw, alice, invite)
     got = [request(sends, p.addr, "INVITE") for p in phones]
     gw.send(phones[0], phones[0].reply(got[0], 180))
     sends = gw.send(phones[1], phones[1].reply(got[1], 603))
@@ -978,7 +1037,7 @@ def test_decline_from_one_fork_cancels_the_others_and_503_becomes_500() -> None:
     assert gw.media.sessions() == []
     # every branch failing with 503 gives the caller a 500 (§16.7 step 6)
     invite, _ = alice.invite("sip:bob@203.0.113.1", sdp(ALICE6.host, 40002))
-    sends = gw.send(alice, invite)
+    sends = authorized(gw, alice, invite)
     for phone in phones:
         out = gw.send(phone, phone.reply(request(sends, phone.addr, "INVITE"), 503))
     assert response(out, ALICE6, 500)
@@ -1056,3 +1115,169 @@ def test_asyncio_edge_keeps_its_timer_when_the_next_deadline_moves_later() -> No
             server.close()
 
     asyncio.run(scenario())
+
+
+# ---- the registrar cannot be hijacked ---------------------------------------------------
+
+
+def _register(phone: Phone, user: str | None = None, contact: str | None = None,
+              uri: str = "sip:203.0.113.1") -> SipRequest:
+    user = user or phone.name
+    aor = f"sip:{user}@203.0.113.1"
+    reg = phone.request("REGISTER", uri, dialog=Dialog(
+        phone._next("reg-"), "r", None, aor, aor, uri, []), extra=(("Expires", "600"),))
+    if contact is not None:
+        reg.replace_values("Contact", [contact])
+    return reg
+
+
+def _shape(sends: list[Send], dest: Endpoint) -> list[tuple[int, list[str]]]:
+    """What a scanner learns from the answers: status and header names and values
+    but for the tags, branches and nonces that differ on every request (and the
+    fields that echo its own request)."""
+    out = []
+    for m in to(sends, dest):
+        assert isinstance(m, SipResponse)
+        values = [re.sub(r'(tag|nonce|branch)=("[^"]*"|[^;,>]+)', r"\1=X", f"{h.name}: {h.value}")
+                  for h in m.headers if h.key not in ("call-id", "from", "to", "via", "cseq")]
+        out.append((m.status, values))
+    return out
+
+
+def test_the_registrar_is_off_unless_configured() -> None:
+    gw = Gateway()
+    bob = Phone("bob", BOB4)
+    ok = response(gw.send(bob, _register(bob)), BOB4, 403)
+    assert ok.reason == "Registrar disabled"
+    alice = Phone("alice", ALICE6)
+    invite, _ = alice.invite("sip:bob@203.0.113.1", sdp(ALICE6.host, 40000))
+    assert response(gw.send(alice, invite), ALICE6, 404)
+    with pytest.raises(ValueError, match="not both"):
+        ProxyConfig(sip={4: GW4}, users=lambda: CREDENTIALS,
+                    registrar_upstream=SipUri.parse("sip:203.0.113.9"))
+
+
+def test_register_needs_the_users_own_credentials() -> None:
+    gw = registrar()
+    bob = Phone("bob", BOB4)
+    challenge = response(gw.send(bob, _register(bob)), BOB4, 401)
+    offered = challenge.get_all("WWW-Authenticate")
+    # RFC 8760 §2.4: one challenge per algorithm, SHA-256 first; qop=auth
+    assert [re.search(r"algorithm=([\w-]+)", c).group(1) for c in offered] == [  # type: ignore[union-attr]
+        "SHA-256", "MD5"]
+    assert all('realm="gw.example"' in c and 'qop="auth"' in c for c in offered)
+    assert gw.proxy.registrar.lookup("bob", now=gw.now) == []  # nothing bound yet
+    for algorithm in ("MD5", "SHA-256"):
+        response(authorized(gw, bob, _register(bob), algorithm=algorithm), BOB4, 200)
+    assert len(gw.proxy.registrar.lookup("bob", now=gw.now)) == 1
+    # a wrong password, someone else's credentials: nothing bound
+    carol = Phone("carol", Endpoint.parse("203.0.113.7:5060"))
+    response(authorized(gw, carol, _register(carol, "carol"), password="guess"), carol.addr, 401)
+    refused = response(authorized(gw, carol, _register(carol, "bob"), user="carol"),
+                       carol.addr, 403)
+    assert refused.reason == "Credentials are for another user"
+    assert [b.source for b in gw.proxy.registrar.lookup("bob", now=gw.now)] == [BOB4]
+    assert gw.proxy.registrar.lookup("carol", now=gw.now) == []
+
+
+def test_a_captured_authorization_cannot_be_replayed_and_nonces_expire() -> None:
+    gw = registrar()
+    bob = Phone("bob", BOB4)
+    challenge = response(gw.send(bob, _register(bob)), BOB4, 401)
+    reg = _register(bob)
+    value = credentials(challenge.get_all("WWW-Authenticate")[0], "bob", "bob-pw", "REGISTER",
+                        str(reg.uri))
+    reg.insert(len(reg.headers), "Authorization", value)
+    response(gw.send(bob, reg), BOB4, 200)
+    replay = _register(Phone("bob", Endpoint.parse("198.51.100.66:5060")))
+    replay.insert(len(replay.headers), "Authorization", value)  # same nonce, same nc
+    attacker = Endpoint.parse("198.51.100.66:5060")
+    assert response(gw.proxy.receive(replay.to_bytes(), attacker, GW4, "udp", gw.now),
+                    attacker, 401)
+    # the nonce, with a higher nonce-count, after its lifetime: stale, challenged again
+    gw.advance(301)
+    late = _register(bob)
+    late.insert(len(late.headers), "Authorization", credentials(
+        challenge.get_all("WWW-Authenticate")[0], "bob", "bob-pw", "REGISTER", str(late.uri),
+        nc=2))
+    stale = response(gw.send(bob, late), BOB4, 401)
+    assert all("stale=true" in c for c in stale.get_all("WWW-Authenticate"))
+    assert [b.source for b in gw.proxy.registrar.lookup("bob", now=gw.now)] == [BOB4]
+
+
+def test_a_contact_naming_the_gateway_is_refused() -> None:
+    """svwar's takeover: REGISTER extension N with a Contact at the gateway itself."""
+    gw = registrar(domains=("gw.example",))
+    bob = Phone("bob", BOB4)
+    for contact in ("<sip:bob@203.0.113.1:5060>", "<sip:bob@[2001:db8:6::1]>",
+                    "<sip:bob@gw.example>", "<sip:bob@[64:ff9b::cb00:7101]:5060>"):
+        refused = response(gw.send(bob, _register(bob, contact=contact)), BOB4, 403)
+        assert refused.reason == "Contact names this gateway"
+    assert gw.proxy.registrar.lookup("bob", now=gw.now) == []
+
+
+def test_unknown_and_registered_users_get_the_same_answer_until_authenticated() -> None:
+    gw = registrar(domains=("gw.example",))
+    bob = Phone("bob", BOB4)
+    response(authorized(gw, bob, _register(bob)), BOB4, 200)
+    scanner = Phone("scan", Endpoint.parse("[2001:db8:6::66]:5060"))
+    answers = {}
+    for user in ("bob", "nobody", "alice"):  # registered, unknown, known but not registered
+        for method in ("INVITE", "OPTIONS"):
+            uri = f"sip:{user}@gw.example"
+            req, _ = scanner.invite(uri, sdp(scanner.addr.host, 40000) if method == "INVITE"
+                                    else b"")
+            if method == "OPTIONS":
+                req = scanner.request("OPTIONS", uri, dialog=Dialog(
+                    scanner._next("o-"), "t", None, "sip:scan@x", uri, uri, []))
+            answers[user, method] = _shape(gw.send(scanner, req), scanner.addr)
+        # and a REGISTER for the user: the same 401 whether it exists or not
+        answers[user, "REGISTER"] = _shape(gw.send(scanner, _register(scanner, user)),
+                                           scanner.addr)
+    for method in ("INVITE", "OPTIONS", "REGISTER"):
+        assert answers["bob", method] == answers["nobody", method] == answers["alice", method]
+    assert [s for s, _ in answers["bob", "INVITE"]] == [100, 407]
+    assert [s for s, _ in answers["bob", "OPTIONS"]] == [407]
+    assert [s for s, _ in answers["bob", "REGISTER"]] == [401]
+    assert bob.addr not in {s.dest for s in gw.advance(1.0)}  # nothing reached bob
+    assert gw.media.sessions() == []
+
+
+def test_a_route_next_hop_is_trusted_and_our_credentials_are_not_forwarded() -> None:
+    pbx = Endpoint.parse("203.0.113.9:5060")
+    gw = registrar(routes=(("*", SipUri.parse("sip:203.0.113.9")),))
+    bob = Phone("bob", BOB4)
+    response(authorized(gw, bob, _register(bob)), BOB4, 200)
+    trunk = Phone("pstn", pbx)
+    invite, _ = trunk.invite("sip:bob@203.0.113.1", sdp(pbx.host, 41000))
+    assert request(gw.send(trunk, invite), BOB4, "INVITE")  # no challenge for the PBX
+    alice = Phone("alice", ALICE6)
+    invite, _ = alice.invite("sip:bob@203.0.113.1", sdp(ALICE6.host, 40000))
+    invite.insert(len(invite.headers), "Proxy-Authorization",
+                  'Digest username="x", realm="other.example", nonce="n", uri="u", response="r"')
+    got = request(authorized(gw, alice, invite), BOB4, "INVITE")
+    assert got.get_all("Proxy-Authorization") == [  # §22.3: another realm's stays
+        'Digest username="x", realm="other.example", nonce="n", uri="u", response="r"']
+
+
+def test_register_goes_upstream_with_a_path_and_calls_come_back_through_us() -> None:
+    """RFC 3327: a PBX behind the gateway is the registrar; xlat binds nothing."""
+    pbx = Endpoint.parse("203.0.113.9:5060")
+    gw = Gateway(registrar_upstream=SipUri.parse("sip:203.0.113.9"))
+    alice = Phone("alice", ALICE6)  # an IPv6 phone registering with an IPv4 PBX
+    reg = alice.request("REGISTER", "sip:[2001:db8:6::1]", dialog=Dialog(
+        "r-up", "r", None, "sip:alice@[2001:db8:6::1]", "sip:alice@[2001:db8:6::1]",
+        "sip:[2001:db8:6::1]", []))
+    up = request(gw.send(alice, reg), pbx, "REGISTER")
+    assert up.get_all("Path") == ["<sip:203.0.113.1:5060;lr>"]  # us, in the PBX's family
+    mapped = up.contacts[0].uri
+    assert isinstance(mapped, SipUri) and mapped.host == "203.0.113.1"  # reachable by the PBX
+    pbx_phone = Phone("pbx", pbx)
+    ok = response(gw.send(pbx_phone, pbx_phone.reply(up, 200)), ALICE6, 200)
+    assert ok.status == 200 and gw.proxy.registrar.lookup("alice", now=gw.now) == []
+    # the PBX calls the registered contact with the Path as its Route
+    invite = pbx_phone.request("INVITE", str(mapped), dialog=Dialog(
+        "c-up", "p", None, "sip:pbx@203.0.113.9", str(mapped), str(mapped),
+        ["<sip:203.0.113.1:5060;lr>"]), body=sdp(pbx.host, 42000))
+    got = request(gw.send(pbx_phone, invite), ALICE6, "INVITE")
+    assert str(got.uri) == alice.contact.strip("<>")

@@ -18,10 +18,14 @@ from test_sip_proxy import (
     ALICE6,
     BOB4,
     GW6,
+    PASSWORDS,
     Dialog,
     Gateway,
     Phone,
     assert_request_for,
+    authorized,
+    credentials,
+    registrar,
     relay_of,
     request,
     response,
@@ -73,19 +77,21 @@ def answer(gw: Gateway, zone: Zone = ZONE) -> list[Send]:
 _ALICE = Phone("alice", ALICE6)  # one phone: each of its calls has its own Call-ID, branch
 
 
-def invite(gw: Gateway, uri: str, caller: Phone | None = None) -> tuple[list[Send], SipRequest]:
+def invite(gw: Gateway, uri: str, caller: Phone | None = None, *,
+           auth: bool = False) -> tuple[list[Send], SipRequest]:
+    """An INVITE for ``uri``; ``auth``: answer the registrar's 407 (a user of ours)."""
     phone = caller or _ALICE
     msg, _ = phone.invite("sip:placeholder@example.invalid", sdp(phone.addr.host, 40000))
     msg.uri = SipUri.parse(uri) if uri.startswith("sip") else uri
     msg.set("To", f"<{uri}>")
-    return gw.send(phone, msg), msg
+    return (authorized(gw, phone, msg) if auth else gw.send(phone, msg)), msg
 
 
 def register(gw: Gateway, phone: Phone, aor: str, expires: int = 600) -> None:
     dialog = Dialog(phone._next("reg-"), "r", None, aor, aor, "sip:gw.example", [])
     reg = phone.request("REGISTER", "sip:gw.example", dialog=dialog,
                         extra=(("Expires", str(expires)),))
-    assert response(gw.send(phone, reg), phone.addr, 200)
+    assert response(authorized(gw, phone, reg), phone.addr, 200)
 
 
 # ---- (1)-(4): who claims a request ---------------------------------------------------------
@@ -103,10 +109,10 @@ def test_a_route_naming_someone_else_wins_over_every_route() -> None:
 
 
 def test_own_domain_registrar_before_the_default_route() -> None:
-    gw = Gateway(routes=(STAR,), domains=("gw.example",))
+    gw = registrar(routes=(STAR,), domains=("gw.example",))
     bob = Phone("bob", BOB4)
     register(gw, bob, "sip:bob@gw.example")  # REGISTER for our domain: ours, not "*"
-    sends, _ = invite(gw, "sip:bob@gw.example")
+    sends, _ = invite(gw, "sip:bob@gw.example", auth=True)
     got = request(sends, BOB4, "INVITE")
     assert str(got.uri) == bob.contact.strip("<>")
     assert_request_for(bob, got)
@@ -123,13 +129,13 @@ def test_own_domain_without_binding_goes_to_the_default_route() -> None:
 
 
 def test_without_default_route_own_domain_is_404_and_a_lapsed_user_480() -> None:
-    gw = Gateway(domains=("gw.example",))
+    gw = registrar(domains=("gw.example",))
     bob = Phone("bob", BOB4)
     register(gw, bob, "sip:bob@gw.example", expires=60)
     gw.advance(61.0)
-    sends, _ = invite(gw, "sip:bob@gw.example")
-    assert response(sends, ALICE6, 480)  # known, its binding expired
-    sends, _ = invite(gw, "sip:nobody@gw.example")
+    sends, _ = invite(gw, "sip:bob@gw.example", auth=True)
+    assert response(sends, ALICE6, 480)  # known, its binding expired (told once authenticated)
+    sends, _ = invite(gw, "sip:nobody@gw.example", auth=True)
     assert response(sends, ALICE6, 404)
     assert gw.media.sessions() == []
 
@@ -399,15 +405,22 @@ TLS6 = Endpoint.parse("[2001:db8:6::1]:5061")
 
 
 def test_phone_registered_over_tls_is_called_over_its_connection() -> None:
-    gw = Gateway(domains=("gw.example",), tls={6: TLS6})
+    gw = registrar(domains=("gw.example",), tls={6: TLS6})
     alice = Phone("alice", Endpoint.parse("[2001:db8:6::2]:40123"), transport="tls")
     dialog = Dialog("reg-tls", "r", None, "sip:alice@gw.example", "sip:alice@gw.example",
                     "sip:gw.example", [])
     reg = alice.request("REGISTER", "sip:gw.example", dialog=dialog)
     sends = gw.proxy.receive(reg.to_bytes(), alice.addr, TLS6, "tls", gw.now)
-    assert [(s.dest, s.transport) for s in sends] == [(alice.addr, "tls")]
+    assert [(s.dest, s.transport) for s in sends] == [(alice.addr, "tls")]  # the 401
+    challenge = parse_message(sends[0].data)
+    reg = alice.request("REGISTER", "sip:gw.example", dialog=dialog, extra=(
+        ("Authorization", credentials(challenge.get_all("WWW-Authenticate")[0], "alice",
+                                      PASSWORDS["alice"], "REGISTER", "sip:gw.example")),))
+    sends = gw.proxy.receive(reg.to_bytes(), alice.addr, TLS6, "tls", gw.now)
+    assert [(s.dest, s.transport, s.data[:12]) for s in sends] == [
+        (alice.addr, "tls", b"SIP/2.0 200 ")]
     bob = Phone("bob", BOB4)
-    sends, _ = invite(gw, "sip:alice@gw.example", bob)
+    sends, _ = invite(gw, "sip:alice@gw.example", bob, auth=True)
     got = request(sends, alice.addr, "INVITE")
     assert [s.transport for s in sends if s.dest == alice.addr] == ["tls"]
     assert got.get_all("Via")[0].startswith("SIP/2.0/TLS [2001:db8:6::1]:5061;")

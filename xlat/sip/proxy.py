@@ -35,6 +35,7 @@ import heapq
 import ipaddress
 import itertools
 import logging
+import os
 import random
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ from xlat.addr import Endpoint, IPAddress
 from xlat.media.session import PortsExhausted, SessionManager, SessionNotFound
 from xlat.sdp import SdpError, is_sdp_type, parse_sdp, rewrite_sdp, stream_specs
 from xlat.sip import dns
+from xlat.sip.auth import Credentials, DigestAuth, Verdict
 from xlat.sip.errors import SipParseError
 from xlat.sip.message import (
     REASONS,
@@ -52,7 +54,7 @@ from xlat.sip.message import (
     SipRequest,
     SipResponse,
     Via,
-    canonical_name,
+    error_response,
     make_response,
     parse_message,
 )
@@ -159,7 +161,13 @@ class ProxyConfig:
     ``prefer_family``: of a name with both AAAA and A records, the family tried
     first. ``delete_delay``: passed to the media layer when a BYE ends a call (None:
     its default). ``register_expires``: the registrar's default, minimum and maximum
-    binding lifetimes (seconds)."""
+    binding lifetimes (seconds). The registrar is off unless one of two is given:
+    ``users`` (the current `Credentials`, e.g. a `UsersFile`): REGISTER is
+    authenticated with Digest and bound here, and requests for a user of our domains
+    from a source that is not a route's next hop are challenged (407) before anything
+    tells whether that user exists; ``registrar_upstream``: REGISTER is forwarded
+    there with a Path header (RFC 3327) and nothing is bound here. ``auth_secret``
+    keys the Digest nonces."""
 
     sip: Mapping[int, Endpoint]
     transports: tuple[str, ...] = TRANSPORTS
@@ -176,6 +184,9 @@ class ProxyConfig:
     timer_c: float = 180.0  # §16.8: proxy INVITE timer, > 3 minutes
     retry_after: int = 5  # seconds, in 503 when no relay ports are free
     register_expires: tuple[int, int, int] = (3600, 60, 86400)  # default, minimum, maximum
+    users: Callable[[], Credentials] | None = None
+    registrar_upstream: SipUri | None = None
+    auth_secret: bytes = field(default_factory=lambda: os.urandom(32), repr=False)
 
     def __post_init__(self) -> None:
         for family, ep in self.sip.items():
@@ -189,6 +200,8 @@ class ProxyConfig:
                 raise ValueError(f"unsupported SIP transport {transport!r}")
         if self.prefer_family not in (4, 6):
             raise ValueError(f"prefer_family must be 4 or 6, not {self.prefer_family!r}")
+        if self.users is not None and self.registrar_upstream is not None:
+            raise ValueError("a local registrar (users) or an upstream one, not both")
 
     @property
     def usable_transports(self) -> tuple[str, ...]:
@@ -349,6 +362,8 @@ class SipProxy:
         self.config = config
         self.media = media
         self.registrar = Registrar(*config.register_expires)
+        self.auth = None if config.users is None else DigestAuth(
+            config.users, config.auth_secret, rng)
         self._rng = rng
         self._servers: dict[tuple[str, ...], _Server] = {}
         self._clients: dict[tuple[str, str], _Branch] = {}
@@ -565,6 +580,7 @@ class SipProxy:
         """A request addressed to the gateway itself: REGISTER, or OPTIONS (keepalive)."""
         request = server.request
         if request.method == "REGISTER":
+            self._authorize_register(request, now)
             response = self.registrar.register(
                 request,
                 source=server.hop.dest,
@@ -986,36 +1002,17 @@ class SipProxy:
     def _malformed(
         self, data: bytes, error: SipParseError, source: Endpoint, local: Endpoint, transport: str
     ) -> list[Send]:
-        """Answer an unparseable request from what can be salvaged of its Via, From,
-        To, Call-ID and CSeq lines; drop responses, ACKs and what has no usable Via."""
-        head = data.split(b"\n\n", 1)[0].split(b"\r\n\r\n", 1)[0]
-        lines = head.decode("utf-8", "surrogateescape").splitlines()
-        start = lines[0].split(" ", 1)[0] if lines else ""
-        if not start or start.upper().startswith("SIP/") or start == "ACK":
+        """Answer an unparseable request from the parts of it that parse (see
+        `error_response`); drop responses, ACKs and what has no usable Via or CSeq."""
+        response = error_response(data, error, self._token())
+        if response is None:
             log.info("malformed message from %s dropped: %s", source, error.reason)
             return []
-        kept: list[str] = []
-        via: Via | None = None
-        for line in lines[1:]:
-            name, colon, value = line.partition(":")
-            canon = canonical_name(name.strip())
-            if colon and canon in ("via", "from", "to", "call-id", "cseq"):
-                kept.append(line)
-                if canon == "via" and via is None:
-                    try:
-                        via = Via.parse(value.split(",")[0])
-                    except SipParseError:
-                        break
-        if via is None:
-            log.info("malformed request from %s dropped (no usable Via): %s", source, error.reason)
-            return []
         log.info("malformed request from %s: %d %s", source, error.status, error.reason)
-        phrase = "".join(c if c.isprintable() and c != '"' else "?" for c in error.reason)[:120]
-        response = f"SIP/2.0 {error.status} {phrase}\r\n" + "".join(f"{line}\r\n" for line in kept)
-        response += "Content-Length: 0\r\n\r\n"
+        via = response.vias[0]
         _stamp(via, source)
         hop = self._incoming_hop(via, source, local, transport)
-        return [self._send(response.encode("utf-8", "surrogateescape"), hop)]
+        return [self._send(response.to_bytes(), hop)]
 
     @staticmethod
     def _stamp_via(request: SipRequest, source: Endpoint) -> None:
@@ -1083,8 +1080,11 @@ class SipProxy:
         own = not mapped and self._is_ours(uri.host) and uri.port in (None, *self._our_ports)
         key = Registrar.key(uri) if own else None
         if own:  # (2)
-            if request.method == "REGISTER" or (request.method == "OPTIONS" and uri.user is None):
+            if request.method == "REGISTER":
+                return self._register_targets(request)
+            if request.method == "OPTIONS" and uri.user is None:
                 return None
+            self._authorize_call(request, now)
             bindings = self.registrar.lookup(key, now=now) if key else []
             if bindings:
                 return [_Dest(b.uri, hop=self._binding_hop(b, now)) for b in bindings]
@@ -1242,6 +1242,75 @@ class SipProxy:
         parts = [str(request.uri), request.from_.tag or "", request.to.tag or "",
                  request.call_id, str(request.cseq[0]), routes[0] if routes else ""]
         return hashlib.sha1("\x00".join(parts).encode("utf-8", "surrogateescape")).hexdigest()[:10]
+
+    # ---- registrar and authentication --------------------------------------------------
+
+    def _register_targets(self, request: SipRequest) -> list[_Dest] | None:
+        """Where a REGISTER for our domains goes: None to the local registrar; the
+        upstream registrar with our Path (RFC 3327 §5.1: so that requests for the
+        contact come back through us; it names us in the upstream's family). Raises
+        _Reject: 403 with no registrar, or a Contact that names the gateway itself
+        (it would make every call to that user loop back to us: a takeover)."""
+        upstream = self.config.registrar_upstream
+        if upstream is None and self.auth is None:
+            raise _Reject(403, "Registrar disabled")
+        if not request.wildcard_contact and request.get("Contact") is not None:
+            for contact in request.contacts:
+                if self._names_us(contact.uri) or (
+                        isinstance(contact.uri, SipUri) and self._is_ours(contact.uri.host)):
+                    raise _Reject(403, "Contact names this gateway")
+        if upstream is None:
+            return None
+        family = upstream.host_ip.version if upstream.host_ip is not None else 4
+        ours = self.config.sip.get(family)
+        if ours is None:
+            raise _Reject(503, f"No IPv{family} SIP address")
+        transport = ";transport=tcp" if upstream.transport == "tcp" else ""
+        request.insert("top", "Path", f"<sip:{format_host(ours.host)}:{ours.port}{transport};lr>")
+        return [_Dest(request.uri, next_hop=upstream)]
+
+    def _authorize_register(self, request: SipRequest, now: float) -> None:
+        """RFC 3261 §22.4 / §10.3 step 3: a REGISTER binds only with credentials of
+        the very user it registers. Unknown user, wrong password, no credentials:
+        the same fresh 401 (Asterisk's ``alwaysauthreject``), so a REGISTER scan
+        tells no user from another. Raises _Reject."""
+        assert self.auth is not None  # _register_targets sent it here
+        result = self.auth.check(request.get_all("Authorization"), "REGISTER", now)
+        if result.verdict is not Verdict.OK:
+            raise _Reject(401, None, [("WWW-Authenticate", c) for c in self.auth.challenge(
+                now, stale=result.verdict is Verdict.STALE)])
+        if result.user != Registrar.key(request.to.uri):
+            raise _Reject(403, "Credentials are for another user")
+
+    def _authorize_call(self, request: SipRequest, now: float) -> None:
+        """Before a request for a user of our domains learns anything (the registrar
+        is asked only after this), its sender must be a route's next hop or prove it
+        is one of our users (407, §22.3). Without this an INVITE or OPTIONS scan
+        tells a registered user (the phone answers) from an unknown one (404): what
+        Kamailio's ``auth_check`` before ``lookup`` and Asterisk's ``allowguest=no``
+        prevent. Only with a local registrar: an upstream one answers for itself.
+        Our own credentials are removed before forwarding (§22.3, Kamailio's
+        ``consume_credentials``). Raises _Reject."""
+        if self.auth is None or request.to.tag is not None:
+            return
+        via = request.vias[0]
+        source = host_ip(via.received) if via.received else via.host_ip
+        if source is not None and source in self._trusted:
+            return
+        values = request.get_all("Proxy-Authorization")
+        result = self.auth.check(values, request.method, now)
+        if result.verdict is not Verdict.OK:
+            raise _Reject(407, None, [("Proxy-Authenticate", c) for c in self.auth.challenge(
+                now, stale=result.verdict is Verdict.STALE)])
+        realm = f'realm="{self.auth.realm}"'
+        request.headers = [h for h in request.headers
+                           if h.key != "proxy-authorization" or realm not in h.value]
+
+    @functools.cached_property
+    def _trusted(self) -> frozenset[IPAddress]:
+        """The next hops of our routes: a PBX or trunk that sends us calls."""
+        uris = [uri for _, uri in self.config.routes]
+        return frozenset(ip for uri in uris if (ip := uri.host_ip) is not None)
 
     # ---- what is ours, address mapping ------------------------------------------------
 

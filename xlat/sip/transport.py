@@ -35,6 +35,7 @@ from xlat.addr import Endpoint
 from xlat.config import Config
 from xlat.media.session import SessionManager
 from xlat.sip import dns
+from xlat.sip.auth import UsersFile
 from xlat.sip.errors import SipParseError
 from xlat.sip.message import SipRequest, SipResponse, StreamFramer
 from xlat.sip.proxy import ProxyConfig, Send, SipProxy
@@ -439,6 +440,9 @@ def proxy_config(cfg: Config) -> ProxyConfig:
         routes=tuple((r.domain, SipUri.parse(r.target)) for r in cfg.routes),
         nat64_prefixes=tuple(IPNetwork(p) for p in cfg.nat64_prefixes),
         delete_delay=cfg.delete_delay,
+        users=None if cfg.users is None else UsersFile(cfg.users),
+        registrar_upstream=None if cfg.registrar_upstream is None
+        else SipUri.parse(cfg.registrar_upstream),
     )
 
 
