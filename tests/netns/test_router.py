@@ -180,7 +180,8 @@ def test_a_veth_deleted_and_recreated_mid_stream_forwards_again(
             resumed = {"v6->v4 (next hop re-looked up)": v6_to_v4.first_after(up),
                        "v4->v6 (program re-attached to gw4)": v4_to_v6.first_after(up)}
         print(f"\nforwarding again after re-creation, seconds: {resumed}")
-        assert all(s is not None and s < 1.0 for s in resumed.values()), resumed
+        links = [line for line in gw.log.read_text().splitlines() if "link" in line]
+        assert all(s is not None and s < 1.0 for s in resumed.values()), (resumed, links)
         new = lab.run(lab.gw, ["cat", f"/sys/class/net/{GW4_IF}/ifindex"]).strip()
         assert new != old and "direct-action" in our_filters(lab, GW4_IF)
         log = gw.log.read_text()

@@ -6,7 +6,8 @@ VLANs, a veth of a restarted container), and a tc filter dies with its device.
 program to a wanted interface that appeared, came up, or came back with a new ifindex;
 forget one that vanished. Wanted are the ``--interface`` names, or, with none given,
 every non-loopback interface that is up (as at start-up). ``LinkWatcher`` is the edge:
-a thread on a pyroute2 socket bound to RTMGRP_LINK that feeds the policy and carries
+a thread on a netlink socket bound to RTMGRP_LINK (messages parsed by pyroute2) that
+feeds the policy and carries
 out its actions on the ``EbpfDatapath`` (whose next-hop caches are invalidated on each
 change, so no flow keeps sending to a gone ifindex). Each event is logged.
 """
@@ -14,8 +15,9 @@ change, so no flow keeps sending to a gone ifindex). Each event is logged.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
-import select
+import socket
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -23,11 +25,13 @@ from typing import Any
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.rtnl import RTMGRP_LINK
+from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 
 log = logging.getLogger("xlat.netwatch")
 
 IFF_UP = 0x1
 POLL = 0.5  # seconds the watcher thread waits for events before checking for stop
+RCVBUF = 1 << 20  # bytes: a burst of link events (many VLANs at once) fits
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,7 +134,7 @@ class LinkWatcher:
     def start(self) -> None:
         """Start the thread. It binds to link events, then reconciles with a dump, so a
         change made before the bind is not missed either. pyroute2's synchronous API
-        runs its own event loop: all of that stays in the thread."""
+        (the dump) runs its own event loop: it stays in the thread."""
         self._thread.start()
 
     def close(self) -> None:
@@ -138,28 +142,38 @@ class LinkWatcher:
         self._thread.join()
 
     def _run(self) -> None:
-        with IPRoute() as events:
-            events.bind(groups=RTMGRP_LINK)  # before the dump: no event falls in between
-            with IPRoute() as ipr:
-                dump = [ev for ev in map(link_event, ipr.get_links()) if ev is not None]
-            for what, action in self.policy.reconcile(dump):
-                self._apply(what, action)
-            self._follow(events)
+        # A plain netlink socket, parsed datagram by datagram: pyroute2's IPRoute.get()
+        # behind select() kept messages it had read in its own queue until the next
+        # datagram arrived, which delayed or lost link events.
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
+            sock.bind((0, RTMGRP_LINK))  # before the dump: no event falls in between
+            sock.settimeout(POLL)
+            self._reconcile()
+            marshal = MarshalRtnl()
+            while not self._stop.is_set():
+                try:
+                    data = sock.recv(RCVBUF)
+                except TimeoutError:
+                    continue
+                except OSError as e:
+                    if e.errno == errno.ENOBUFS:
+                        log.warning("link events overflowed the socket: re-reading all links")
+                        self._reconcile()
+                    else:
+                        log.exception("reading link events failed")
+                        self._stop.wait(POLL)
+                    continue
+                for msg in marshal.parse(data):
+                    ev = link_event(msg)
+                    if ev is not None:
+                        self._apply(*self.policy.event(ev))
 
-    def _follow(self, events: Any) -> None:
-        while not self._stop.is_set():
-            try:
-                ready, _, _ = select.select([events.fileno()], [], [], POLL)
-                messages = events.get() if ready else []
-            except (OSError, ValueError):
-                if self._stop.is_set():
-                    return
-                log.exception("reading link events failed")
-                continue
-            for msg in messages:
-                ev = link_event(msg)
-                if ev is not None:
-                    self._apply(*self.policy.event(ev))
+    def _reconcile(self) -> None:
+        with IPRoute() as ipr:
+            dump = [ev for ev in map(link_event, ipr.get_links()) if ev is not None]
+        for what, action in self.policy.reconcile(dump):
+            self._apply(what, action)
 
     def _apply(self, what: str | None, action: Action | None) -> None:
         if action is None:
