@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import DELETE_DELAY, DOMAIN, NAT64_PREFIX, Nat64
+from conftest import AUTH, DELETE_DELAY, DOMAIN, NAT64_PREFIX, Nat64, write_users
 
 from xlat.addr import Endpoint, parse_ip
 from xlat.demo import (
@@ -50,9 +50,12 @@ def gateway(lab: Lab, tmp_path: Path) -> Iterator[Gateway]:
 
 def options(tmp_path: Path) -> list[str]:
     config = tmp_path / "xlat.toml"  # as conftest's gateway: told our NAT64's prefix
-    config.write_text(f'nat64_prefixes = ["{NAT64_PREFIX}"]\n')
-    return ["-c", str(config), "--domain", DOMAIN, "--delete-delay", f"{DELETE_DELAY:g}",
-            "--state-dir", str(tmp_path / "state"), "--log-level", "debug"]
+    config.write_text(f'nat64-prefix = ["{NAT64_PREFIX}"]\n')
+    users = tmp_path / "users.toml"  # as conftest's gateway: its registrar's users
+    write_users(users)
+    return ["-c", str(config), "--users", str(users), "--domain", DOMAIN,
+            "--delete-delay", f"{DELETE_DELAY:g}", "--state-dir", str(tmp_path / "state"),
+            "--log-level", "debug"]
 
 
 def crash_and_restart(gw: Gateway, tmp_path: Path) -> None:
@@ -136,14 +139,15 @@ def call_across_a_crash(gateway: Gateway, caller: Phone, callee: Phone, tmp_path
 
 def test_registration_survives_kill_9(gateway: Gateway, lab: Lab, alice6: Phone,
                                       bob4: Phone, tmp_path: Path) -> None:
-    registrant = replace(bob4, user="kept")
+    registrant = replace(bob4, user="reg4")
     register = Sipp(lab, registrant, "register.xml", tmp_path, "register",
-                    remote=GW_SIP[4], keys={"domain": DOMAIN}, timeout=10)
+                    remote=GW_SIP[4], keys={"domain": DOMAIN}, timeout=10, options=AUTH)
     assert register.wait() == 0, register.explain()
     crash_and_restart(gateway, tmp_path)
     assert "restored 1 registration(s)" in gateway.log.read_text()
 
-    record = place_call(gateway, alice6, registrant, f"sip:kept@{DOMAIN}", tmp_path / "call")
+    record = place_call(gateway, alice6, registrant, f"sip:reg4@{DOMAIN}", tmp_path / "call",
+                        uac="uac_auth.xml", uac_options=AUTH)
 
     assert record.ok, record.explain()
     invite = record.uas.received("INVITE")[0]
