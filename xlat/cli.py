@@ -19,6 +19,7 @@ from xlat.config import (
     DEFAULT_BPFFS,
     DEFAULT_CONTROL,
     DEFAULT_FILE,
+    DEFAULT_STATE_DIR,
     LOG_FORMATS,
     LOG_LEVELS,
     ConfigError,
@@ -107,6 +108,8 @@ config_file_option = click.option(
 @click.option("--keep-datapath", is_flag=True, default=None,
               help="On exit leave maps, filters and the nft table for the next daemon.")
 @click.option("--bpffs", help=f"Where maps are pinned. [default: {DEFAULT_BPFFS}]")
+@click.option("--state-dir", help="Where the crash journal lives: a daemon started after a "
+              f"crash adopts every call it holds. [default: {DEFAULT_STATE_DIR}]")
 @click.option("--log-level", type=click.Choice(list(LOG_LEVELS)), help="[default: info]")
 @click.option("--log-format", type=click.Choice(list(LOG_FORMATS)),
               help="text, or json: one object per line. [default: text]")
@@ -150,6 +153,20 @@ def config_check(config_file: Path | None, as_json: bool) -> None:
         click.echo(f"xlat: warning: {warning}", err=True)
     _emit(as_json, {"ok": True, "file": str(file), "warnings": list(cfg.warnings)},
           lambda _: "ok")
+
+
+@cli.command()
+@click.option("--keep-datapath/--no-keep-datapath", default=None,
+              help="Leave the kernel state and the journaled calls to the next daemon "
+                   "(media keeps flowing), or tear both down. [default: as the daemon "
+                   "was started]")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=30.0,
+              show_default=True, metavar="S", help="How long to wait for it to exit.")
+@click.pass_context
+def stop(ctx: click.Context, keep_datapath: bool | None, timeout: float) -> None:
+    """Stop the running daemon (through its control socket); returns once it is done."""
+    args = {} if keep_datapath is None else {"keep_datapath": keep_datapath}
+    call(ctx.obj["control"], "exit", args, timeout=timeout, until_closed=True)
 
 
 # ---- sessions ----------------------------------------------------------------------

@@ -32,6 +32,7 @@ from xlat.media.datapath import Latch
 DEFAULT_FILE = Path("/etc/xlat/xlat.toml")
 DEFAULT_CONTROL = Path("/run/xlat/control.sock")
 DEFAULT_BPFFS = Path("/sys/fs/bpf/xlat")
+DEFAULT_STATE_DIR = Path("/var/lib/xlat")  # systemd's StateDirectory=xlat
 SIP_PORT = 5060
 DNS_PORT = 53
 SIP_TRANSPORTS = ("udp", "tcp", "tls")  # prefixes of --sip-listen entries
@@ -122,6 +123,7 @@ class Config:
     keep_datapath: bool = False
     bpffs: Path = DEFAULT_BPFFS
     control: Path = DEFAULT_CONTROL
+    state_dir: Path = DEFAULT_STATE_DIR  # the crash journal (xlat/state.py)
     log_level: str = "info"
     log_format: str = "text"
     users: Path | None = None  # registrar credentials file: turns the local registrar on
@@ -442,6 +444,7 @@ KEYS: dict[str, Key] = {k.name: k for k in (
     Key("nat64-prefix", "nat64_prefixes", _nat64, cli=False),
     Key("keep-datapath", "keep_datapath", _boolean),
     Key("bpffs", "bpffs", _path),
+    Key("state-dir", "state_dir", _path),
     Key("log-level", "log_level", _choice(*LOG_LEVELS)),
     Key("log-format", "log_format", _choice(*LOG_FORMATS)),
     Key("users", "users", _users),

@@ -4,6 +4,14 @@ Start-up order: refuse if a live daemon holds the control socket or an
 interface; attach the datapath; start SIP and NG; open the control socket last,
 so a client that can connect talks to a daemon that is ready. Shutdown undoes it
 in reverse and removes tc filters and the nft table unless ``keep_datapath``.
+
+Crash safety: sessions, registrar bindings and NAT64 flows are journaled
+(xlat/state.py) in the state directory, in the same loop turn as the datapath batch
+and before it, so the journal never knows less about kernel flows than the kernel. A
+daemon started over a journal (after a crash, or a ``--keep-datapath`` stop) restores
+its sessions, leaves the kernel flows they explain as they are (counters, latched
+addresses) and removes only the flows no session explains. A start that fails after
+adopting calls leaves them (kernel state and journal) to the next daemon.
 """
 
 from __future__ import annotations
@@ -14,7 +22,6 @@ import enum
 import fcntl
 import gc
 import ipaddress
-import json
 import logging
 import os
 import resource
@@ -23,14 +30,18 @@ import socket
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from xlat import state
 from xlat.addr import Endpoint
 from xlat.config import Config
 from xlat.control.api import ControlError, ControlServer, Registry, listening
 from xlat.media.datapath import Datapath, DropCounter, Flow, FlowCounters, Forwarder
 from xlat.media.ports import RelayPortPool
 from xlat.media.session import SessionManager
+
+if TYPE_CHECKING:
+    from xlat.sip.proxy import SipProxy
 
 log = logging.getLogger("xlat")
 
@@ -41,6 +52,7 @@ TICK = 0.5  # longest sleep of the timer loop: idle expiry lands within 1 s of i
 # Sessions one expiry pass looks at before the loop serves signalling again: a mass
 # expiry (10k calls idle at once) becomes many short passes, not one long stall.
 EXPIRY_BATCH = 100
+JOURNAL_SYNC = 1.0  # seconds between fdatasyncs of the journal (for power loss)
 
 
 class ExitCode(enum.IntEnum):
@@ -162,6 +174,14 @@ class Daemon:
         self.table_restored = 0  # times table inet xlat was re-created after a flush
         self._should_exit = asyncio.Event()
         self._timer: asyncio.Task[None] | None = None
+        self._ready = False  # start() completed
+        self.journal = state.Journal()
+        self._journal_files = state.JournalFiles(config.state_dir,
+                                                 state.journal_name(config.control))
+        self._saved = state.Replay()  # what the previous daemon journaled, until adopted
+        self._clock_shift = 0.0
+        self._proxy: SipProxy | None = None
+        self._compaction: asyncio.Future[None] | None = None  # its slow part, in a thread
 
     # ---- lifecycle --------------------------------------------------------------
 
@@ -210,9 +230,11 @@ class Daemon:
         self._locks = InterfaceLocks(interfaces)
         self._locks.acquire()
         log.debug("file descriptor limit %d", raise_fd_limit())
+        self._load_journal()
         await self._attach_datapath(interfaces)
         self._adopt()
         await self._start_signalling()
+        self._start_journal()
         self._timer = asyncio.create_task(self._timers())
         self._control = ControlServer(self._registry(), cfg.control)
         await self._control.start()
@@ -220,9 +242,11 @@ class Daemon:
         # young objects less often (a call's transactions free themselves by refcount).
         gc.freeze()
         gc.set_threshold(50_000, 20, 100)
+        self._ready = True
 
     async def stop(self) -> None:
-        keep = self.keep_datapath
+        # a start that failed after adopting live calls must not end them
+        keep = self.keep_datapath or (not self._ready and bool(self.manager.sessions()))
         if self._control is not None:
             await self._control.close()
         if self._timer is not None:
@@ -245,8 +269,10 @@ class Daemon:
         if self._guard_timer is not None:
             self._guard_timer.cancel()
             self._flush_guard()
-        if keep:
-            self._save_state()
+        if self._compaction is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._compaction)
+        self._close_journal(keep)
         for part in reversed(self.parts):
             try:
                 if part.name == "ebpf":  # detaching uses pyroute2, which runs its own loop
@@ -362,36 +388,116 @@ class Daemon:
         ``ebpf+userspace`` (the kernel, sockets for what it passes up)."""
         return "+".join(p.name for p in self.forwarders)
 
-    @property
-    def state_file(self) -> Path:
-        """Sessions handed from a daemon stopped with --keep-datapath to the next one."""
-        return self.config.control.with_suffix(".state.json")
+    # ---- crash journal and adoption --------------------------------------------------
 
-    def _save_state(self) -> None:
-        self.state_file.write_text(json.dumps(self.manager.snapshot(time.monotonic())))
-        log.info("saved %d session(s) to %s", len(self.manager.sessions()), self.state_file)
+    def _load_journal(self) -> None:
+        """Read what the previous daemon journaled (before anything in the kernel
+        changes: an unusable state directory stops the start)."""
+        files = self._journal_files
+        try:
+            self._saved = files.load()
+        except OSError as e:
+            raise StartupError(f"state directory {files.directory}: {e.strerror or e} "
+                               "(give a writable --state-dir)") from None
+        if self._saved.torn or self._saved.skipped:
+            log.warning("journal %s: dropped %d torn and %d unreadable record(s)",
+                        files.log_path, self._saved.torn, self._saved.skipped)
+        self._clock_shift = state.clock_shift(self._saved.table("meta").get("clock"),
+                                              state.boot_id(), time.monotonic(), time.time())
 
     def _adopt(self) -> None:
-        """Take over what a previous daemon left: its sessions (if it saved them) and
-        its kernel flows; flows that no session explains are removed."""
+        """Take over what a previous daemon left: its journaled sessions, and its kernel
+        flows. A flow a session explains is left as it is (no reinstall: its counters
+        and what latching learnt survive); one it lacks is installed; the rest is stale
+        and removed."""
+        flows = self.manager.restore(self._saved.table("session").values(), time.monotonic(),
+                                     self._clock_shift)
+        wanted = {f.match for f in flows}
+        stale: list[Endpoint] = []
+        for part in self.forwarders:
+            present = part.counters()
+            drop = [m for m in present if m not in wanted]
+            missing = [f for f in flows if f.match not in present]
+            _apply([part], drop, missing, [])
+            stale += drop
+            if present or missing:
+                log.info("%s: %d flow(s) adopted as they are, %d installed, %d stale removed",
+                         part.name, len(present) - len(drop), len(missing), len(drop))
+        if self.guard is not None:  # it admits what the relay sockets serve
+            _apply([self.guard], stale, flows, [])
+        if self.manager.sessions():
+            log.info("adopted %d session(s) from the journal", len(self.manager.sessions()))
+
+    def _adopt_signalling(self, proxy: SipProxy) -> None:
+        """Journaled registrations and NAT64 flows go back into the proxy before SIP is
+        served."""
+        self._proxy = proxy
+        proxy.on_change = proxy.registrar.on_change = self._schedule_flush
+        now = time.monotonic()
+        bindings = proxy.registrar.restore(self._saved.table("binding"), now=now,
+                                           shift=self._clock_shift)
+        flows = proxy.restore(self._saved.table("nat64_flow"), now=now, shift=self._clock_shift)
+        if bindings or flows:
+            log.info("restored %d registration(s), %d NAT64 flow(s) from the journal",
+                     bindings, flows)
+
+    def _start_journal(self) -> None:
+        """Journal what this daemon starts with (the adopted state) as a fresh snapshot."""
+        self.journal.put("meta", "clock",
+                         state.clock(state.boot_id(), time.monotonic(), time.time()))
+        self._journal_changes()
         try:
-            saved = json.loads(self.state_file.read_text())
-            self.state_file.unlink()
-        except FileNotFoundError:
-            saved = []
-        except (OSError, ValueError) as e:
-            log.warning("ignoring unreadable %s: %s", self.state_file, e)
-            saved = []
-        if saved:
-            log.info("adopted %d session(s) from the previous daemon",
-                     self.manager.restore(saved, time.monotonic()))
-        wanted = {f.match for s in self.manager.sessions() for f in self.manager.flows(s)}
-        stale = [m for p in self.forwarders for m in p.counters() if m not in wanted]
-        if stale:
-            log.info("removing %d stale kernel flow(s) left by a previous daemon", len(stale))
-            for part in self.parts:
-                part.remove(stale)
-        self._flush()
+            self._journal_files.start(self.journal)
+        except OSError as e:
+            raise StartupError(f"state directory {self._journal_files.directory}: "
+                               f"{e.strerror or e}") from None
+        self._saved = state.Replay()
+
+    def _journal_changes(self) -> None:
+        """Move what changed since the last call into the journal: sessions, registrar
+        bindings, NAT64 flows (each owner hands out its changed entries, None = gone)."""
+        self.journal.update("session", self.manager.drain_records())
+        if self._proxy is not None:
+            self.journal.update("binding", self._proxy.registrar.drain_records())
+            self.journal.update("nat64_flow", self._proxy.drain_records())
+
+    def _write_journal(self) -> None:
+        self._journal_changes()
+        try:
+            slow = self._journal_files.write(self.journal)
+        except OSError as e:  # disk full: keep serving, the next write tries again
+            log.error("journal %s not written: %s", self._journal_files.log_path, e)
+            return
+        if slow is not None:  # a compaction: its fsync and renames off the loop
+            self._compaction = asyncio.get_running_loop().run_in_executor(None, slow)
+            self._compaction.add_done_callback(self._compacted)
+
+    def _compacted(self, done: asyncio.Future[None]) -> None:
+        failed = done.cancelled() or done.exception() is not None
+        if failed and not done.cancelled():
+            log.error("journal %s not compacted: %s", self._journal_files.snapshot_path,
+                      done.exception())
+        self._journal_files.compacted(failed)
+
+    def _close_journal(self, keep: bool) -> None:
+        """Journal the last changes. Without ``keep`` the calls end with the datapath:
+        their sessions leave the journal (registrations stay); files with nothing left
+        are removed."""
+        if not self._journal_files.started:
+            return
+        self._journal_changes()
+        if not keep:
+            self.journal.drop("session")
+        worth = any(self.journal.count(t) for t in ("session", "binding", "nat64_flow"))
+        try:
+            self._journal_files.close(self.journal if worth else None)
+        except OSError as e:
+            log.error("journal %s not saved: %s", self._journal_files.snapshot_path, e)
+            return
+        if worth:
+            log.info("journaled %d session(s), %d registration(s) in %s",
+                     self.journal.count("session"), self.journal.count("binding"),
+                     self._journal_files.directory)
 
     def _schedule_flush(self) -> None:
         if not self._flush_pending:
@@ -404,6 +510,7 @@ class Daemon:
         and the guard only sees what the kernel passes up (eBPF redirects before
         netfilter), so the kernel path never waits for it."""
         self._flush_pending = False
+        self._write_journal()  # first: the journal never knows less than the kernel
         batch = self.manager.drain()
         _apply(self.forwarders, batch.remove, batch.install, batch.refresh)
         if self.guard is None:
@@ -454,8 +561,15 @@ class Daemon:
         return total
 
     async def _timers(self) -> None:
+        synced = time.monotonic()
         while True:
             now = time.monotonic()
+            if now - synced >= JOURNAL_SYNC:
+                synced = now
+                try:
+                    await asyncio.to_thread(self._journal_files.sync)
+                except OSError as e:
+                    log.error("journal %s not synced: %s", self._journal_files.log_path, e)
             try:
                 self.manager.expire(now, self.counters, limit=EXPIRY_BATCH)
             except Exception:  # a bug here must not stop every later expiry
@@ -478,7 +592,7 @@ class Daemon:
         if cfg.sip_endpoints():
             from xlat.sip.transport import start_proxy
 
-            self._closers.append(await start_proxy(cfg, self.manager))
+            self._closers.append(await start_proxy(cfg, self.manager, self._adopt_signalling))
             log.info("SIP listening on %s", ", ".join(map(str, cfg.sip_endpoints())))
 
     # ---- control commands -------------------------------------------------------------

@@ -169,6 +169,7 @@ def start_gateway(lab: Lab, *options: str, directory: Path | None = None) -> Gat
     gw.dir.mkdir(parents=True, exist_ok=True)
     argv = [*xlat_command(), "--control", str(gw.control), "run",
             "--media-v4", str(GW4), "--media-v6", str(GW6), "--bpffs", str(lab.bpffs),
+            "--state-dir", str(gw.dir / "state"),  # the lab's journal goes with the lab
             *options]
     with gw.log.open("wb") as log:
         proc = lab.exec(lab.gw, argv, stdin=subprocess.DEVNULL, stdout=log,

@@ -77,6 +77,8 @@ def start_gateway(lab: Lab, tmp: Path, *extra: str, name: str = "xlat") -> Gatew
         str(GW6),
         "--bpffs",
         str(lab.bpffs),
+        "--state-dir",  # the crash journal: this test's own, not /var/lib/xlat
+        str(tmp / "state"),
         "--sip-listen",
         "none",
         "--ports",

@@ -34,7 +34,8 @@ def test_usage_errors_exit_2_with_one_line(args: tuple[str, ...], tmp_path: Path
     assert r.stderr.startswith("xlat: error: ")
 
 
-@pytest.mark.parametrize("args", [("session", "list", "-j"), ("stats",), ("flow", "list")])
+@pytest.mark.parametrize("args", [("session", "list", "-j"), ("stats",), ("flow", "list"),
+                                  ("stop",)])
 def test_no_daemon_exits_1_with_one_line(args: tuple[str, ...], tmp_path: Path) -> None:
     r = xlat(*args, control=tmp_path / "none.sock")
     assert r.returncode == 1

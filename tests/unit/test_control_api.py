@@ -143,3 +143,49 @@ def test_the_daemons_commands_name_the_bad_argument(args: dict[str, object], err
     reply = daemon._registry().handle(json.dumps({"cmd": "session.add", "args": args}).encode())
     assert reply["ok"] is False and error in reply["error"]
     assert daemon.manager.sessions() == []
+
+
+def test_call_until_closed_returns_once_the_server_closes_the_connection(tmp_path: Path) -> None:
+    """What ``xlat stop`` relies on: a daemon told to ``exit`` closes the connection
+    only when its shutdown is over (here: the server goes 0.3 s after replying)."""
+    path = tmp_path / "control.sock"
+
+    async def scenario() -> float:
+        reg = Registry()
+        done = asyncio.Event()
+
+        def exit_() -> bool:
+            asyncio.get_running_loop().call_later(0.3, done.set)  # the shutdown's work
+            return True
+
+        reg.add("exit", exit_)
+        server = ControlServer(reg, path)
+        await server.start()
+        loop = asyncio.get_running_loop()
+        asked = loop.time()
+        waiting = loop.run_in_executor(None, lambda: call(path, "exit", until_closed=True))
+        await done.wait()
+        await server.close()  # no new connections; the open one stays
+        await asyncio.sleep(0.1)
+        assert not waiting.done()
+        for task in asyncio.all_tasks() - {asyncio.current_task()}:
+            task.cancel()  # what asyncio.run does to the handlers as the daemon ends
+        assert await waiting is True
+        return loop.time() - asked
+
+    assert asyncio.run(scenario()) >= 0.4
+
+
+def test_call_until_closed_times_out_in_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "control.sock"
+
+    async def scenario() -> None:
+        server = ControlServer(make_registry(), path)
+        await server.start()
+        loop = asyncio.get_running_loop()
+        with pytest.raises(ControlError, match=r"did not finish within 0\.2 s"):
+            await loop.run_in_executor(
+                None, lambda: call(path, "add", {"a": 1}, timeout=0.2, until_closed=True))
+        await server.close()
+
+    asyncio.run(scenario())

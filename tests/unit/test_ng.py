@@ -587,3 +587,35 @@ def test_a_burst_of_requests_gets_every_reply() -> None:
     assert [r.split(b" ")[0] for r in replies] == [
         *(f"b{i}".encode() for i in range(READ_BATCH * 2 + 4)), b"late"]
     assert all(r.endswith(b" d6:result4:ponge") for r in replies)
+
+
+# ---- across a daemon crash (xlat/state.py) ---------------------------------------------------
+
+
+def test_ng_call_survives_a_restart_and_its_delete_works_after() -> None:
+    from xlat.state import Journal, replay
+
+    rig = Rig()
+    to_callee = relay_of(rig.offer(direction=["v6", "v4"])["sdp"])
+    to_caller = relay_of(rig.answer()["sdp"])
+    rig.datapath.stats[to_caller].packets = 7  # the kernel counted media before the crash
+    journal = Journal()
+    for sid, record in rig.manager.drain_records():
+        assert record is not None
+        journal.put("session", sid, record)
+    # kill -9: a new daemon, the same kernel (its flows outlive the process)
+    again = Rig()
+    again.datapath = rig.datapath
+    flows = again.manager.restore(replay(journal.pending()).table("session").values(),
+                                  again.now)
+    assert {f.match for f in flows} == rig.datapath.flows.keys()
+    # Kamailio retransmits an offer, then re-offers: same ports, nothing new allocated
+    assert relay_of(again.offer(direction=["v6", "v4"])["sdp"]) == to_callee
+    assert again.manager.pools[4][0].in_use == 1 and again.manager.pools[6][0].in_use == 1
+    query = again.send({"command": "query", "call-id": "c1"})
+    assert query["result"] == "ok" and set(query["tags"]) == {"ft", "tt"}
+    deleted = again.send({"command": "delete", "call-id": "c1", "from-tag": "ft",
+                          "delete-delay": 0})
+    assert deleted["result"] == "ok" and deleted["totals"]["RTP"]["packets"] == 7
+    assert again.manager.sessions() == [] and again.datapath.flows == {}
+    assert again.manager.pools[4][0].in_use == 0 and again.manager.pools[6][0].in_use == 0

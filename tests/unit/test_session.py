@@ -114,7 +114,8 @@ def test_restored_fork_keeps_the_shared_relay_until_the_last_holder_ends() -> No
     mgr.answer("c", "a", "b1", [StreamSpec(B4)], now=0.1)
     mgr.answer("c", "a", "b2", [StreamSpec(Endpoint.parse("203.0.113.3:6000"))], now=0.2)
     mgr2, dp2 = make()
-    assert mgr2.restore(mgr.snapshot(now=1.0), now=50.0) == 2
+    flows = mgr2.restore(journaled(mgr), now=50.0)
+    dp2.install(flows)
     pool4, pool6 = mgr2.pools[4][0], mgr2.pools[6][0]
     assert (pool4.in_use, pool6.in_use) == (1, 2) and mgr2.flow_count == len(dp2.flows) == 6
     mgr2.delete("c", "a", "b1", now=51.0, delay=0)
@@ -321,26 +322,60 @@ def test_nat64_offerer_leg_learns_its_peer() -> None:
     assert relay_a is not None and relay_a.family == 4
 
 
-def test_snapshot_restore_keeps_sessions_ports_and_flows() -> None:
+def journaled(mgr: SessionManager) -> list[dict[str, object]]:
+    """The records a journal holds for ``mgr``'s live sessions."""
+    return [r for _, r in mgr.drain_records() if r is not None]
+
+
+def test_records_restore_sessions_ports_and_flows_without_queueing_them() -> None:
     mgr, dp = make(delete_delay=5.0)
     mgr.offer("c", "a", [StreamSpec(A6)], toward=4, now=0.0)
     mgr.answer("c", "a", "b", [StreamSpec(B4)], now=1.0)
     manual = mgr.add(A6, B4, now=2.0, idle_timeout=30, lifetime=100)
     mgr.delete("c", now=3.0)
-    data = mgr.snapshot(now=4.0)
+    data = journaled(mgr)
+    assert len(data) == 2
 
     mgr2, dp2 = make(delete_delay=5.0)
-    assert mgr2.restore(data, now=1000.0) == 2
-    assert dp2.flows.keys() == dp.flows.keys()
+    flows = mgr2.restore(data, now=1000.0, shift=996.0)  # a reboot: times move with it
+    assert dp2.flows == {} and mgr2.drain().install == []  # the caller installs what lacks
+    assert {f.match for f in flows} == dp.flows.keys() and mgr2.flow_count == 8
+    dp2.install(flows)
     restored = mgr2.get(manual.id)
     assert restored.created == 998.0 and restored.lifetime == 100
     assert mgr2.pools[4][0].in_use == 2 and mgr2.pools[6][0].in_use == 2
     # the deleting call still ends 5 s after its BYE, on the new clock
     assert [s.call_id for s in mgr2.expire(1003.9, dp2.counters)] == []
     assert [s.call_id for s in mgr2.expire(1004.0, dp2.counters)] == ["c"]
+    assert dp2.flows.keys() == {f.match for f in flows if f.session == manual.id}
     # new allocations do not collide with restored ones
     relays = mgr2.offer("d", "a", [StreamSpec(A6)], toward=4, now=1005.0)
     assert relays[0] not in {lg.relay for lg in restored.legs()}
+
+
+def test_drain_records_gives_each_changed_session_once_and_ended_ones_as_none() -> None:
+    mgr, _ = make()
+    mgr.offer("c", "a", [StreamSpec(A6)], toward=4, now=0.0)
+    (sid, rec), = mgr.drain_records()
+    assert rec is not None and rec["id"] == sid and rec["tags"] == ["a", None]
+    assert mgr.drain_records() == []
+    mgr.answer("c", "a", "b", [StreamSpec(B4)], now=1.0)
+    mgr.delete("c", now=2.0)  # a delete delay only changes the state: journaled too
+    ((_, rec),) = mgr.drain_records()
+    assert rec is not None and rec["tags"] == ["a", "b"] and rec["state"] == "deleting"
+    mgr.expire(100.0, lambda m: {})
+    assert mgr.drain_records() == [(sid, None)]
+
+
+def test_a_bad_record_is_skipped_and_claims_no_port() -> None:
+    mgr, _ = make()
+    mgr.add(A6, B4, now=0.0)
+    good = journaled(mgr)[0]
+    bad = dict(good, id="bad", streams=[[good["streams"][0][0], ["nonsense", None, None, 0]]])
+    mgr2, _ = make()
+    flows = mgr2.restore([bad, good], now=0.0)
+    assert [s.id for s in mgr2.sessions()] == [good["id"]] and len(flows) == 4
+    assert mgr2.pools[4][0].in_use == 1 and mgr2.pools[6][0].in_use == 1
 
 
 def test_stream_rejected_by_the_answer_is_released() -> None:

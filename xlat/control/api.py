@@ -191,9 +191,11 @@ class ControlServer:
             writer.close()
 
     async def close(self) -> None:
+        """Stop listening. Open connections stay until the process ends: the one that
+        asked for ``exit`` learns the shutdown is complete when it is closed (so no
+        ``wait_closed()``, which on Python 3.12 waits for every connection)."""
         if self._server is not None:
             self._server.close()
-            await self._server.wait_closed()
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
 
@@ -213,8 +215,10 @@ def listening(path: Path) -> bool:
 
 
 def call(path: Path, cmd: str, args: dict[str, Any] | None = None, *,
-         timeout: float = 30.0) -> Any:
-    """Send one command to the daemon and return its result. Raises ControlError."""
+         timeout: float = 30.0, until_closed: bool = False) -> Any:
+    """Send one command to the daemon and return its result. ``until_closed``: then wait
+    (up to ``timeout``) until the daemon closes the connection, which a daemon told to
+    ``exit`` does only when its shutdown is complete. Raises ControlError."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
         try:
@@ -228,8 +232,15 @@ def call(path: Path, cmd: str, args: dict[str, Any] | None = None, *,
             if not chunk:
                 raise ControlError("daemon closed the connection")
             data += chunk
-    reply = json.loads(data)
-    if not reply.get("ok"):
-        raise ControlError(reply.get("error", "unknown error"))
+        reply = json.loads(data)
+        if not reply.get("ok"):
+            raise ControlError(reply.get("error", "unknown error"))
+        try:
+            while until_closed and s.recv(4096):
+                pass
+        except TimeoutError:
+            raise ControlError(f"xlat at {path} did not finish within {timeout:g} s") from None
+        except ConnectionError:
+            pass  # reset as the daemon went away: finished too
     return reply.get("result")
 

@@ -17,6 +17,11 @@ moved it pushes the deadline forward (and refreshes the nftables elements), othe
 the session ends. So a sweep costs what is due, not what exists, and ``expire`` takes
 a limit so a mass expiry can be spread over several loop turns.
 
+Crash safety: every session a change touched is handed out once per loop turn by
+``drain_records`` (its ``record``, or None once it ended) for the daemon's journal
+(xlat/state.py); ``restore`` rebuilds sessions from records after a restart, claiming
+their ports, and returns their flows for the daemon to adopt.
+
 Memory follows what the signalling said, nothing more: flows are derived from the
 sessions whenever they are needed (before and after a change, to queue the
 difference), relay endpoints are the port pool's own objects, and only relays that
@@ -25,6 +30,7 @@ forks share are reference-counted.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 import random
@@ -137,8 +143,13 @@ def _usable(peer: Endpoint | None) -> bool:
     return peer is not None and not peer.host.is_unspecified and peer.port != 0
 
 
+@functools.lru_cache(maxsize=1 << 16)  # relays and peers repeat in every record of a call
+def _endpoint_text(ep: Endpoint) -> str:
+    return str(ep)  # IPv6 text costs microseconds (ipaddress)
+
+
 def _text(ep: Endpoint | None) -> str | None:
-    return None if ep is None else str(ep)
+    return None if ep is None else _endpoint_text(ep)
 
 
 def _unknown(family: int) -> Endpoint:
@@ -183,6 +194,7 @@ class SessionManager:
         self._remove: set[Endpoint] = set()
         self._install: dict[Endpoint, Flow] = {}
         self._refresh: list[Flow] = []
+        self._dirty: set[str] = set()  # ids of sessions changed since drain_records()
         self.ended: Counter[str] = Counter()  # reason -> sessions ended
         self.flow_count = 0  # flows the datapath has (or has queued) for all sessions
 
@@ -221,6 +233,7 @@ class SessionManager:
                 self._end(session, now, "ports_exhausted")
             raise
         session.activity = now
+        self._dirty.add(session.id)
         self._queue(before, self._wanted(session))
         return session.relays(1 - side)
 
@@ -258,6 +271,7 @@ class SessionManager:
         session.answered = self._answers
         self._update_streams(session, 1 - side, streams, now, answer=True)
         session.activity = now
+        self._dirty.add(session.id)
         self._queue(before, self._wanted(session))
         return session.relays(side)
 
@@ -284,6 +298,8 @@ class SessionManager:
             elif s.state != "deleting":
                 s.state, s.ends_at = "deleting", now + wait
                 self._schedule(s, now + wait)
+                self._dirty.add(s.id)
+        self._changed()
         return bool(hits)
 
     # ---- manual relays (CLI) --------------------------------------------------
@@ -307,6 +323,7 @@ class SessionManager:
             self._end(session, now, "ports_exhausted")
             raise
         self._update_streams(session, 1, [StreamSpec(peer_b)], now, answer=True)
+        self._dirty.add(session.id)
         self._queue({}, self._wanted(session))
         return session
 
@@ -325,6 +342,7 @@ class SessionManager:
                 self._remove.update((leg.relay, _shift(leg.relay, 1)))
                 self._release(leg.relay, now)
             session.streams = []
+        self._dirty.update(self._sessions)
         self._sessions.clear()
         self._calls.clear()
         self._timers = DeadlineBuckets(self._timers.quantum)
@@ -336,65 +354,91 @@ class SessionManager:
         self._changed()
         return len(sessions)
 
-    # ---- hitless restart ----------------------------------------------------------
+    # ---- crash journal and hitless restart ---------------------------------------------
 
-    def snapshot(self, now: float) -> list[dict[str, object]]:
-        """Sessions as JSON-able data, for the next daemon to ``restore``. Times are
-        stored relative to ``now``: monotonic clocks do not survive a reboot."""
+    def drain_records(self) -> list[tuple[str, dict[str, Any] | None]]:
+        """(session id, record) of every session changed since the last call; None for
+        one that ended. The daemon journals them (xlat/state.py) once per loop turn."""
+        dirty, self._dirty = self._dirty, set()
+        return [(sid, None if (s := self._sessions.get(sid)) is None else self.record(s))
+                for sid in dirty]
+
+    @staticmethod
+    def record(s: MediaSession) -> dict[str, Any]:
+        """A session as JSON-able data, for ``restore``: relay ports, peers and tags (what
+        a BYE, re-INVITE or NG request after a restart needs), and its times (monotonic
+        seconds)."""
 
         def leg(lg: Leg) -> list[str | bool | None]:
-            return [str(lg.relay), _text(lg.peer), _text(lg.rtcp_peer), lg.rtcp_mux]
+            return [_endpoint_text(lg.relay), _text(lg.peer), _text(lg.rtcp_peer), lg.rtcp_mux]
 
-        return [
-            {
-                "id": s.id, "origin": s.origin, "call_id": s.call_id, "tags": list(s.tags),
-                "families": s.families, "idle_timeout": s.idle_timeout, "lifetime": s.lifetime,
-                "age": now - s.created, "idle": now - s.activity, "state": s.state,
-                "ends_in": None if s.ends_at is None else s.ends_at - now,
-                "answered": s.answered,
-                "streams": [None if st is None else [leg(st[0]), leg(st[1])] for st in s.streams],
-            }
-            for s in self._sessions.values()
-        ]
+        return {
+            "id": s.id, "origin": s.origin, "call_id": s.call_id, "tags": list(s.tags),
+            "families": list(s.families), "idle_timeout": s.idle_timeout,
+            "lifetime": s.lifetime, "created": s.created, "activity": s.activity,
+            "state": s.state, "ends_at": s.ends_at, "answered": s.answered,
+            "streams": [None if st is None else [leg(st[0]), leg(st[1])] for st in s.streams],
+        }
 
-    def restore(self, items: Sequence[Mapping[str, object]], now: float) -> int:
-        """Re-create sessions from ``snapshot`` data, claiming their relay pairs; their
-        flows are queued for install (the datapath keeps counters of flows it has)."""
-
-        def ep(text: object) -> Endpoint | None:
-            return None if text is None else Endpoint.parse(str(text))
-
-        def leg(data: list[object]) -> Leg:
-            relay = ep(data[0])
-            assert relay is not None
-            return Leg(self._claim(relay), ep(data[1]), ep(data[2]), bool(data[3]))
+    def restore(self, items: Iterable[Mapping[str, Any]], now: float, shift: float = 0.0
+                ) -> list[Flow]:
+        """Re-create sessions from ``record`` data (times moved by ``shift``, see
+        ``xlat.state.clock_shift``), claiming their relay pairs, so no new call is given a
+        port a restored one holds. Returns the flows they need; nothing is queued: the
+        caller installs only what the datapath lacks (a flow it has keeps its counters and
+        what latching learnt). A record that does not decode is skipped and logged."""
 
         groups: dict[str, MediaSession] = {}  # one session of each call (or manual one)
-        for item in items:
-            d: dict[str, Any] = dict(item)
-            session = MediaSession(
-                id=d["id"], origin=d["origin"], call_id=d["call_id"],
-                tags=(d["tags"][0], d["tags"][1]),
-                families=_FAMILY_PAIRS[tuple(d["families"])],
-                streams=[None if st is None else (leg(st[0]), leg(st[1]))
-                         for st in d["streams"]],
-                idle_timeout=d["idle_timeout"], lifetime=d["lifetime"],
-                created=now - d["age"], activity=now - d["idle"], state=d["state"],
-                ends_at=None if d["ends_in"] is None else now + d["ends_in"],
-                answered=d["answered"],
-            )
-            self._sessions[session.id] = session
-            if session.call_id is not None:
-                self._calls.setdefault(session.call_id, []).append(session)
-            self._answers = max(self._answers, session.answered)
+        for d in items:
+            try:
+                session = self._restored(d, shift)
+            except (KeyError, TypeError, ValueError, IndexError) as exc:
+                sid = d.get("id") if isinstance(d, Mapping) else d
+                log.warning("journaled session %r not restored: %s", sid, exc)
+                continue
             if session.ends_at is not None:
                 self._schedule(session, session.ends_at)
             else:
                 self._arm(session)
             groups[session.call_id or session.id] = session
-        for session in groups.values():
-            self._queue({}, self._wanted(session))
-        return len(items)
+        flows = [f for s in groups.values() for f in self._wanted(s).values()]
+        self.flow_count += len(flows)
+        self._changed()
+        return flows
+
+    def _restored(self, d: Mapping[str, Any], shift: float) -> MediaSession:
+        """One session from its record (validated whole before its ports are claimed)."""
+
+        def ep(text: object) -> Endpoint | None:
+            return None if text is None else Endpoint.parse(str(text))
+
+        def leg(data: Sequence[Any]) -> Leg:
+            relay = ep(data[0])
+            if relay is None:
+                raise ValueError("leg without a relay")
+            return Leg(relay, ep(data[1]), ep(data[2]), bool(data[3]))
+
+        if d["id"] in self._sessions:
+            raise ValueError("session id in use")
+        families = _FAMILY_PAIRS[(int(d["families"][0]), int(d["families"][1]))]
+        streams = [None if st is None else (leg(st[0]), leg(st[1])) for st in d["streams"]]
+        session = MediaSession(
+            id=str(d["id"]), origin=str(d["origin"]), call_id=d["call_id"],
+            tags=(d["tags"][0], d["tags"][1]), families=families, streams=streams,
+            idle_timeout=float(d["idle_timeout"]), lifetime=d["lifetime"],
+            created=float(d["created"]) + shift, activity=float(d["activity"]) + shift,
+            state=str(d["state"]),
+            ends_at=None if d["ends_at"] is None else float(d["ends_at"]) + shift,
+            answered=int(d["answered"]),
+        )
+        for lg in session.legs():
+            lg.relay = self._claim(lg.relay)
+        self._sessions[session.id] = session
+        self._dirty.add(session.id)
+        if session.call_id is not None:
+            self._calls.setdefault(session.call_id, []).append(session)
+        self._answers = max(self._answers, session.answered)
+        return session
 
     # ---- queries -------------------------------------------------------------
 
@@ -521,6 +565,7 @@ class SessionManager:
             lifetime=lifetime, created=now, activity=now,
         )
         self._sessions[sid] = session
+        self._dirty.add(sid)
         if call_id is not None:
             self._calls.setdefault(call_id, []).append(session)
         self._arm(session)
@@ -714,6 +759,7 @@ class SessionManager:
     def _end(self, session: MediaSession, now: float, reason: str) -> None:
         if self._sessions.pop(session.id, None) is None:
             return
+        self._dirty.add(session.id)
         before = self._wanted(session)
         group = self._group(session)
         group.remove(session)
@@ -737,5 +783,7 @@ class SessionManager:
         self._timers.add(when, session)
 
     def _changed(self) -> None:
-        if self.on_change is not None and (self._install or self._remove or self._refresh):
+        if self.on_change is not None and (
+            self._install or self._remove or self._refresh or self._dirty
+        ):
             self.on_change()

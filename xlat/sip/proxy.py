@@ -89,6 +89,9 @@ _NO_RECORD_ROUTE = frozenset({"REGISTER", "CANCEL", "ACK"})
 # How long the NAT64 flow of a phone that is not registered (a caller behind NAT64) is
 # remembered after its last request: longer than any call between two requests.
 NAT64_FLOW_LIFETIME = 4 * 3600.0
+# A flow learnt again on the same hop is journaled again only this much later (its
+# lifetime runs from the last time seen; the journal need not follow every request).
+FLOW_JOURNAL_AGE = 600.0
 # Hosts as written (Via, URIs) whose classification is kept: the few peers of a gateway
 # repeat in every message; bounded, since any host can be written.
 _HOST_CACHE_SIZE = 1024
@@ -384,6 +387,8 @@ class SipProxy:
         self.failed_targets = dns.FailedTargets()
         self._parked: dict[dns.Query, list[_Parked]] = {}  # requests waiting for an answer
         self._queries: list[dns.Query] = []  # asked for, not yet handed to the edge
+        self._flows_changed: set[str] = set()  # since drain_records() (the crash journal)
+        self.on_change: Callable[[], None] | None = None  # a flow to journal
 
     # ---- public API -----------------------------------------------------------------
 
@@ -1108,13 +1113,58 @@ class SipProxy:
             return
         for contact in request.contacts:
             key = str(contact.uri)
-            self._flows.pop(key, None)
+            old = self._flows.pop(key, None)
             self._flows[key] = (hop, now)
+            if old is None or old[0] != hop or now - old[1] > FLOW_JOURNAL_AGE:
+                self._flows_changed.add(key)
         while self._flows:
             key, (_, seen) = next(iter(self._flows.items()))
             if seen + NAT64_FLOW_LIFETIME > now:
                 break
             del self._flows[key]
+            self._flows_changed.add(key)
+        if self._flows_changed and self.on_change is not None:
+            self.on_change()
+
+    # ---- crash journal: the NAT64 flows in-dialog requests are sent over ---------------
+
+    def drain_records(self) -> list[tuple[str, dict[str, object] | None]]:
+        """(Contact, record) of every NAT64 flow learnt or changed since the last call;
+        None for one forgotten. A BYE to a phone behind NAT64 that did not register
+        needs its flow after a daemon restart too."""
+        changed, self._flows_changed = self._flows_changed, set()
+        out: list[tuple[str, dict[str, object] | None]] = []
+        for key in changed:
+            learnt = self._flows.get(key)
+            if learnt is None:
+                out.append((key, None))
+                continue
+            hop, seen = learnt
+            out.append((key, {"dest": str(hop.dest), "transport": hop.transport,
+                              "local": None if hop.local is None else str(hop.local),
+                              "family": hop.family, "seen": seen,
+                              "nat64": None if hop.nat64 is None else str(hop.nat64)}))
+        return out
+
+    def restore(self, items: Mapping[str, Mapping[str, object]], *, now: float,
+                shift: float = 0.0) -> int:
+        """Take back journaled NAT64 flows (times moved by ``shift``); expired ones and
+        records that do not decode are left out. Returns how many are live."""
+        for key, d in items.items():  # in journal order, which is about the order seen
+            try:
+                local = d["local"]
+                hop = _Hop(Endpoint.parse(str(d["dest"])), str(d["transport"]),
+                           None if local is None else Endpoint.parse(str(local)),
+                           int(str(d["family"])),
+                           None if d["nat64"] is None else IPNetwork(str(d["nat64"])))
+                seen = float(str(d["seen"])) + shift
+            except (KeyError, TypeError, ValueError) as exc:
+                log.warning("journaled NAT64 flow of %r not restored: %s", key, exc)
+                continue
+            if seen + NAT64_FLOW_LIFETIME > now:
+                self._flows[key] = (hop, seen)
+            self._flows_changed.add(key)
+        return len(self._flows)
 
     def _flow(self, uri: SipUri, now: float) -> _Hop | None:
         """How to reach a Contact that registered here, or of a phone behind NAT64."""

@@ -4,12 +4,18 @@ Pure: requests in, responses out, time passed in as ``now``. The gateway's domai
 (its addresses and each ``--domain``) are aliases of one another, so an address of
 record is keyed by its user part alone (Kamailio's ``use_domain=0``): a phone that
 registers as ``sip:bob@[2001:db8:6::1]`` is reached by calling ``sip:bob@203.0.113.1``.
+
+Bindings survive a daemon crash: each changed address of record is handed out by
+``drain_records`` (``on_change`` says there is one) for the daemon's journal
+(xlat/state.py), and ``restore`` takes them back after a restart.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from xlat.addr import Endpoint
 from xlat.sip.message import NameAddr, SipRequest, SipResponse, make_response
@@ -18,6 +24,7 @@ from xlat.sip.uri import SipUri
 __all__ = ["Binding", "Registrar", "RegistrarError"]
 
 MAX_LAPSED = 65536  # users remembered as "registered once, expired since"
+log = logging.getLogger(__name__)
 
 
 class RegistrarError(Exception):
@@ -47,6 +54,23 @@ class Binding:
     def expires_in(self, now: float) -> int:
         return max(0, round(self.expires_at - now))
 
+    def record(self) -> dict[str, Any]:
+        """JSON-able, for ``from_record`` (``expires_at`` in monotonic seconds)."""
+        return {"contact": str(self.contact), "q": self.q, "expires_at": self.expires_at,
+                "call_id": self.call_id, "cseq": self.cseq, "source": str(self.source),
+                "transport": self.transport}
+
+    @classmethod
+    def from_record(cls, d: Mapping[str, Any], shift: float = 0.0) -> Binding:
+        """Raises ValueError (or KeyError, TypeError) on a record that does not decode."""
+        contact = NameAddr.parse(str(d["contact"]))
+        if not isinstance(contact.uri, SipUri):
+            raise ValueError(f"contact {contact} is not a SIP URI")
+        return cls(contact=contact, uri=contact.uri, q=float(d["q"]),
+                   expires_at=float(d["expires_at"]) + shift, call_id=str(d["call_id"]),
+                   cseq=int(d["cseq"]), source=Endpoint.parse(str(d["source"])),
+                   transport=str(d["transport"]))
+
 
 class Registrar:
     """Bindings per user. ``min_expires``/``max_expires`` bound what phones ask for
@@ -58,10 +82,12 @@ class Registrar:
         self.default_expires = default_expires
         self.min_expires = min_expires
         self.max_expires = max_expires
+        self.on_change: Callable[[], None] | None = None
         self._bindings: dict[str, list[Binding]] = {}
         # Users whose every binding expired (not removed by a REGISTER): calls to them
         # get 480, not 404 (RFC 3261 §21.4.18). Bounded: oldest first out.
         self._lapsed: dict[str, None] = {}
+        self._dirty: set[str] = set()  # keys changed by a REGISTER since drain_records()
 
     @staticmethod
     def key(uri: SipUri | str) -> str | None:
@@ -126,6 +152,7 @@ class Registrar:
                 raise RegistrarError(400, "Contact: * needs Expires: 0")
             self._check_order(current.values(), call_id, cseq)
             self._bindings.pop(key, None)
+            self._changed(key)
             return
         for contact in request.contacts:
             if not isinstance(contact.uri, SipUri):
@@ -151,6 +178,51 @@ class Registrar:
                 transport=transport,
             )
         self._bindings[key] = list(current.values())
+        self._changed(key)
+
+    # ---- crash journal ---------------------------------------------------------------
+
+    def drain_records(self) -> list[tuple[str, list[dict[str, Any]] | None]]:
+        """(key, its bindings as records) of every key a REGISTER changed since the last
+        call; None for a key left without bindings. Expired bindings need no record:
+        ``restore`` drops them."""
+        dirty, self._dirty = self._dirty, set()
+        out: list[tuple[str, list[dict[str, Any]] | None]] = []
+        for key in dirty:
+            bindings = self._bindings.get(key)
+            out.append((key, [b.record() for b in bindings] if bindings else None))
+        return out
+
+    def restore(self, items: Mapping[str, Sequence[Mapping[str, Any]]], *, now: float,
+                shift: float = 0.0) -> int:
+        """Take back journaled bindings (times moved by ``shift``); expired ones and
+        records that do not decode are left out. Returns how many bindings are live."""
+        restored = 0
+        for key, records in items.items():
+            live = []
+            if not isinstance(records, list):
+                log.warning("journaled bindings of %r not restored: not a list", key)
+                records = []
+            for d in records:
+                try:
+                    binding = Binding.from_record(d, shift)
+                except (KeyError, TypeError, ValueError) as exc:
+                    log.warning("journaled binding of %r not restored: %s", key, exc)
+                    continue
+                if binding.expires_at > now:
+                    live.append(binding)
+            if live:
+                self._bindings[key] = live
+                restored += len(live)
+            self._dirty.add(key)
+        self._changed(None)
+        return restored
+
+    def _changed(self, key: str | None) -> None:
+        if key is not None:
+            self._dirty.add(key)
+        if self.on_change is not None:
+            self.on_change()
 
     def _expires(self, contact: NameAddr, header: str | None) -> int:
         """§10.2.1.1: the contact's expires parameter, else the Expires header, else

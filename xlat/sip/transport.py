@@ -26,7 +26,7 @@ import random
 import socket
 import ssl
 import struct
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from netaddr import IPNetwork
@@ -462,10 +462,15 @@ def tls_contexts(cfg: Config) -> tuple[ssl.SSLContext | None, ssl.SSLContext]:
     return server, client
 
 
-async def start_proxy(cfg: Config, manager: SessionManager) -> SipServer:
+async def start_proxy(cfg: Config, manager: SessionManager,
+                      prepare: Callable[[SipProxy], None] | None = None) -> SipServer:
     """The daemon's entry point: a proxy over ``manager`` listening on every SIP
-    listener of ``cfg``, resolving names with ``cfg.dns_servers`` or resolv.conf."""
+    listener of ``cfg``, resolving names with ``cfg.dns_servers`` or resolv.conf.
+    ``prepare`` sees the proxy before the first socket is opened (the daemon restores
+    journaled registrations and NAT64 flows there)."""
     proxy = SipProxy(proxy_config(cfg), manager, random.Random())
+    if prepare is not None:
+        prepare(proxy)
     server_ctx, client_ctx = tls_contexts(cfg)
     return await start_sip(proxy, (), more=cfg.sip_listeners(), tls_server=server_ctx,
                            tls_client=client_ctx, resolver=DnsResolver(cfg.dns_servers))
