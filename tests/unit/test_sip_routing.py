@@ -466,7 +466,7 @@ def test_unusable_tls_files_are_one_line_errors(tmp_path: Path) -> None:
     junk.write_text("not a certificate\n")
     cfg = build(None, media_v4=("192.0.2.1",), sip_listen=("tls:192.0.2.1:5061",),
                 tls_cert=str(junk), tls_key=str(junk))
-    with pytest.raises(TlsSetupError, match="--tls-cert .*junk.pem") as info:
+    with pytest.raises(TlsSetupError, match=r"--tls-cert .*junk\.pem") as info:
         tls_contexts(cfg)
     assert "\n" not in str(info.value)
     with pytest.raises(TlsSetupError, match="--tls-ca"):
