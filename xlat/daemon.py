@@ -590,9 +590,12 @@ class Daemon:
             self._closers.append(await start_ng(core, cfg.ng_listen))
             log.info("NG control listening on udp %s", cfg.ng_listen)
         if cfg.sip_endpoints():
-            from xlat.sip.transport import start_proxy
+            from xlat.sip.transport import TlsSetupError, start_proxy
 
-            self._closers.append(await start_proxy(cfg, self.manager, self._adopt_signalling))
+            try:
+                self._closers.append(await start_proxy(cfg, self.manager, self._adopt_signalling))
+            except TlsSetupError as e:
+                raise StartupError(str(e)) from None
             log.info("SIP listening on %s", ", ".join(map(str, cfg.sip_endpoints())))
 
     # ---- control commands -------------------------------------------------------------

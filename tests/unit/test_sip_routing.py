@@ -456,3 +456,18 @@ def test_srtp_offer_and_answer_keep_crypto_and_the_secure_profile() -> None:
     back = relay_of(ok.body)
     assert ok.body == answer_sdp.replace(b"IN IP4 203.0.113.2", b"IN IP6 2001:db8:6::1").replace(
         b"m=audio 50000 ", f"m=audio {back.port} ".encode())
+
+
+def test_unusable_tls_files_are_one_line_errors(tmp_path: Path) -> None:
+    from xlat.config import build
+    from xlat.sip.transport import TlsSetupError, tls_contexts
+
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate\n")
+    cfg = build(None, media_v4=("192.0.2.1",), sip_listen=("tls:192.0.2.1:5061",),
+                tls_cert=str(junk), tls_key=str(junk))
+    with pytest.raises(TlsSetupError, match=r"--tls-cert .*junk\.pem") as info:
+        tls_contexts(cfg)
+    assert "\n" not in str(info.value)
+    with pytest.raises(TlsSetupError, match="--tls-ca"):
+        tls_contexts(build(None, media_v4=("192.0.2.1",), tls_ca=str(junk)))

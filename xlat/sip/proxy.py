@@ -437,13 +437,17 @@ class SipProxy:
                 out += self._branch_timer(entry, now)
         return out
 
-    def transport_error(self, dest: Endpoint, transport: str, now: float) -> list[Send]:
+    def transport_error(self, dest: Endpoint, transport: str, now: float, *,
+                        unanswered: bool = False) -> list[Send]:
         """Sending to ``dest`` over ``transport`` failed (a TCP connection refused or
-        timed out): every client transaction that sent there fails now, as if answered
-        503 (§8.1.3.1, §17.1.4), instead of waiting for Timer B or F."""
+        timed out, an ICMP error): every client transaction that sent there fails now,
+        as if answered 503 (§8.1.3.1, §17.1.4), instead of waiting for Timer B or F.
+        ``unanswered``: only those with no response yet (an ICMP error names no
+        datagram: one to a server that already answered was not its request)."""
         out: list[Send] = []
         for branch in list(self._clients.values()):
-            if branch.hop.dest == dest and branch.hop.transport == transport:
+            if branch.hop.dest == dest and branch.hop.transport == transport \
+                    and not (unanswered and branch.provisional):
                 out += self._branch_actions(branch, branch.txn.transport_error(now), now)
         return out
 

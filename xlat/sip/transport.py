@@ -44,7 +44,7 @@ from xlat.sip.uri import SipUri
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SipServer", "proxy_config", "start_proxy", "start_sip"]
+__all__ = ["SipServer", "TlsSetupError", "proxy_config", "start_proxy", "start_sip"]
 
 # How long opening a TCP connection may take before the transactions waiting on it fail
 # (Kamailio's tcp_connect_timeout default), well inside Timers B and F (32 s).
@@ -112,7 +112,7 @@ class _Udp(asyncio.DatagramProtocol):
         log.debug("UDP %s: %s", self.local, exc)
         for dest, errno in _queued_errors(self.sock):
             log.info("UDP to %s failed: %s", dest, os.strerror(errno))
-            self.server.transport_error(dest, "udp")
+            self.server.transport_error(dest, "udp", unanswered=True)
 
 
 def _queued_errors(sock: socket.socket) -> list[tuple[Endpoint, int]]:
@@ -222,9 +222,11 @@ class SipServer:
             sends = []
         self.transmit(sends)
 
-    def transport_error(self, dest: Endpoint, transport: str) -> None:
+    def transport_error(self, dest: Endpoint, transport: str, *,
+                        unanswered: bool = False) -> None:
         try:
-            sends = self.proxy.transport_error(dest, transport, self.loop.time())
+            sends = self.proxy.transport_error(dest, transport, self.loop.time(),
+                                               unanswered=unanswered)
         except Exception:
             log.exception("SIP transport error handling failed")
             sends = []
@@ -446,19 +448,30 @@ def proxy_config(cfg: Config) -> ProxyConfig:
     )
 
 
+class TlsSetupError(ValueError):
+    """The TLS files cannot be used (unreadable, not PEM, key not matching the
+    certificate); the message names the file and says why in one line."""
+
+
 def tls_contexts(cfg: Config) -> tuple[ssl.SSLContext | None, ssl.SSLContext]:
     """(server, client) TLS contexts. The client verifies server certificates against
     ``tls_ca`` or the system's CAs, with the host name checked (RFC 5922 §7.2), and
     shows our certificate when it has one (RFC 5922 §7.3: proxies authenticate each
-    other); the server asks phones for none. Raises ssl.SSLError / OSError for
-    unusable files."""
-    client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH,
-                                        cafile=str(cfg.tls_ca) if cfg.tls_ca else None)
+    other); the server asks phones for none. Raises TlsSetupError."""
+    try:
+        client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH,
+                                            cafile=str(cfg.tls_ca) if cfg.tls_ca else None)
+    except (ssl.SSLError, OSError) as exc:
+        raise TlsSetupError(f"--tls-ca {cfg.tls_ca}: {exc}") from None
     server = None
     if cfg.tls_cert is not None and cfg.tls_key is not None:
         server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        server.load_cert_chain(str(cfg.tls_cert), str(cfg.tls_key))
-        client.load_cert_chain(str(cfg.tls_cert), str(cfg.tls_key))
+        try:
+            server.load_cert_chain(str(cfg.tls_cert), str(cfg.tls_key))
+            client.load_cert_chain(str(cfg.tls_cert), str(cfg.tls_key))
+        except (ssl.SSLError, OSError) as exc:
+            raise TlsSetupError(f"--tls-cert {cfg.tls_cert} / --tls-key {cfg.tls_key}: "
+                                f"{exc}") from None
     return server, client
 
 
