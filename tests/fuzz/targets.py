@@ -190,14 +190,18 @@ _ng: tuple[NgCore, SessionManager, list[float]] | None = None
 
 def ng(data: bytes) -> None:
     """One datagram into a long-lived NgCore. It never raises, never logs a caught
-    exception; every reply is ``cookie SP bencode``; sessions stay bounded (the
-    fuzzer's offers are reclaimed by the media timers as the clock steps)."""
+    exception; every reply is ``cookie SP bencode``; sessions and the reply cache stay
+    bounded (the fuzzer's offers are reclaimed by the media timers as the clock
+    steps)."""
     global _ng
     if _ng is None:
         manager = _media()
         _ng = (NgCore(manager), manager, [0.0])
     core, manager, clock = _ng
-    reply = core.handle(data, "127.0.0.1:9999", clock[0])
+    # a new source port each time: the reply cache (keyed by source and cookie) would
+    # otherwise answer most inputs from the first one with the same cookie
+    source = f"127.0.0.1:{int(clock[0]) % 65536}"
+    reply = core.handle(data, source, clock[0])
     if reply is not None:
         _, _, body = reply.partition(b" ")
         assert isinstance(bencode.decode(body), dict)
