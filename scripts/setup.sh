@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(
   nftables python3-nftables python3-bpfcc bpfcc-tools bpftool
   linux-headers-amd64 iproute2 ethtool python3-venv python3-dev gcc make
+  python3-prometheus-client
   sip-tester kamailio rtpengine-daemon tshark tayga tcpdump dnsmasq sipvicious
 )
 

@@ -26,7 +26,15 @@ from xlat.config import (
 )
 from xlat.control.api import ControlError, call
 
-json_option = click.option("-j", "--json", "as_json", is_flag=True, help="Print JSON only.")
+
+def _json_anywhere(ctx: click.Context, _: click.Parameter, value: bool) -> bool:
+    """``-j`` after the subcommand, or before it (``xlat -j session list``)."""
+    root = ctx.find_root().obj or {}
+    return value or bool(root.get("json"))
+
+
+json_option = click.option("-j", "--json", "as_json", is_flag=True, callback=_json_anywhere,
+                           help="Print JSON only.")
 
 
 def _emit(as_json: bool, data: Any, human: Callable[[Any], str]) -> None:
@@ -40,10 +48,12 @@ def _ask(ctx: click.Context, cmd: str, **args: Any) -> Any:
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--control", type=click.Path(path_type=Path), envvar="XLAT_CONTROL",
               default=DEFAULT_CONTROL, show_default=True, help="The daemon's control socket.")
+@click.option("-j", "--json", "as_json", is_flag=True, help="Print JSON only (every command).")
+@click.version_option(package_name="xlat", message="xlat %(version)s")
 @click.pass_context
-def cli(ctx: click.Context, control: Path) -> None:
+def cli(ctx: click.Context, control: Path, as_json: bool) -> None:
     """xlat: a kernel-assisted IPv4<->IPv6 gateway for VoIP."""
-    ctx.obj = {"control": control}
+    ctx.obj = {"control": control, "json": as_json}
 
 
 config_file_option = click.option(
@@ -311,6 +321,21 @@ def _relaying(control: Path, kernel_ok: bool) -> tuple[str, bool, str]:
         return ("datapath", True, "ebpf relays media (xlat run, --datapath ebpf)")
     return ("datapath", False, "the kernel path cannot come up: xlat run refuses to start; "
             "fix: the FAIL lines above, or --datapath auto to relay in Python")
+
+
+@cli.group("log")
+def log_group() -> None:
+    """The running daemon's log."""
+
+
+@log_group.command("level")
+@click.argument("level", required=False, type=click.Choice(list(LOG_LEVELS)))
+@json_option
+@click.pass_context
+def log_level(ctx: click.Context, level: str | None, as_json: bool) -> None:
+    """Show the log level, or change it (no restart)."""
+    _emit(as_json, _ask(ctx, "log.level", level=level),
+          lambda r: r["level"] if "was" not in r else f"log level {r['level']} (was {r['was']})")
 
 
 @cli.command()

@@ -38,7 +38,7 @@ from xlat.config import Config
 from xlat.control.api import ControlError, ControlServer, Registry, listening
 from xlat.media.datapath import Datapath, DropCounter, Flow, FlowCounters, Forwarder
 from xlat.media.ports import RelayPortPool
-from xlat.media.session import SessionManager
+from xlat.media.session import MediaSession, SessionManager
 
 if TYPE_CHECKING:
     from xlat.sip.proxy import SipProxy
@@ -157,6 +157,9 @@ class Daemon:
             rate_limit_pps=config.rate_limit_pps,
         )
         self.manager.on_change = self._schedule_flush
+        self.manager.on_end = self._summarize
+        # media of ended calls by family direction ("v6->v4"): [packets, bytes]
+        self.ended_media: dict[str, list[int]] = {}
         self._flush_pending = False
         # The nft guard learns each flow only when a userspace relay needs its relay
         # ports admitted; with eBPF alone the whole relay range stays closed to the stack.
@@ -165,6 +168,9 @@ class Daemon:
         self._guard_refresh: dict[Endpoint, Flow] = {}
         self._guard_timer: asyncio.TimerHandle | None = None
         self._closers: list[Any] = []  # async-closable servers, closed in reverse
+        self.sip: Any = None  # the SipServer, the NgServer: read by metrics
+        self.ng: Any = None
+        self.version = _version()
         self._control: ControlServer | None = None
         self._locks: InterfaceLocks | None = None
         self._ebpf_problem: Exception | None = None  # --datapath auto: why not eBPF
@@ -560,6 +566,29 @@ class Daemon:
                 t.bytes += d.bytes
         return total
 
+    def _summarize(self, session: MediaSession, reason: str, now: float) -> None:
+        """One line per ended session (its flows still hold their counters): how long it
+        lasted, packets and bytes each way (A = the offerer or peer A), why it ended."""
+        try:
+            ways = _media_each_way(session, self.manager.flows(session), self.counters)
+        except Exception:  # a datapath that cannot be read must not keep a call alive
+            log.exception("counters of session %s unreadable", session.id)
+            ways = {}
+        fam_a, fam_b = session.families
+        for way, directed in (("a->b", f"v{fam_a}->v{fam_b}"), ("b->a", f"v{fam_b}->v{fam_a}")):
+            total = self.ended_media.setdefault(directed, [0, 0])
+            total[0] += ways.get(way, (0, 0))[0]
+            total[1] += ways.get(way, (0, 0))[1]
+        summary = {"origin": session.origin, "reason": reason,
+                   "duration": round(now - session.created, 3),
+                   "families": f"v{fam_a}/v{fam_b}",
+                   **{way: {"packets": p, "bytes": b} for way, (p, b) in ways.items()}}
+        a, b = ways.get("a->b", (0, 0)), ways.get("b->a", (0, 0))
+        log.info("%s session ended (%s) after %.1f s: A->B %d packets %d bytes, "
+                 "B->A %d packets %d bytes", session.origin, reason, summary["duration"],
+                 *a, *b, extra={"call_id": session.call_id, "session": session.id,
+                                "call": summary})
+
     async def _timers(self) -> None:
         synced = time.monotonic()
         while True:
@@ -587,22 +616,34 @@ class Daemon:
             from xlat.control.ng import NgCore, start_ng
 
             core = NgCore(self.manager, interfaces=cfg.ng_interfaces, counters=self.counters)
-            self._closers.append(await start_ng(core, cfg.ng_listen))
+            self.ng = await start_ng(core, cfg.ng_listen)
+            self._closers.append(self.ng)
             log.info("NG control listening on udp %s", cfg.ng_listen)
         if cfg.sip_endpoints():
             from xlat.sip.transport import TlsSetupError, start_proxy
 
             try:
-                self._closers.append(await start_proxy(cfg, self.manager, self._adopt_signalling))
+                self.sip = await start_proxy(cfg, self.manager, self._adopt_signalling)
             except TlsSetupError as e:
                 raise StartupError(str(e)) from None
+            self._closers.append(self.sip)
             log.info("SIP listening on %s", ", ".join(map(str, cfg.sip_endpoints())))
+        if cfg.metrics_listen is not None:
+            from xlat.metrics import start_metrics
+
+            try:
+                metrics = await start_metrics(self, cfg.metrics_listen)
+            except OSError as e:
+                raise StartupError(f"metrics-listen {cfg.metrics_listen}: "
+                                   f"{e.strerror or e}") from None
+            self._closers.append(metrics)
+            log.info("metrics on http://%s/metrics", metrics.address)
 
     # ---- control commands -------------------------------------------------------------
 
     def _registry(self) -> Registry:
         reg = Registry()
-        reg.add("version", lambda: {"version": _version(), "pid": os.getpid()})
+        reg.add("version", lambda: {"version": self.version, "pid": os.getpid()})
         reg.add("session.list", self._session_list)
         reg.add("session.show", self._session_show, required={"id": str})
         reg.add("session.add", self._session_add, required={"peer_a": str, "peer_b": str},
@@ -611,6 +652,7 @@ class Daemon:
         reg.add("session.flush", self._session_flush)
         reg.add("flow.list", self._flow_list)
         reg.add("stats", self._stats)
+        reg.add("log.level", self._log_level, optional={"level": str})
         reg.add("exit", self._exit, optional={"keep_datapath": bool})
         return reg
 
@@ -699,6 +741,17 @@ class Daemon:
             "table_restored": self.table_restored,
         }
 
+    def _log_level(self, level: str | None = None) -> dict[str, str]:
+        from xlat import logs
+
+        if level is None:
+            return {"level": logs.level()}
+        was = logs.set_level(level)
+        # at the new level itself, so the line is written whatever the level is
+        log.log(max(logging.INFO, logging.getLevelNamesMapping()[level.upper()]),
+                "log level %s (was %s), set through the control socket", level, was)
+        return {"level": level, "was": was}
+
     def _exit(self, keep_datapath: bool | None = None) -> dict[str, bool]:
         if keep_datapath is not None:
             self.keep_datapath = bool(keep_datapath)
@@ -754,6 +807,25 @@ def trusted_sources(cfg: Config) -> list[ipaddress.IPv4Network | ipaddress.IPv6N
             continue
         out += [ipaddress.ip_network(str(info[4][0]).partition("%")[0]) for info in infos]
     return list(dict.fromkeys(out))
+
+
+def _media_each_way(session: MediaSession, flows: Sequence[Flow],
+                    lookup: Any) -> dict[str, tuple[int, int]]:
+    """(packets, bytes) that arrived from side A (``a->b``) and from side B (``b->a``),
+    RTP and RTCP, over the flows the session owns."""
+    side_a = {leg.relay for stream in session.streams if stream is not None
+              for leg in stream[:1]}
+    counts = lookup([f.match for f in flows])
+    ways = {"a->b": (0, 0), "b->a": (0, 0)}
+    for f in flows:
+        c = counts.get(f.match)
+        if c is None:
+            continue
+        rtp = Endpoint(f.match.host, f.match.port & ~1)  # RTCP arrives on the odd port
+        way = "a->b" if rtp in side_a else "b->a"
+        p, b = ways[way]
+        ways[way] = (p + c.packets, b + c.bytes)
+    return ways
 
 
 def _reason_meanings() -> dict[str, str]:

@@ -173,14 +173,18 @@ def setup(level: str = "info", fmt: str = "text", stream: TextIO | None = None) 
     logging.getLogger("pyroute2").setLevel(logging.WARNING)  # its debug is a netlink dump
 
 
-def set_level(level: str) -> str:
+def level() -> str:
+    """The level in force (debug, info, warning or error)."""
+    return logging.getLevelName(logging.getLogger().level).lower()
+
+
+def set_level(name: str) -> str:
     """Change the level of a running daemon (``xlat log level``); returns the old one.
     Raises ValueError for a level name that is not debug, info, warning or error."""
     from xlat.config import LOG_LEVELS
 
-    if level not in LOG_LEVELS:
-        raise ValueError(f"log level must be {', '.join(LOG_LEVELS)}, not {level!r}")
-    root = logging.getLogger()
-    old = logging.getLevelName(root.level).lower()
-    root.setLevel(level.upper())
+    if name not in LOG_LEVELS:
+        raise ValueError(f"log level must be {', '.join(LOG_LEVELS)}, not {name!r}")
+    old = level()
+    logging.getLogger().setLevel(name.upper())
     return old

@@ -41,6 +41,7 @@ from xlat.media.session import (
     SessionNotFound,
     StreamSpec,
 )
+from xlat.metrics import LatencyHistogram
 from xlat.sdp import SdpError, SdpInfo, parse_sdp, rewrite_sdp, stream_specs
 
 log = logging.getLogger(__name__)
@@ -249,6 +250,7 @@ class NgCore:
         self.cache_entries = cache_entries
         self.counters = counters
         self.requests: dict[str, int] = {}  # command -> requests handled
+        self.last_command: str | None = None  # of the last ``handle`` (None: cached/invalid)
         self.retransmits = 0
         self._cache: OrderedDict[tuple[str, bytes], tuple[float, bytes]] = OrderedDict()
         self._commands: dict[str, Callable[[_Request, float], dict[str, object]]] = {
@@ -270,6 +272,7 @@ class NgCore:
             return None  # no cookie: no way to address a reply
         cookie = datagram[:space]
         key = (source, cookie)
+        self.last_command = None
         self._expire(now)
         cached = self._cache.get(key)
         if cached is not None:
@@ -302,6 +305,7 @@ class NgCore:
             if handler is None:
                 raise NgError(f"unknown command {command!r}")
             self.requests[command] = self.requests.get(command, 0) + 1
+            self.last_command = command
             reply = handler(request, now)
         except BencodeError as e:
             reply = _error(f"malformed bencode: {e}")
@@ -663,6 +667,7 @@ class NgServer:
         self._loop = asyncio.get_running_loop()
         host, port = sock.getsockname()[:2]
         self.address = Endpoint(parse_ip(host), port)
+        self.latency = LatencyHistogram()  # seconds per request, by command
         self._loop.add_reader(sock.fileno(), self._readable)
 
     def close(self) -> None:
@@ -681,7 +686,10 @@ class NgServer:
                 continue
             host, port = str(addr[0]), int(addr[1])
             source = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            started = time.perf_counter()
             reply = self.core.handle(data, source, now)
+            if self.core.last_command is not None:
+                self.latency.observe(self.core.last_command, time.perf_counter() - started)
             if reply is not None:
                 try:
                     self._sock.sendto(reply, addr)

@@ -183,6 +183,9 @@ class SessionManager:
         self.latch = latch
         self.rate_limit_pps = rate_limit_pps
         self.on_change: Callable[[], None] | None = None
+        # told of each session that ends (not of ``flush``), before its flows go: the
+        # daemon reads their counters for the call's summary line
+        self.on_end: Callable[[MediaSession, str, float], None] | None = None
         self._rng = rng or random.Random()
         self._sessions: dict[str, MediaSession] = {}
         # Sessions sharing a call-id (forks share the answerer-facing relays); manual
@@ -760,6 +763,8 @@ class SessionManager:
         if self._sessions.pop(session.id, None) is None:
             return
         self._dirty.add(session.id)
+        if self.on_end is not None:
+            self.on_end(session, reason, now)
         before = self._wanted(session)
         group = self._group(session)
         group.remove(session)
@@ -770,8 +775,6 @@ class SessionManager:
         if session.call_id is not None and not group:
             del self._calls[session.call_id]
         self.ended[reason] += 1
-        log.info("session %s ended (%s)%s", session.id, reason,
-                 f" call-id {session.call_id}" if session.call_id else "")
 
     def _arm(self, session: MediaSession) -> None:
         self._schedule(session, session.activity + session.idle_timeout)

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from netaddr import IPNetwork
 
 from xlat.addr import Endpoint, IPAddress
+from xlat.logs import CALL_ID, summarized
 from xlat.media.session import PortsExhausted, SessionManager, SessionNotFound
 from xlat.sdp import SdpError, is_sdp_type, parse_sdp, rewrite_sdp, stream_specs
 from xlat.sip import dns
@@ -74,6 +75,7 @@ from xlat.sip.transaction import (
 from xlat.sip.uri import SipUri, format_host, host_ip
 
 log = logging.getLogger(__name__)
+MALFORMED = summarized("malformed SIP")  # outside input: one line per window, not per packet
 
 __all__ = ["ProxyConfig", "Send", "SipProxy", "nat64_embedded", "nat64_synthesize"]
 
@@ -389,6 +391,11 @@ class SipProxy:
         self._queries: list[dns.Query] = []  # asked for, not yet handed to the edge
         self._flows_changed: set[str] = set()  # since drain_records() (the crash journal)
         self.on_change: Callable[[], None] | None = None  # a flow to journal
+        # what was received and what the proxy answered itself, for metrics
+        self.requests_received: dict[str, int] = {}  # method ->
+        self.responses_received: dict[tuple[str, int], int] = {}  # (CSeq method, status) ->
+        self.responses_sent: dict[tuple[str, int], int] = {}  # generated here, not forwarded
+        self.malformed = 0
 
     # ---- public API -----------------------------------------------------------------
 
@@ -415,9 +422,17 @@ class SipProxy:
         now: float,
     ) -> list[Send]:
         """Like ``receive``, for a message already parsed (stream transports)."""
-        if isinstance(message, SipResponse):
-            return self._on_response(message, now)
-        return self._on_request(message, source, local, transport, now)
+        token = CALL_ID.set(message.call_id)  # on every line logged about it
+        try:
+            if isinstance(message, SipResponse):
+                key = (message.cseq[1], message.status)
+                self.responses_received[key] = self.responses_received.get(key, 0) + 1
+                return self._on_response(message, now)
+            method = message.method
+            self.requests_received[method] = self.requests_received.get(method, 0) + 1
+            return self._on_request(message, source, local, transport, now)
+        finally:
+            CALL_ID.reset(token)
 
     def handle_timer(self, now: float) -> list[Send]:
         """Run every transaction timer due at ``now``."""
@@ -999,6 +1014,8 @@ class SipProxy:
         headers: Sequence[tuple[str, str]] = (),
     ) -> list[Send]:
         tag = self._token() if status > 100 else None
+        key = (server.request.method, status)
+        self.responses_sent[key] = self.responses_sent.get(key, 0) + 1
         response = make_response(server.request, status, reason, tag, headers)
         return self._server_actions(server, server.txn.send_response(status, response.to_bytes(),
                                                                      now))
@@ -1013,11 +1030,14 @@ class SipProxy:
     ) -> list[Send]:
         """Answer an unparseable request from the parts of it that parse (see
         `error_response`); drop responses, ACKs and what has no usable Via or CSeq."""
+        self.malformed += 1
         response = error_response(data, error, self._token())
         if response is None:
-            log.info("malformed message from %s dropped: %s", source, error.reason)
+            log.info("malformed message from %s dropped: %s", source, error.reason,
+                     extra=MALFORMED)
             return []
-        log.info("malformed request from %s: %d %s", source, error.status, error.reason)
+        log.info("malformed request from %s: %d %s", source, error.status, error.reason,
+                 extra=MALFORMED)
         via = response.vias[0]
         _stamp(via, source)
         hop = self._incoming_hop(via, source, local, transport)

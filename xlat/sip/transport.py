@@ -38,7 +38,7 @@ from xlat.sip import dns
 from xlat.sip.auth import UsersFile
 from xlat.sip.errors import SipParseError
 from xlat.sip.message import SipRequest, SipResponse, StreamFramer
-from xlat.sip.proxy import ProxyConfig, Send, SipProxy
+from xlat.sip.proxy import MALFORMED, ProxyConfig, Send, SipProxy
 from xlat.sip.resolver import DnsResolver
 from xlat.sip.uri import SipUri
 
@@ -161,7 +161,8 @@ class _Tcp(asyncio.Protocol):
         try:
             messages = self.framer.feed(data)
         except SipParseError as exc:
-            log.info("TCP %s: closing, unframeable stream: %s", self.peer, exc)
+            log.info("TCP %s: closing, unframeable stream: %s", self.peer, exc,
+                     extra=MALFORMED)
             self.transport.close()
             return
         for message in messages:
