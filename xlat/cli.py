@@ -37,6 +37,7 @@ def _ask(ctx: click.Context, cmd: str, **args: Any) -> Any:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="xlat", message="xlat %(version)s")
 @click.option("--control", type=click.Path(path_type=Path), envvar="XLAT_CONTROL",
               default=DEFAULT_CONTROL, show_default=True, help="The daemon's control socket.")
 @click.pass_context

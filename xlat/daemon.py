@@ -73,9 +73,9 @@ def default_interfaces() -> list[str]:
 
     with IPRoute() as ipr:
         return [
-            link.get("IFLA_IFNAME")
+            link.get_attr("IFLA_IFNAME")
             for link in ipr.get_links()
-            if link.get("IFLA_IFNAME") != "lo" and link["flags"] & 1  # IFF_UP
+            if link.get_attr("IFLA_IFNAME") != "lo" and link["flags"] & 1  # IFF_UP
         ]
 
 
