@@ -116,12 +116,15 @@ def run(ctx: click.Context, config_file: Path | None, **options: Any) -> None:
     """Run the gateway daemon (in the foreground)."""
     from xlat import config, daemon, logs
 
-    cfg = config.build(config_file or config.default_file(), control=ctx.obj["control"],
-                       **options)
+    def load() -> config.Config:  # again on SIGHUP: the file, then these options on top
+        return config.build(config_file or config.default_file(), control=ctx.obj["control"],
+                            **options)
+
+    cfg = load()
     logs.setup(cfg.log_level, cfg.log_format)
     for warning in cfg.warnings:
         logging.getLogger("xlat").warning("%s", warning)
-    sys.exit(daemon.run(cfg))
+    sys.exit(daemon.run(cfg, load))
 
 
 @cli.group("config")
