@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup test unit demo bench lint fuzz clean
+.PHONY: setup test unit demo bench lint fuzz deb clean
 
 setup:
 	@bash scripts/setup.sh
@@ -32,6 +32,12 @@ lint: setup
 	$(VENV)/bin/ruff check xlat tests bench
 	$(VENV)/bin/mypy
 
+# The Debian package, built in a copy under build/ so the tree stays clean; the .deb
+# lands in dist/. It installs the build tools (debhelper, dh-python, lintian) only here:
+# neither `make setup` nor the router needs them.
+deb:
+	@bash scripts/build-deb.sh
+
 clean:
 	-$(VENV)/bin/xlat lab down 2>/dev/null
-	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache build dist

@@ -46,6 +46,7 @@ def _ask(ctx: click.Context, cmd: str, **args: Any) -> Any:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="xlat", message="xlat %(version)s")
 @click.option("--control", type=click.Path(path_type=Path), envvar="XLAT_CONTROL",
               default=DEFAULT_CONTROL, show_default=True, help="The daemon's control socket.")
 @click.option("-j", "--json", "as_json", is_flag=True, help="Print JSON only (every command).")
@@ -128,12 +129,15 @@ def run(ctx: click.Context, config_file: Path | None, **options: Any) -> None:
     """Run the gateway daemon (in the foreground)."""
     from xlat import config, daemon, logs
 
-    cfg = config.build(config_file or config.default_file(), control=ctx.obj["control"],
-                       **options)
+    def load() -> config.Config:  # again on SIGHUP: the file, then these options on top
+        return config.build(config_file or config.default_file(), control=ctx.obj["control"],
+                            **options)
+
+    cfg = load()
     logs.setup(cfg.log_level, cfg.log_format)
     for warning in cfg.warnings:
         logging.getLogger("xlat").warning("%s", warning)
-    sys.exit(daemon.run(cfg))
+    sys.exit(daemon.run(cfg, load))
 
 
 @cli.group("config")

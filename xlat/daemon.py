@@ -28,13 +28,15 @@ import resource
 import signal
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from xlat import state
+from xlat import systemd
 from xlat.addr import Endpoint
-from xlat.config import Config
+from xlat.config import Config, ConfigError
 from xlat.control.api import ControlError, ControlServer, Registry, listening
 from xlat.media.datapath import Datapath, DropCounter, Flow, FlowCounters, Forwarder
 from xlat.media.ports import RelayPortPool
@@ -53,6 +55,10 @@ TICK = 0.5  # longest sleep of the timer loop: idle expiry lands within 1 s of i
 # expiry (10k calls idle at once) becomes many short passes, not one long stall.
 EXPIRY_BATCH = 100
 JOURNAL_SYNC = 1.0  # seconds between fdatasyncs of the journal (for power loss)
+# What SIGHUP (``systemctl reload``) applies: where requests go and the limits new
+# calls get. Live calls keep their timers and caps; the rest needs a restart.
+RELOADABLE = ("domains", "routes", "nat64_prefixes", "idle_timeout", "delete_delay",
+              "latch", "rate_limit_pps", "log_level")
 
 
 class ExitCode(enum.IntEnum):
@@ -85,9 +91,9 @@ def default_interfaces() -> list[str]:
 
     with IPRoute() as ipr:
         return [
-            link.get("IFLA_IFNAME")
+            link.get_attr("IFLA_IFNAME")
             for link in ipr.get_links()
-            if link.get("IFLA_IFNAME") != "lo" and link["flags"] & 1  # IFF_UP
+            if link.get_attr("IFLA_IFNAME") != "lo" and link["flags"] & 1  # IFF_UP
         ]
 
 
@@ -140,8 +146,9 @@ def _same_file(path: Path, fd: int) -> bool:
 class Daemon:
     """One gateway: see the module docstring."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, loader: Callable[[], Config] | None = None) -> None:
         self.config = config
+        self._loader = loader  # reads the configuration again, for SIGHUP
         self.keep_datapath = config.keep_datapath
         self.started = time.monotonic()
         self.forwarders: list[Forwarder] = []  # ebpf and/or userspace: they move packets
@@ -196,15 +203,63 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        watchdog: asyncio.Task[None] | None = None
         try:
             await self.start()
-            log.info("xlat ready: media relayed by %s, control %s", self.media_relay,
-                     self.config.control)
+            status = f"media relayed by {self.media_relay}, control {self.config.control}"
+            log.info("xlat ready: %s", status)
+            systemd.notify("READY=1", f"STATUS={status}")
+            period = systemd.watchdog_period()
+            if period is not None:
+                watchdog = asyncio.create_task(self._watchdog(period))
             await self._should_exit.wait()
         finally:
+            systemd.notify("STOPPING=1")
+            if watchdog is not None:
+                watchdog.cancel()
             await self.stop()
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
+
+    async def _watchdog(self, period: float) -> None:
+        """WATCHDOG=1 from the event loop itself: a loop stuck for WatchdogSec gets
+        the daemon killed and restarted (its calls adopted)."""
+        while True:
+            systemd.notify("WATCHDOG=1")
+            await asyncio.sleep(period)
+
+    def reload(self) -> None:
+        """SIGHUP: read the configuration again and apply RELOADABLE fields: new
+        requests and calls see them, live calls keep what they were set up with. A
+        file that does not load changes nothing."""
+        if self._loader is None:
+            log.warning("SIGHUP: no configuration to reload")
+            return
+        systemd.notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        try:
+            new = self._loader()
+        except ConfigError as e:
+            log.error("reload failed, running configuration kept: %s", e)
+            systemd.notify("READY=1")
+            return
+        old = self.config
+        changed = [f.name for f in fields(Config) if getattr(new, f.name) != getattr(old, f.name)]
+        fixed = [name for name in changed if name not in RELOADABLE]
+        if fixed:
+            log.warning("reload: %s changed; that takes a restart", ", ".join(fixed))
+        self.config = cfg = replace(old, **{n: getattr(new, n) for n in changed
+                                            if n in RELOADABLE})
+        manager = self.manager
+        manager.idle_timeout, manager.delete_delay = cfg.idle_timeout, cfg.delete_delay
+        manager.latch, manager.rate_limit_pps = cfg.latch, cfg.rate_limit_pps
+        logging.getLogger().setLevel(cfg.log_level.upper())
+        if self.sip is not None:
+            from xlat.sip.transport import proxy_config
+
+            self.sip.proxy.reconfigure(proxy_config(cfg))
+        log.info("reloaded: %s", ", ".join(n for n in changed if n in RELOADABLE) or "no change")
+        systemd.notify("READY=1")
 
     def _on_signal(self, sig: signal.Signals) -> None:
         if self._should_exit.is_set() and sig == signal.SIGINT:
@@ -843,9 +898,10 @@ def _version() -> str:
     return version("xlat")
 
 
-def run(config: Config) -> ExitCode:
-    """Run the daemon to completion; returns the process exit code."""
-    daemon = Daemon(config)
+def run(config: Config, loader: Callable[[], Config] | None = None) -> ExitCode:
+    """Run the daemon to completion; returns the process exit code. ``loader`` reads
+    the configuration again on SIGHUP."""
+    daemon = Daemon(config, loader)
     try:
         asyncio.run(daemon.serve())
     except StartupError as e:

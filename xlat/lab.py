@@ -196,4 +196,4 @@ class Lab:
         """The MAC address of ``ifname`` in ``ns``."""
         with in_netns(ns), IPRoute() as ipr:
             (link,) = ipr.get_links(ifname=ifname)
-            return str(link.get("IFLA_ADDRESS"))
+            return str(link.get_attr("IFLA_ADDRESS"))

@@ -12,7 +12,7 @@ import gc
 import random
 import re
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv6Address
 
 import pytest
@@ -627,6 +627,27 @@ def test_static_routes_are_next_hops_and_keep_the_request_uri() -> None:
     invite, _ = bob.invite("sip:erin@elsewhere.example", sdp(BOB4.host, 50000))
     got = request(gw.send(bob, invite), kamailio, "INVITE")  # "*" catches every other name
     assert str(got.uri) == "sip:erin@elsewhere.example"
+
+
+def test_reconfigure_sends_new_requests_by_the_new_routes_and_keeps_calls_in_progress() -> None:
+    """``systemctl reload``: a request after it follows the new routes and domains; a
+    transaction begun before it still gets its responses."""
+    old_hop, new_hop = Endpoint.parse("203.0.113.9:5080"), Endpoint.parse("203.0.113.10:5060")
+    gw = Gateway(routes=(("example.org", SipUri.parse("sip:203.0.113.9:5080")),))
+    alice = Phone("alice", ALICE6)
+    first, _ = alice.invite("sip:carol@example.org", sdp(ALICE6.host, 40000))
+    sent = request(gw.send(alice, first), old_hop, "INVITE")
+    gw.proxy.reconfigure(replace(gw.proxy.config, domains=("gw.example",),
+                                 routes=(("example.org", SipUri.parse("sip:203.0.113.10:5060")),)))
+    carol = Phone("carol", old_hop)
+    answer = carol.reply(sent, 200, sdp(IPv4Address("203.0.113.9"), 50000), tag="c1")
+    assert response(gw.send(carol, answer), ALICE6, 200)  # the call set up before goes on
+    second, _ = alice.invite("sip:dave@example.org", sdp(ALICE6.host, 40002))
+    assert request(gw.send(alice, second), new_hop, "INVITE")
+    third, _ = alice.invite("sip:erin@gw.example", sdp(ALICE6.host, 40004))
+    # our domain now: looked up in the registrar, not resolved as a foreign host
+    assert response(gw.send(alice, third), ALICE6, 404).reason == "Not Found"
+    assert len(gw.media.sessions()) == 2
 
 
 def test_timeout_gives_408_and_releases_media() -> None:

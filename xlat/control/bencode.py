@@ -37,14 +37,18 @@ def decode(data: bytes, *, max_depth: int = MAX_DEPTH) -> Value:
 
 def encode(value: Mapping[str, object]) -> bytes:
     """Encode a reply: ``str`` keys, values ``str``/``bytes``/``int``/lists/dicts."""
-    return bytes(fastbencode.bencode_utf8(_bytes_keys(value)))
+    return bytes(fastbencode.bencode(_as_bytes(value)))
 
 
-def _bytes_keys(value: object) -> object:
+def _as_bytes(value: object) -> object:
+    """Strings as UTF-8 bytes, here rather than by ``bencode_utf8``: Debian bookworm's
+    fastbencode 0.2 has only ``bencode``."""
+    if isinstance(value, str):
+        return value.encode()
     if isinstance(value, Mapping):
-        return {k.encode(): _bytes_keys(v) for k, v in value.items()}
+        return {k.encode(): _as_bytes(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_bytes_keys(v) for v in value]
+        return [_as_bytes(v) for v in value]
     return value
 
 

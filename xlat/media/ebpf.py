@@ -30,6 +30,7 @@ import time
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from importlib import resources
 from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,9 @@ from pyroute2.netlink.exceptions import NetlinkError
 from xlat.addr import Endpoint
 from xlat.media.datapath import DropCounter, Flow, FlowCounters, Latch
 
-BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
+# Package data (top-level bpf/, shipped as xlat/bpf): bcc compiles a file path whose
+# #includes sit beside it, so this is a real directory, never a zip member.
+BPF_DIR = Path(str(resources.files("xlat") / "bpf"))
 BPF_SOURCE = BPF_DIR / "xlat.c"
 DEFAULT_BPFFS = Path("/sys/fs/bpf/xlat")
 BPFFS_ROOT = Path("/sys/fs/bpf")  # where systemd (and Cilium) mount the bpf filesystem

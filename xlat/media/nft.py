@@ -18,6 +18,7 @@ import math
 import shutil
 import string
 from collections.abc import Callable, Iterable, Sequence
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ try:
 except ImportError:  # reported by check_nft(); NftGuard needs it
     nftables = None
 
-RULESET = Path(__file__).resolve().parents[2] / "nft" / "xlat.nft"
+RULESET = Path(str(resources.files("xlat") / "nft" / "xlat.nft"))  # package data (top-level nft/)
 FAMILY = "inet"
 TABLE = "xlat"
 DROP_COUNTERS = ("unallocated", "sip_rate_limited")

@@ -364,7 +364,6 @@ class SipProxy:
     failed target is avoided for a while (``dns.FailedTargets``)."""
 
     def __init__(self, config: ProxyConfig, media: SessionManager, rng: random.Random) -> None:
-        self.config = config
         self.media = media
         self.registrar = Registrar(*config.register_expires)
         self.auth = None if config.users is None else DigestAuth(
@@ -374,6 +373,18 @@ class SipProxy:
         self._clients: dict[tuple[str, str], _Branch] = {}
         self._timers: list[tuple[float, int, _Entry]] = []
         self._seq = itertools.count()
+        self._flows: dict[str, tuple[_Hop, float]] = {}  # NAT64 phone's Contact -> its flow
+        self.dns = dns.DnsCache()
+        self.failed_targets = dns.FailedTargets()
+        self._parked: dict[dns.Query, list[_Parked]] = {}  # requests waiting for an answer
+        self._queries: list[dns.Query] = []  # asked for, not yet handed to the edge
+        self.reconfigure(config)
+
+    def reconfigure(self, config: ProxyConfig) -> None:
+        """Use ``config`` from now on (``systemctl reload``): new requests see its
+        domains, routes and NAT64 prefixes; transactions, dialogs and registrations in
+        progress keep going. The registrar's lifetimes stay as they were."""
+        self.config = config
         self._our_ips = self._own_addresses()
         self._our_ports = frozenset(ep.port for ep in (*config.sip.values(),
                                                        *config.tls.values()))
