@@ -50,7 +50,6 @@ def _ask(ctx: click.Context, cmd: str, **args: Any) -> Any:
 @click.option("--control", type=click.Path(path_type=Path), envvar="XLAT_CONTROL",
               default=DEFAULT_CONTROL, show_default=True, help="The daemon's control socket.")
 @click.option("-j", "--json", "as_json", is_flag=True, help="Print JSON only (every command).")
-@click.version_option(package_name="xlat", message="xlat %(version)s")
 @click.pass_context
 def cli(ctx: click.Context, control: Path, as_json: bool) -> None:
     """xlat: a kernel-assisted IPv4<->IPv6 gateway for VoIP."""

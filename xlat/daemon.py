@@ -33,8 +33,7 @@ from dataclasses import fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from xlat import state
-from xlat import systemd
+from xlat import state, systemd
 from xlat.addr import Endpoint
 from xlat.config import Config, ConfigError
 from xlat.control.api import ControlError, ControlServer, Registry, listening

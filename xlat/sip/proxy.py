@@ -378,6 +378,13 @@ class SipProxy:
         self.failed_targets = dns.FailedTargets()
         self._parked: dict[dns.Query, list[_Parked]] = {}  # requests waiting for an answer
         self._queries: list[dns.Query] = []  # asked for, not yet handed to the edge
+        self._flows_changed: set[str] = set()  # since drain_records() (the crash journal)
+        self.on_change: Callable[[], None] | None = None  # a flow to journal
+        # what was received and what the proxy answered itself, for metrics
+        self.requests_received: dict[str, int] = {}  # method ->
+        self.responses_received: dict[tuple[str, int], int] = {}  # (CSeq method, status) ->
+        self.responses_sent: dict[tuple[str, int], int] = {}  # generated here, not forwarded
+        self.malformed = 0
         self.reconfigure(config)
 
     def reconfigure(self, config: ProxyConfig) -> None:
@@ -395,18 +402,6 @@ class SipProxy:
                                    None)
         self._ours: dict[str, bool] = {}  # _is_ours by host as written
         self._contacts: dict[tuple[str, int, IPNetwork | None], str] = {}  # _mapped_contact
-        self._flows: dict[str, tuple[_Hop, float]] = {}  # NAT64 phone's Contact -> its flow
-        self.dns = dns.DnsCache()
-        self.failed_targets = dns.FailedTargets()
-        self._parked: dict[dns.Query, list[_Parked]] = {}  # requests waiting for an answer
-        self._queries: list[dns.Query] = []  # asked for, not yet handed to the edge
-        self._flows_changed: set[str] = set()  # since drain_records() (the crash journal)
-        self.on_change: Callable[[], None] | None = None  # a flow to journal
-        # what was received and what the proxy answered itself, for metrics
-        self.requests_received: dict[str, int] = {}  # method ->
-        self.responses_received: dict[tuple[str, int], int] = {}  # (CSeq method, status) ->
-        self.responses_sent: dict[tuple[str, int], int] = {}  # generated here, not forwarded
-        self.malformed = 0
 
     # ---- public API -----------------------------------------------------------------
 
