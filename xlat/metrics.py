@@ -101,11 +101,8 @@ class DaemonCollector(Collector):
             for state in ("active", "deleting"):
                 sessions.add_metric([origin, state], by[origin, state])
         yield sessions
-        ended = CounterMetricFamily("xlat_sessions_ended", "Sessions ended, by why",
-                                    labels=["reason"])
-        for reason, n in sorted(manager.ended.items()):
-            ended.add_metric([reason], n)
-        yield ended
+        yield _by_label("xlat_sessions_ended", "Sessions ended, by why", "reason",
+                        manager.ended)
         flows = GaugeMetricFamily("xlat_flows", "Flows the datapath holds (one per direction "
                                   "of each RTP and RTCP stream)")
         flows.add_metric([], manager.flow_count)
@@ -161,11 +158,8 @@ class DaemonCollector(Collector):
         yield dropped_b
 
     def _sip(self, proxy: Any) -> Iterator[Metric]:
-        requests = CounterMetricFamily("xlat_sip_requests_received", "SIP requests "
-                                       "received, by method", labels=["method"])
-        for method, n in sorted(proxy.requests_received.items()):
-            requests.add_metric([method], n)
-        yield requests
+        yield _by_label("xlat_sip_requests_received", "SIP requests received, by method",
+                        "method", proxy.requests_received)
         for name, doc, counts in (
             ("xlat_sip_responses_received", "SIP responses received, by CSeq method and "
              "status code", proxy.responses_received),
@@ -187,11 +181,8 @@ class DaemonCollector(Collector):
 
     def _ng(self, ng: Any) -> Iterator[Metric]:
         core = ng.core
-        requests = CounterMetricFamily("xlat_ng_requests", "NG requests handled, by "
-                                       "command", labels=["command"])
-        for command, n in sorted(core.requests.items()):
-            requests.add_metric([command], n)
-        yield requests
+        yield _by_label("xlat_ng_requests", "NG requests handled, by command", "command",
+                        core.requests)
         retransmits = CounterMetricFamily("xlat_ng_retransmits", "NG requests answered "
                                           "from the reply cache")
         retransmits.add_metric([], core.retransmits)
@@ -253,3 +244,11 @@ async def start_metrics(daemon: Any, listen: Endpoint) -> MetricsServer:
     server = await asyncio.start_server(serve, str(listen.host), listen.port,
                                         limit=MAX_REQUEST_HEAD)
     return MetricsServer(registry, server)
+
+
+def _by_label(name: str, doc: str, label: str, counts: dict[str, int]) -> Metric:
+    """A counter family with one sample per key of ``counts``, in key order."""
+    family = CounterMetricFamily(name, doc, labels=[label])
+    for key, n in sorted(counts.items()):
+        family.add_metric([key], n)
+    return family
