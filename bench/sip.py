@@ -84,10 +84,13 @@ def calls(lab: BenchLab, rate: float, seconds: float, cpu_pids: list[int]
             "cpu_ns": cpu.used_ns}
 
 
-def max_cps(lab: BenchLab, cpu_pids: list[int], quick: bool) -> dict[str, Any]:
+def max_cps(lab: BenchLab, cpu_pids: list[int], quick: bool, precision: float | None = None
+            ) -> dict[str, Any]:
     """Highest call rate whose every call succeeds and completes in time: double from
-    25 cps (quick: 50) until a run fails, then bisect (one SIPp run per rate)."""
-    seconds, precision = (0.5, 2.0) if quick else (3.0, 1.2)
+    25 cps (quick: 50) until a run fails, then bisect to within ``precision`` (a
+    factor; default 1.2, quick 2) (one SIPp run per rate)."""
+    seconds, default_precision = (0.5, 2.0) if quick else (3.0, 1.2)
+    precision = precision or default_precision
     results: dict[float, dict[str, Any]] = {}
 
     def ok(rate: float) -> bool:
@@ -135,11 +138,11 @@ def relayed_sdp(lab: BenchLab) -> None:
         raise BenchError("the UAS got an SDP without the gateway's media address")
 
 
-def measure(impl: str, lab: BenchLab, cpu_pids: Callable[[], list[int]], quick: bool
-            ) -> dict[str, Any]:
+def measure(impl: str, lab: BenchLab, cpu_pids: Callable[[], list[int]], quick: bool,
+            precision: float | None = None) -> dict[str, Any]:
     relayed_sdp(lab)
     with uas(lab):
-        found = max_cps(lab, cpu_pids(), quick)
+        found = max_cps(lab, cpu_pids(), quick, precision)
         fixed = calls(lab, CPU_CPS, 1.0 if quick else 4.0, cpu_pids())
     out = {"figure": "sip_cps", "impl": impl, **found}
     if fixed["failed"] == 0:

@@ -1,0 +1,154 @@
+"""DNS figures (issue #10): SIP calls/s through xlat to a ``*`` route target named by
+DNS (NAPTR → SRV → A, warm cache) against the same target as an IP literal, in the
+same run; and the call set-up time that a cold lookup adds.
+
+dnsmasq (``xlat.labdns``) runs in the v4 host's namespace on 203.0.113.3:53,
+authoritative for ``bench.test`` with a TTL of one hour (negative answers too: the
+zone's SOA comes with them), and the gateway namespace's resolv.conf names it, so
+``xlat run`` finds it through /etc/resolv.conf as a daemon does. Every name of the
+zone has the full RFC 3263 chain: NAPTR ``SIP+D2U`` → SRV ``_sip._udp`` → a host
+with an A record (and no AAAA) → the SIPp UAS on 203.0.113.2:5080.
+"""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+import subprocess
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from bench.env import V4_HOST, V6_HOST, BenchError, BenchLab, Xlat, in_ns
+from bench.sip import HERE, PROXY, UAS_PORT, UNLIMITED_SIP_RATE, measure, uas
+from xlat.addr import parse_ip
+from xlat.demo import read_trace
+from xlat.labdns import Dnsmasq, resolv_conf
+
+ZONE = "bench.test"
+DNS_SERVER = parse_ip("203.0.113.3")  # the v4 host's second address (xlat.lab.V4_HOST2)
+TTL = 3600  # seconds: the cache stays warm for the whole figure
+PBX = f"pbx.{ZONE}"  # the DNS-named route target
+LITERAL = f"{V4_HOST}:{UAS_PORT}"  # ... and the same as an IP literal
+PRECISION = 1.05  # the calls/s search bisects to 5 % (sip_cps: 20 %): the ratio is the figure
+COLD_RATE = 5  # calls/s of the set-up latency run, one at a time
+TARGETS = (("IP-literal route", LITERAL), ("DNS-named route", PBX))
+
+
+def records(names: Sequence[str]) -> list[str]:
+    """dnsmasq options: for each name, NAPTR → SRV (port 5080) → A of ``uas.<name>``."""
+    out = []
+    for name in names:
+        out += [f"--naptr-record={name},10,10,S,SIP+D2U,,_sip._udp.{name}",
+                f"--srv-host=_sip._udp.{name},uas.{name},{UAS_PORT},10,0",
+                f"--host-record=uas.{name},{V4_HOST}"]
+    return out
+
+
+def figures(lab: BenchLab, quick: bool) -> Iterator[dict[str, Any]]:
+    if shutil.which("dnsmasq") is None:
+        raise BenchError("dnsmasq not found (Debian package dnsmasq)")
+    cold = [f"c{i}.{ZONE}" for i in range(10 if quick else 30)]
+    with Dnsmasq(lab.v4, DNS_SERVER, records([PBX, *cold]), lab.tmp / "dnsmasq.log",
+                 zone=ZONE, ttl=TTL) as dns, resolv_conf(lab.gw, DNS_SERVER):
+        yield from routed_cps(lab, quick, dns)
+        try:
+            yield cold_setup(lab, cold, dns)
+        except BenchError as e:
+            yield {"figure": "sip_dns_setup", "impl": "xlat", "error": str(e)}
+
+
+def routed_cps(lab: BenchLab, quick: bool, dns: Dnsmasq) -> Iterator[dict[str, Any]]:
+    """``sip_cps``'s xlat row (same caller, callee and options) with ``--route
+    '*=sip:203.0.113.2:5080'`` and with ``--route '*=sip:pbx.bench.test'``, a fresh
+    daemon each; full runs alternate them twice and keep each one's best search."""
+    config = lab.tmp / "sip-dns-bench.toml"
+    config.write_text(f"sip-rate = {UNLIMITED_SIP_RATE}\n")
+    runs: dict[str, list[dict[str, Any]]] = {impl: [] for impl, _ in TARGETS}
+    for _ in range(1 if quick else 2):
+        for impl, target in TARGETS:
+            runs[impl].append(routed(lab, quick, dns, config, target))
+    best = {}
+    for impl, target in TARGETS:
+        measured = [r for r in runs[impl] if "error" not in r]
+        pick = max(measured, key=lambda r: float(r["cps"])) if measured else runs[impl][-1]
+        best[impl] = {**pick, "figure": "sip_dns_cps", "impl": f"xlat, {impl}",
+                      "route": f"*=sip:{target}", "searches": [r.get("cps") for r in runs[impl]]}
+    literal, named = best["IP-literal route"], best["DNS-named route"]
+    if literal.get("cps") and named.get("cps"):
+        named["vs_literal"] = round(float(named["cps"]) / float(literal["cps"]), 3)
+    yield literal
+    yield named
+
+
+def routed(lab: BenchLab, quick: bool, dns: Dnsmasq, config: Path, target: str
+           ) -> dict[str, Any]:
+    """One daemon routing ``*`` to ``target``: ``bench.sip.measure`` of it, and how many
+    DNS queries it made meanwhile (a warm cache: the first call's few)."""
+    extra = ["-c", str(config), "--route", f"*=sip:{target}", "--delete-delay", "0",
+             "--ports", "20000-59999"]
+    try:
+        with Xlat(lab, sip_listen=(), extra=extra) as daemon:
+            asked = dns.queries()
+            got = measure(target, lab, lambda: [daemon.pid], quick, PRECISION)
+            return {**got, "dns_queries": dns.queries() - asked}
+    except BenchError as e:
+        return {"error": str(e)}
+
+
+def cold_setup(lab: BenchLab, names: Sequence[str], dns: Dnsmasq) -> dict[str, Any]:
+    """INVITE sent → 200 received at the v6 caller, for a call to ``sip:bench@NAME``
+    whose host xlat has never looked up (cold: NAPTR, SRV, then AAAA and A) and for
+    the next call to the same host (warm), pair by pair, one call at a time. xlat runs
+    with its defaults and no route: the Request-URI's host is the next hop."""
+    inf = lab.tmp / "names.csv"
+    inf.write_text("SEQUENTIAL\n" + "".join(f"{n};\n{n};\n" for n in names))
+    trace = lab.tmp / "named-uac.msg"
+    calls = 2 * len(names)
+    argv = ["sipp", PROXY, "-sf", str(HERE / "uac_named.xml"), "-inf", str(inf),
+            "-i", V6_HOST, "-p", "5070", "-mi", V6_HOST, "-mp", "6000",
+            "-r", str(COLD_RATE), "-l", "1", "-m", str(calls), "-nostdin",
+            "-recv_timeout", "5000", "-timeout", f"{calls / COLD_RATE + 30:.0f}s",
+            "-trace_msg", "-message_file", str(trace)]
+    with Xlat(lab, sip_listen=()) as daemon, uas(lab):
+        asked = dns.queries()
+        done = subprocess.run(in_ns(lab.v6, argv), stdin=subprocess.DEVNULL,
+                              capture_output=True, text=True, timeout=calls / COLD_RATE + 60)
+        queries = dns.queries() - asked
+        drops = daemon.call("stats")["drops"]
+    if done.returncode != 0:
+        raise BenchError(f"SIPp UAC exited {done.returncode}: {done.stderr.strip()[-300:]}")
+    delays = setup_delays(trace)
+    cold, warm = [], []
+    for name in names:
+        first, second = delays.get(name, [])[:2] or (None, None)
+        if first is None or second is None:
+            raise BenchError(f"no two answered calls to {name} in the caller's trace")
+        cold.append(first)
+        warm.append(second)
+    added = [c - w for c, w in zip(cold, warm, strict=True)]
+    return {
+        "figure": "sip_dns_setup", "impl": "xlat", "pairs": len(names),
+        "cold_ms_p50": round(statistics.median(cold) * 1e3, 3),
+        "warm_ms_p50": round(statistics.median(warm) * 1e3, 3),
+        "added_ms_p50": round(statistics.median(added) * 1e3, 3),
+        "added_ms_max": round(max(added) * 1e3, 3),
+        "lookups": "NAPTR, SRV, AAAA+A", "dns_queries": queries,
+        "sip_rate_limited": drops.get("sip_rate_limited", {}).get("packets"),
+    }
+
+
+def setup_delays(trace: Path) -> dict[str, list[float]]:
+    """Per Request-URI host, in call order: seconds from the INVITE the caller sent to
+    the 200 it received for it (SIPp's ``-trace_msg`` log, microsecond stamps)."""
+    sent: dict[str, tuple[str, float]] = {}  # Call-ID -> (host, INVITE sent at)
+    out: dict[str, list[float]] = {}
+    for msg in read_trace(trace):
+        call_id = msg.values("call-id")[0]
+        if msg.sent and msg.is_request and msg.method == "INVITE" and call_id not in sent:
+            sent[call_id] = (msg.start.split()[1].partition("@")[2], msg.at)
+        elif not msg.sent and msg.status == 200 and msg.method == "INVITE" \
+                and call_id in sent:
+            host, at = sent.pop(call_id)
+            out.setdefault(host, []).append(msg.at - at)
+    return out
