@@ -18,16 +18,18 @@ import statistics
 import subprocess
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from bench import sipcore
 from bench.env import V4_HOST, V6_HOST, BenchError, BenchLab, Xlat, in_ns
 from bench.sip import HERE, PROXY, UAS_PORT, UNLIMITED_SIP_RATE, measure, uas
 from xlat.addr import Endpoint, parse_ip
 from xlat.demo import read_trace
 from xlat.lab import in_netns
 from xlat.labdns import Dnsmasq, resolv_conf
-from xlat.sip.dns import AAAA, NAPTR, SRV, A, Query
+from xlat.sip.dns import AAAA, NAPTR, SRV, A, Query, Record
 from xlat.sip.resolver import DnsResolver
 
 ZONE = "bench.test"
@@ -59,10 +61,12 @@ def figures(lab: BenchLab, quick: bool) -> Iterator[dict[str, Any]]:
     with Dnsmasq(lab.v4, DNS_SERVER, records([PBX, *cold]), lab.tmp / "dnsmasq.log",
                  zone=ZONE, ttl=TTL) as dns, resolv_conf(lab.gw, DNS_SERVER):
         yield from routed_cps(lab, quick, dns)
-        try:
-            yield cold_setup(lab, cold, dns)
-        except BenchError as e:
-            yield {"figure": "sip_dns_setup", "impl": "xlat", "error": str(e)}
+        for name, figure in (("sip_dns_core", lambda: proxy_core(lab, quick)),
+                             ("sip_dns_setup", lambda: cold_setup(lab, cold, dns))):
+            try:
+                yield figure()
+            except BenchError as e:
+                yield {"figure": name, "impl": "xlat", "error": str(e)}
 
 
 def routed_cps(lab: BenchLab, quick: bool, dns: Dnsmasq) -> Iterator[dict[str, Any]]:
@@ -150,32 +154,71 @@ def cold_setup(lab: BenchLab, names: Sequence[str], dns: Dnsmasq) -> dict[str, A
         "warm_ms_p50": round(statistics.median(warm) * 1e3, 3),
         "added_ms_p50": round(statistics.median(added) * 1e3, 3),
         "added_ms_max": round(max(added) * 1e3, 3),
-        "resolver_ms_p50": round(statistics.median(resolver_chain(lab, names)) * 1e3, 3),
+        "resolver_ms_p50": round(statistics.median(t for t, _ in lookups(lab, names)) * 1e3, 3),
         "lookups": "NAPTR, SRV, AAAA+A", "dns_queries": queries,
         "sip_rate_limited": drops.get("sip_rate_limited", {}).get("packets"),
     }
 
 
-def resolver_chain(lab: BenchLab, names: Sequence[str]) -> list[float]:
-    """Seconds xlat's resolver edge (``DnsResolver``, dnspython's asyncio resolver) takes
-    for the three steps of a cold lookup of each name, NAPTR, SRV, then AAAA and A
-    together, alone in this process from the gateway's namespace: the DNS share of
-    ``added_ms``."""
+Answers = dict[Query, tuple[list[Record], float | None] | None]
+
+
+async def _chain(resolver: DnsResolver, name: str) -> Answers:
+    """The lookups of a cold call to ``name``, as the proxy asks them: NAPTR, then SRV,
+    then AAAA and A together (``xlat.sip.dns.locate``'s steps for this zone)."""
+    answers: Answers = {}
+
+    async def ask(query: Query) -> None:
+        answers[query] = await resolver.lookup(query)
+
+    await ask(Query(name, NAPTR))
+    await ask(Query(f"_sip._udp.{name}", SRV))
+    await asyncio.gather(ask(Query(f"uas.{name}", AAAA)), ask(Query(f"uas.{name}", A)))
+    return answers
+
+
+def lookups(lab: BenchLab, names: Sequence[str]) -> list[tuple[float, Answers]]:
+    """For each name, the seconds xlat's resolver edge (``DnsResolver``: dnspython's
+    asyncio resolver) takes for ``_chain`` and the answers, asked from the gateway's
+    namespace by this process, one name after the other."""
     resolver = DnsResolver([Endpoint(DNS_SERVER, 53)])
 
-    async def chain(name: str) -> float:
-        started = time.perf_counter()
-        await resolver.lookup(Query(name, NAPTR))
-        await resolver.lookup(Query(f"_sip._udp.{name}", SRV))
-        await asyncio.gather(resolver.lookup(Query(f"uas.{name}", AAAA)),
-                             resolver.lookup(Query(f"uas.{name}", A)))
-        return time.perf_counter() - started
-
-    async def chains() -> list[float]:
-        return [await chain(name) for name in names]
+    async def each() -> list[tuple[float, Answers]]:
+        out = []
+        for name in names:
+            started = time.perf_counter()
+            answers = await _chain(resolver, name)
+            out.append((time.perf_counter() - started, answers))
+        return out
 
     with in_netns(lab.gw):  # dnspython opens its sockets in this thread, so in there
-        return asyncio.run(chains())
+        return asyncio.run(each())
+
+
+def proxy_core(lab: BenchLab, quick: bool) -> dict[str, Any]:
+    """``bench.sipcore``'s calls (the proxy in process, this thread's CPU time) with the
+    ``*`` route to 203.0.113.2:5080 and to ``pbx.bench.test``, its cache holding what
+    dnsmasq answered for that chain: two gateways taking turns call by call, so the
+    machine's other load weighs on both alike; three runs in a full run (one quick),
+    medians."""
+    ((_, answers),) = lookups(lab, [PBX])
+    calls = 500 if quick else sipcore.CALLS
+    us: dict[str, list[float]] = {LITERAL: [], PBX: []}
+    for _ in range(1 if quick else 3):
+        benches = [sipcore.Bench(replace(sipcore.DOC_LAB, target=None)),
+                   sipcore.Bench(replace(sipcore.DOC_LAB, target=f"sip:{PBX}"))]
+        for query, answer in answers.items():
+            if answer is None:
+                raise BenchError(f"dnsmasq did not answer {query.rdtype} {query.name}")
+            benches[1].proxy.dns.store(query, answer[0], answer[1], benches[1].now)
+        sipcore.timed_calls(benches, calls)
+        for runs, bench in zip(us.values(), benches, strict=True):
+            runs.append(bench.spent / calls * 1e6)
+    literal, named = (statistics.median(runs) for runs in us.values())
+    return {"figure": "sip_dns_core", "impl": "xlat", "calls": calls,
+            "literal_us_per_call": round(literal, 1), "named_us_per_call": round(named, 1),
+            "vs_literal": round(literal / named, 3),
+            "us_per_call_each": {k: [round(v, 1) for v in runs] for k, runs in us.items()}}
 
 
 def setup_delays(trace: Path) -> dict[str, list[float]]:

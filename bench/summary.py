@@ -237,6 +237,16 @@ def dns_rows(records: Sequence[Record]) -> Iterator[Row]:
                    find(records, "sip_dns_cps", impl="xlat, DNS-named route"),
                    "by IP literal", find(records, "sip_dns_cps", impl="xlat, IP-literal route"),
                    Target("≥", 0.95))
+    core = find(records, "sip_dns_core")
+    label = "SIP proxy core, same route by DNS name, warm cache: CPU per call (in process)"
+    target = Target("≥", 0.95)
+    if core is None:
+        yield Row(label, MISSING, target=f"{target} (literal ÷ named)")
+    else:
+        ratio = float(core["vs_literal"])
+        yield Row(label, f"{num(core['named_us_per_call'])} µs",
+                  f"by IP literal {num(core['literal_us_per_call'])} µs", times(ratio),
+                  f"{target} (literal ÷ named)", target.met(ratio))
     label = "call set-up time a cold DNS lookup adds (NAPTR, SRV, AAAA+A), p50 (issue #10)"
     setup = find(records, "sip_dns_setup")
     if setup is None:
