@@ -12,7 +12,7 @@ import socket
 import subprocess
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ UAS_PORT = 5080
 PROXY = f"[{GW6}]:5060"
 KAMAILIO_MODULES = "/usr/lib/x86_64-linux-gnu/kamailio/modules/"
 CPU_CPS = 50  # fixed call rate of the CPU runs
+UAC = ("-sf", str(HERE / "uac.xml"))  # the caller's scenario (SIPp options)
 UNLIMITED_SIP_RATE = 1_000_000  # xlat's per-source SIP packets/s cap, lifted
 
 
@@ -61,12 +62,13 @@ def uas(lab: BenchLab, trace: Path | None = None) -> Iterator[subprocess.Popen[s
         yield proc
 
 
-def calls(lab: BenchLab, rate: float, seconds: float, cpu_pids: list[int]
-          ) -> dict[str, Any]:
-    """``rate`` calls/s for ``seconds`` from the v6 UAC; the outcome and proxy CPU."""
+def calls(lab: BenchLab, rate: float, seconds: float, cpu_pids: list[int],
+          uac: Sequence[str] = UAC) -> dict[str, Any]:
+    """``rate`` calls/s for ``seconds`` from the v6 UAC (``uac``: its scenario, as
+    SIPp options); the outcome and proxy CPU."""
     n = max(1, round(rate * seconds))
     stats = lab.tmp / f"uac-{time.monotonic_ns()}.csv"
-    argv = ["sipp", PROXY, "-sf", str(HERE / "uac.xml"), "-i", V6_HOST, "-p", "5070",
+    argv = ["sipp", PROXY, *uac, "-i", V6_HOST, "-p", "5070",
             "-mi", V6_HOST, "-mp", "6000", "-r", f"{rate:.0f}", "-m", str(n),
             "-l", "100000", "-nostdin", "-recv_timeout", "5000",
             "-timeout", f"{seconds + 20:.0f}s", "-trace_stat", "-stf", str(stats)]
@@ -84,14 +86,17 @@ def calls(lab: BenchLab, rate: float, seconds: float, cpu_pids: list[int]
             "cpu_ns": cpu.used_ns}
 
 
-def max_cps(lab: BenchLab, cpu_pids: list[int], quick: bool) -> dict[str, Any]:
+def max_cps(lab: BenchLab, cpu_pids: list[int], quick: bool, precision: float | None = None,
+            uac: Sequence[str] = UAC) -> dict[str, Any]:
     """Highest call rate whose every call succeeds and completes in time: double from
-    25 cps (quick: 50) until a run fails, then bisect (one SIPp run per rate)."""
-    seconds, precision = (0.5, 2.0) if quick else (3.0, 1.2)
+    25 cps (quick: 50) until a run fails, then bisect to within ``precision`` (a
+    factor; default 1.2, quick 2) (one SIPp run per rate)."""
+    seconds, default_precision = (0.5, 2.0) if quick else (3.0, 1.2)
+    precision = precision or default_precision
     results: dict[float, dict[str, Any]] = {}
 
     def ok(rate: float) -> bool:
-        r = results[rate] = calls(lab, rate, seconds, cpu_pids)
+        r = results[rate] = calls(lab, rate, seconds, cpu_pids, uac)
         return r["failed"] == 0 and r["ok"] == r["calls"] and r["elapsed"] < seconds * 1.5 + 1
 
     low, high = 0.0, 0.0
@@ -121,12 +126,12 @@ def max_cps(lab: BenchLab, cpu_pids: list[int], quick: bool) -> dict[str, Any]:
     return {"cps": round(low, 1), "runs": len(results), "run_s": seconds, "bound": bound}
 
 
-def relayed_sdp(lab: BenchLab) -> None:
+def relayed_sdp(lab: BenchLab, uac: Sequence[str] = UAC) -> None:
     """One call; raises BenchError unless the INVITE reached the UAS with its SDP
     rewritten to the gateway's IPv4 media address (so media was really allocated)."""
     trace = lab.tmp / "uas-trace.log"
     with uas(lab, trace):
-        r = calls(lab, 1, 1, [])
+        r = calls(lab, 1, 1, [], uac)
     text = trace.read_text(errors="replace")
     trace.unlink()
     if r["ok"] != 1:
@@ -135,12 +140,12 @@ def relayed_sdp(lab: BenchLab) -> None:
         raise BenchError("the UAS got an SDP without the gateway's media address")
 
 
-def measure(impl: str, lab: BenchLab, cpu_pids: Callable[[], list[int]], quick: bool
-            ) -> dict[str, Any]:
-    relayed_sdp(lab)
+def measure(impl: str, lab: BenchLab, cpu_pids: Callable[[], list[int]], quick: bool,
+            precision: float | None = None, uac: Sequence[str] = UAC) -> dict[str, Any]:
+    relayed_sdp(lab, uac)
     with uas(lab):
-        found = max_cps(lab, cpu_pids(), quick)
-        fixed = calls(lab, CPU_CPS, 1.0 if quick else 4.0, cpu_pids())
+        found = max_cps(lab, cpu_pids(), quick, precision, uac)
+        fixed = calls(lab, CPU_CPS, 1.0 if quick else 4.0, cpu_pids(), uac)
     out = {"figure": "sip_cps", "impl": impl, **found}
     if fixed["failed"] == 0:
         out["cpu_ms_per_call"] = round(fixed["cpu_ns"] / fixed["calls"] / 1e6, 3)

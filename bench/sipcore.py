@@ -69,22 +69,25 @@ _T = TypeVar("_T")
 
 @dataclass(frozen=True)
 class Lab:
-    """The gateway's SIP endpoints and the two SIPp peers."""
+    """The gateway's SIP endpoints and the two SIPp peers; ``target``: the ``*`` route's
+    next hop, if not the UAS's address (a name that must lead there: bench/dns.py)."""
 
     gw4: Endpoint
     gw6: Endpoint
     uac: Endpoint  # v6
     uas: Endpoint  # v4
+    target: str | None = None
 
     @classmethod
     def make(cls, gw4: str, gw6: str, uac: str, uas: str) -> Lab:
-        return cls(*(Endpoint.parse(text) for text in (gw4, gw6, uac, uas)))
+        return cls(Endpoint.parse(gw4), Endpoint.parse(gw6), Endpoint.parse(uac),
+                   Endpoint.parse(uas))
 
     def proxy(self, media: SessionManager) -> SipProxy:
         """The gateway's proxy: requests for its own domain go to the UAS."""
         config = ProxyConfig(sip={4: self.gw4, 6: self.gw6},
                              nat64_prefixes=(IPNetwork("64:ff9b::/96"),),
-                             routes=(("*", SipUri.parse(f"sip:{self.uas}")),))
+                             routes=(("*", SipUri.parse(self.target or f"sip:{self.uas}")),))
         return SipProxy(config, media, random.Random(42))
 
 
@@ -259,21 +262,33 @@ def _daemon_gc() -> Iterator[None]:
         gc.unfreeze()
 
 
-def run(calls: int, profile: cProfile.Profile | None = None) -> dict[str, Any]:
-    """Warm up, then time ``calls`` calls; the figure's fields."""
-    bench = Bench()
+def timed_calls(benches: Sequence[Bench], calls: int,
+                profile: cProfile.Profile | None = None) -> float:
+    """Warm each of ``benches`` up, then time ``calls`` calls on each, taking turns call by
+    call (so that they share whatever else the machine does meanwhile); each bench's
+    ``spent`` is its own. Returns the process CPU seconds of the timed part."""
     with _daemon_gc():
         for n in range(WARMUP):
-            bench.call(n)
-        bench.spent = 0.0
+            for bench in benches:
+                bench.call(n)
+        for bench in benches:
+            bench.spent = 0.0
         cpu0 = time.process_time()
         if profile is not None:
             profile.enable()
         for n in range(WARMUP, WARMUP + calls):
-            bench.call(n)
+            turn = n % len(benches)  # who goes first changes: the first pays more
+            for bench in [*benches[turn:], *benches[:turn]]:
+                bench.call(n)
         if profile is not None:
             profile.disable()
-        cpu = time.process_time() - cpu0
+        return time.process_time() - cpu0
+
+
+def run(calls: int, profile: cProfile.Profile | None = None) -> dict[str, Any]:
+    """Warm up, then time ``calls`` calls; the figure's fields."""
+    bench = Bench()
+    cpu = timed_calls([bench], calls, profile)
     return {"us_per_call": bench.spent / calls * 1e6, "process_us_per_call": cpu / calls * 1e6,
             "transactions": bench.proxy.transactions, "sessions": len(bench.media.sessions())}
 

@@ -209,21 +209,53 @@ def ng_rows(records: Sequence[Record]) -> Iterator[Row]:
 
 def sip_rows(records: Sequence[Record]) -> Iterator[Row]:
     """Clean SIP calls/s and proxy CPU per call against Kamailio + rtpengine."""
-    label = "SIP calls/s, 0 failed (CPU per call)"
-    ours = find(records, "sip_cps", impl="xlat")
-    theirs = find(records, "sip_cps", impl="kamailio+rtpengine")
+    yield _cps_row("SIP calls/s, 0 failed (CPU per call)", find(records, "sip_cps", impl="xlat"),
+                   "Kamailio + rtpengine", find(records, "sip_cps", impl="kamailio+rtpengine"),
+                   Target("≥", 1))
+
+
+def _cps_row(label: str, ours: Record | None, name: str, theirs: Record | None,
+             target: Target) -> Row:
+    """Calls/s and CPU per call of ``ours`` against the baseline ``theirs``."""
     if ours is None:
-        yield Row(label, MISSING)
-        return
-    base, ratio, target, met = _against(float(ours["cps"]), [
-        ("Kamailio + rtpengine", _field(theirs, "cps"), Target("≥", 1))])
+        return Row(label, MISSING)
+    base, ratio, targets, met = _against(float(ours["cps"]), [(name, _field(theirs, "cps"),
+                                                               target)])
     cpu, their_cpu = _field(ours, "cpu_ms_per_call"), _field(theirs, "cpu_ms_per_call")
     xlat = num(ours["cps"]) + ("" if cpu is None else f" ({num(cpu)} ms)")
     if their_cpu is not None:
         base += f" ({num(their_cpu)} ms)"
         if cpu is not None:
             ratio += f" (CPU {times(cpu / their_cpu)})"
-    yield Row(label, xlat, base, ratio, target, met)
+    return Row(label, xlat, base, ratio, targets, met)
+
+
+def dns_rows(records: Sequence[Record]) -> Iterator[Row]:
+    """Issue #10: calls/s to a ``*`` route target named by DNS (warm cache) against the
+    same target as an IP literal, and the call set-up time a cold lookup adds."""
+    yield _cps_row("SIP calls/s to a DNS-named route target, warm cache (issue #10)",
+                   find(records, "sip_dns_cps", impl="xlat, DNS-named route"),
+                   "by IP literal", find(records, "sip_dns_cps", impl="xlat, IP-literal route"),
+                   Target("≥", 0.95))
+    core = find(records, "sip_dns_core")
+    label = "SIP proxy core, same route by DNS name, warm cache: CPU per call (in process)"
+    target = Target("≥", 0.95)
+    if core is None:
+        yield Row(label, MISSING, target=f"{target} (literal ÷ named)")
+    else:
+        ratio = float(core["vs_literal"])
+        yield Row(label, f"{num(core['named_us_per_call'])} µs",
+                  f"by IP literal {num(core['literal_us_per_call'])} µs", times(ratio),
+                  f"{target} (literal ÷ named)", target.met(ratio))
+    label = "call set-up time a cold DNS lookup adds (NAPTR, SRV, AAAA+A), p50 (issue #10)"
+    setup = find(records, "sip_dns_setup")
+    if setup is None:
+        yield Row(label, MISSING)
+        return
+    yield Row(label, f"+{num(setup['added_ms_p50'])} ms (INVITE→200 "
+                     f"{num(setup['cold_ms_p50'])} ms)",
+              f"warm cache {num(setup['warm_ms_p50'])} ms",
+              target="none given")
 
 
 def scale_rows(records: Sequence[Record]) -> Iterator[Row]:
@@ -278,7 +310,7 @@ def expiry_rows(expiry: Record | None) -> Iterator[Row]:
               f"p99 {times(during[1] / before[1])}" if before[1] else "—", target)
 
 
-SECTIONS = (media_rows, cpu_rows, bpf_rows, ng_rows, sip_rows, scale_rows)
+SECTIONS = (media_rows, cpu_rows, bpf_rows, ng_rows, sip_rows, dns_rows, scale_rows)
 
 
 def rows(records: Sequence[Record]) -> list[Row]:

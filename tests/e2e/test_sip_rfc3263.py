@@ -10,12 +10,11 @@ host. The phones are SIPp, as in test_sip_calls.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import shutil
 import socket
-import subprocess
 import time
 from collections.abc import Iterator
+from ipaddress import ip_address
 from pathlib import Path
 
 import pytest
@@ -30,6 +29,7 @@ from test_sip_calls import (
 from xlat.addr import Endpoint
 from xlat.demo import GW_SIP, Gateway, Phone, Sipp, place_call, start_gateway
 from xlat.lab import V4_HOST, V4_HOST2, V6_HOST, V6_HOST2, Lab
+from xlat.labdns import Dnsmasq, resolv_conf
 from xlat.sip.dns import Naptr, Query, Srv
 from xlat.sip.resolver import DnsResolver
 
@@ -63,56 +63,24 @@ RECORDS = [
 ]
 
 
-class Dnsmasq:
-    """dnsmasq in ``ns`` on ``DNS_SERVER``:53, logging queries to ``log``."""
-
-    def __init__(self, lab: Lab, ns: str, log: Path) -> None:
-        self.log = log
-        with log.open("wb") as out:
-            self.proc = lab.exec(ns, [
-                "dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv",
-                "--no-hosts", "--bind-interfaces", f"--listen-address={DNS_SERVER}",
-                "--port=53", "--pid-file=", "--log-queries", "--log-facility=-", *RECORDS,
-            ], stdout=out, stderr=subprocess.STDOUT)
-        time.sleep(0.3)
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"dnsmasq exited: {log.read_text()}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
-
-
 @pytest.fixture(scope="module")
 def dnsmasq(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dnsmasq]:
     require("dnsmasq", shutil.which("dnsmasq") is not None)
-    server = Dnsmasq(lab, lab.v4, tmp_path_factory.mktemp("dns") / "dnsmasq.log")
-    try:
+    with Dnsmasq(lab.v4, DNS_SERVER, RECORDS,
+                 tmp_path_factory.mktemp("dns") / "dnsmasq.log") as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
 def dns_gateway(lab: Lab, dnsmasq: Dnsmasq) -> Iterator[Gateway]:
     """``xlat run`` whose namespace's resolv.conf names the lab's dnsmasq."""
-    netns_etc = Path("/etc/netns") / lab.gw
-    made_parent = not netns_etc.parent.exists()
-    netns_etc.mkdir(parents=True, exist_ok=True)
-    try:
-        (netns_etc / "resolv.conf").write_text(f"nameserver {DNS_SERVER}\n")
+    with resolv_conf(lab.gw, DNS_SERVER):
         gw = start_gateway(lab, "--ports", "30200-30399", "--delete-delay", "1",
                            "--log-level", "debug")
         try:
             yield gw
         finally:
             gw.stop()
-    finally:
-        shutil.rmtree(netns_etc, ignore_errors=True)
-        if made_parent:
-            with contextlib.suppress(OSError):
-                netns_etc.parent.rmdir()
 
 
 @pytest.fixture
@@ -198,14 +166,9 @@ def test_resolver_edge_reads_real_answers_and_bounds_a_dead_server(tmp_path: Pat
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    log = (tmp_path / "dnsmasq.log").open("wb")
-    proc = subprocess.Popen([
-        "dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv", "--no-hosts",
-        "--bind-interfaces", "--listen-address=127.0.0.1", f"--port={port}", "--pid-file=",
-        "--local-ttl=120", *RECORDS], stdout=log, stderr=subprocess.STDOUT)
-    try:
-        time.sleep(0.3)
-        resolver = DnsResolver([Endpoint.parse(f"127.0.0.1:{port}")], timeout=1.0)
+    loopback = ip_address("127.0.0.1")
+    with Dnsmasq(None, loopback, RECORDS, tmp_path / "dnsmasq.log", port=port, ttl=120):
+        resolver = DnsResolver([Endpoint(loopback, port)], timeout=1.0)
 
         async def lookups() -> list[object]:
             return [await resolver.lookup(q) for q in (
@@ -213,10 +176,6 @@ def test_resolver_edge_reads_real_answers_and_bounds_a_dead_server(tmp_path: Pat
                 Query("pbx.example.net", "A"), Query("nothing.example.net", "A"))]
 
         naptr, srv, a, missing = asyncio.run(lookups())
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-        log.close()
     assert naptr == ([Naptr(10, 10, "S", "SIP+D2U", "_sip._udp.example.net.")], 120.0)
     assert srv == ([Srv(10, 0, 5060, "pbx.example.net.")], 120.0)
     assert a == ([PBX], 120.0)

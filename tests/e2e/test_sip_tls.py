@@ -2,7 +2,10 @@
 certificates from a CA the test makes (openssl): a TLS phone calls through the
 gateway to a TLS server named by DNS; its certificate is checked against our CA and
 the name of the target domain; one the CA did not sign makes the call fail with
-one clear log line."""
+one clear log line. In the lab, with SIPp phones behind TLS shims: an IPv6 phone over
+TLS calls an IPv4 phone over UDP, and an IPv4 phone over TLS calls
+``sips:alice@example.org``, which dnsmasq resolves (NAPTR SIPS+D2T, SRV, AAAA) to an
+IPv6 phone reached over TLS."""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import contextlib
 import logging
 import random
 import re
+import shutil
 import socket
 import ssl
 import threading
@@ -18,12 +22,13 @@ from ipaddress import IPv4Address, ip_address
 from pathlib import Path
 
 import pytest
-from conftest import Certificate, issue, make_ca
+from conftest import Certificate, issue, make_ca, require
 from test_sip_calls import assert_kernel_carried, assert_media_both_ways, assert_own_family
 
 from xlat.addr import Endpoint
 from xlat.demo import Phone, place_call, start_gateway
-from xlat.lab import GW4, GW6, V4_HOST, V6_HOST, Lab, in_netns
+from xlat.lab import GW4, GW6, V4_HOST, V4_HOST2, V6_HOST, Lab, in_netns
+from xlat.labdns import Dnsmasq, resolv_conf
 from xlat.media.ports import RelayPortPool
 from xlat.media.session import SessionManager
 from xlat.sip.dns import Query
@@ -160,43 +165,71 @@ def test_untrusted_server_certificate_fails_the_call_with_one_clear_line(
 
 
 class TlsShim:
-    """Debian's SIPp has no TLS: this takes its plain TCP connection in namespace
-    ``ns`` on ``listen`` and carries it over TLS to ``upstream`` (the gateway),
-    checking the gateway's certificate against ``ca`` for ``server_name``."""
+    """TLS for a SIPp phone (Debian's SIPp has none): every TCP connection accepted in
+    namespace ``ns`` on ``listen`` is carried to ``upstream``. With ``ca``, the
+    connection to upstream is TLS, its certificate checked against ``ca`` for
+    ``server_name`` (a TLS caller: SIPp connects to us in plain TCP); with ``serve``,
+    the accepted connections are TLS with that certificate and upstream is plain TCP
+    (a TLS callee: SIPp listens on upstream). ``peer_cert``: upstream's certificate;
+    ``sni``: the server names the TLS clients asked for; ``error``: the first failure."""
 
-    def __init__(self, ns: str, listen: Endpoint, upstream: Endpoint, ca: Path,
-                 server_name: str) -> None:
+    def __init__(self, ns: str, listen: Endpoint, upstream: Endpoint, *, ca: Path | None = None,
+                 server_name: str | None = None, serve: Certificate | None = None) -> None:
         self.ns, self.upstream, self.server_name = ns, upstream, server_name
-        self.context = ssl.create_default_context(cafile=str(ca))
+        self.client = ssl.create_default_context(cafile=str(ca)) if ca else None
+        self.server: ssl.SSLContext | None = None
+        self.sni: list[str | None] = []
+        if serve is not None:
+            self.server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            self.server.load_cert_chain(serve.cert, serve.key)
+            self.server.sni_callback = lambda _sock, name, _ctx: self.sni.append(name)
+        family = socket.AF_INET6 if listen.family == 6 else socket.AF_INET
         with in_netns(ns):
-            self.sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+            self.sock = socket.socket(family, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((str(listen.host), listen.port))
-        self.sock.listen(1)
+        self.sock.listen(4)
         self.sock.settimeout(20)
         self.peer_cert: dict[str, object] | None = None
         self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.threads: list[threading.Thread] = []
+        self.thread = threading.Thread(target=self._accept, daemon=True)
         self.thread.start()
 
-    def _serve(self) -> None:
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:  # closed (or nobody came within the timeout)
+                return
+            thread = threading.Thread(target=self._carry, args=(conn,), daemon=True)
+            self.threads.append(thread)
+            thread.start()
+
+    def _carry(self, accepted: socket.socket) -> None:
         try:
-            plain, _ = self.sock.accept()
+            if self.server is not None:
+                accepted.settimeout(10)
+                accepted = self.server.wrap_socket(accepted, server_side=True)
+                accepted.settimeout(None)
             with in_netns(self.ns):
-                raw = socket.create_connection((str(self.upstream.host), self.upstream.port), 5)
-            tls = self.context.wrap_socket(raw, server_hostname=self.server_name)
-            self.peer_cert = tls.getpeercert()
-            tls.settimeout(None)
-            back = threading.Thread(target=_pump, args=(tls, plain), daemon=True)
+                out = socket.create_connection((str(self.upstream.host), self.upstream.port), 5)
+            if self.client is not None:
+                out = self.client.wrap_socket(out, server_hostname=self.server_name)
+                self.peer_cert = out.getpeercert()
+            out.settimeout(None)
+            back = threading.Thread(target=_pump, args=(out, accepted), daemon=True)
             back.start()
-            _pump(plain, tls)
+            _pump(accepted, out)
             back.join(5)
         except BaseException as exc:
-            self.error = exc
+            self.error = self.error or exc
 
     def close(self) -> None:
         self.sock.close()
         self.thread.join(5)
+        for thread in self.threads:
+            thread.join(5)
 
 
 def _pump(src: socket.socket, dst: socket.socket) -> None:
@@ -210,17 +243,22 @@ def _pump(src: socket.socket, dst: socket.socket) -> None:
             dst.shutdown(socket.SHUT_WR)
 
 
+def lab_cert(pki: dict[str, Certificate], stem: str, names: list[str]) -> Certificate:
+    """A certificate for ``names`` (lab hosts), from the test CA."""
+    ca = pki["gw"].ca
+    return issue(ca.parent, (ca, ca.with_suffix(".key")), stem, names)
+
+
 def test_ipv6_phone_over_tls_calls_ipv4_phone_over_udp(
         lab: Lab, pki: dict[str, Certificate], tmp_path: Path) -> None:
-    cert = issue(pki["gw"].cert.parent, (pki["gw"].ca, pki["gw"].ca.with_suffix(".key")),
-                 "lab-gw", [str(GW6), "gw.test"])
+    cert = lab_cert(pki, "lab-gw", [str(GW6), "gw.test"])
     tls6 = Endpoint(GW6, 5061)
     gateway = start_gateway(lab, "--sip-listen", f"tls:{tls6}", "--tls-cert", str(cert.cert),
                             "--tls-key", str(cert.key), "--tls-ca", str(cert.ca),
                             "--ports", "30400-30599", "--delete-delay", "1")
     alice = Phone(lab.v6, V6_HOST, "alice", tcp=True)
     bob = Phone(lab.v4, V4_HOST, "bob")
-    shim = TlsShim(lab.v6, Endpoint(V6_HOST, 5071), tls6, cert.ca, str(GW6))
+    shim = TlsShim(lab.v6, Endpoint(V6_HOST, 5071), tls6, ca=cert.ca, server_name=str(GW6))
     try:
         kernel_before = gateway.forwarded().get("ebpf", 0)
         record = place_call(gateway, alice, bob, bob.uri, tmp_path,
@@ -236,5 +274,66 @@ def test_ipv6_phone_over_tls_calls_ipv4_phone_over_udp(
     assert invite.values("record-route") == [f"<sip:{GW4}:5060;lr;r2=on>",
                                              f"<sip:[{GW6}]:5061;transport=tls;lr;r2=on>"]
     assert invite.values("via")[0].startswith("SIP/2.0/UDP ")
+    assert_media_both_ways(record)
+    assert_kernel_carried(record, kernel_before)
+
+
+# ---- in the lab: an IPv4 phone over TLS calls sips:alice@example.org, found by DNS ---------
+
+DNS_SERVER = V4_HOST2  # dnsmasq in the IPv4 host's namespace, port 53
+ORG_RECORDS = [  # example.org: NAPTR SIPS+D2T -> SRV _sips._tcp -> AAAA of the IPv6 phone
+    "--local=/example.org/",
+    "--naptr-record=example.org,10,10,S,SIPS+D2T,,_sips._tcp.example.org",
+    "--srv-host=_sips._tcp.example.org,alice.example.org,5061,10,0",
+    f"--host-record=alice.example.org,{V6_HOST}",
+]
+
+
+def test_ipv4_phone_over_tls_calls_sips_uri_of_an_ipv6_phone_found_by_dns(
+        lab: Lab, pki: dict[str, Certificate], tmp_path: Path) -> None:
+    """bob (IPv4, TLS) calls ``sips:alice@example.org``; the gateway finds alice with
+    NAPTR SIPS+D2T -> SRV _sips._tcp -> AAAA at dnsmasq (through its namespace's
+    resolv.conf), reaches her over TLS with the certificate checked for
+    ``example.org`` (RFC 5922 §4: the domain, not the SRV target), and the call's
+    media crosses in the kernel."""
+    require("dnsmasq", shutil.which("dnsmasq") is not None)
+    cert = lab_cert(pki, "lab-gw46", [str(GW4), str(GW6)])
+    phone_cert = lab_cert(pki, "alice-org", ["example.org", str(V6_HOST)])
+    tls4, tls6 = Endpoint(GW4, 5061), Endpoint(GW6, 5061)
+    bob = Phone(lab.v4, V4_HOST, "bob", tcp=True)
+    alice = Phone(lab.v6, V6_HOST, "alice", tcp=True)  # SIPp on TCP 5060, TLS front on 5061
+    with Dnsmasq(lab.v4, DNS_SERVER, ORG_RECORDS, tmp_path / "dnsmasq.log") as dns_server, \
+            resolv_conf(lab.gw, DNS_SERVER):
+        gateway = start_gateway(lab, "--sip-listen", f"tls:{tls4}", "--sip-listen",
+                                f"tls:{tls6}", "--tls-cert", str(cert.cert), "--tls-key",
+                                str(cert.key), "--tls-ca", str(cert.ca),
+                                "--ports", "30600-30799", "--delete-delay", "1")
+        caller_side = TlsShim(lab.v4, Endpoint(V4_HOST, 5071), tls4, ca=cert.ca,
+                              server_name=str(GW4))
+        callee_side = TlsShim(lab.v6, Endpoint(V6_HOST, 5061), Endpoint(V6_HOST, alice.port),
+                              serve=phone_cert)
+        try:
+            kernel_before = gateway.forwarded().get("ebpf", 0)
+            record = place_call(gateway, bob, alice, "sips:alice@example.org", tmp_path,
+                                uas="uas_tls.xml", keys={"tls_port": "5061"},
+                                remote=Endpoint(V4_HOST, 5071))
+        finally:
+            caller_side.close()
+            callee_side.close()
+            gateway.stop()
+        asked = dns_server.log.read_text()
+    assert caller_side.error is None and callee_side.error is None, (caller_side.error,
+                                                                     callee_side.error)
+    assert record.ok, record.explain()
+    assert "query[NAPTR] example.org" in asked and "query[SRV] _sips._tcp.example.org" in asked
+    assert callee_side.sni and set(callee_side.sni) == {"example.org"}  # SNI: the domain
+    assert_own_family(record, bob, alice)
+    invite = record.uas.received("INVITE")[0]
+    assert invite.start.split()[1] == "sips:alice@example.org"  # the R-URI stays
+    assert invite.values("via")[0].startswith(f"SIP/2.0/TLS [{GW6}]:5061")
+    # RFC 5658 double Record-Route, both TLS: the IPv6 entry faces alice, the IPv4 one bob
+    assert invite.values("record-route") == [f"<sip:[{GW6}]:5061;transport=tls;lr;r2=on>",
+                                             f"<sip:{GW4}:5061;transport=tls;lr;r2=on>"]
+    assert [m.method for m in record.uas.received()] == ["INVITE", "ACK", "BYE"]
     assert_media_both_ways(record)
     assert_kernel_carried(record, kernel_before)

@@ -33,6 +33,7 @@ the search.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import random
 from collections import OrderedDict
@@ -250,7 +251,10 @@ class FailedTargets:
 # ---- selection ---------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=MAX_CACHE_ENTRIES)
 def _literal(host: str) -> IPAddress | None:
+    """The IP address ``host`` writes, or None for a name. Cached: ``locate`` asks it of
+    every host on every request, and ``ip_address`` failing on a name costs ≈ 15 µs."""
     raw = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     try:
         return ipaddress.ip_address(raw)
