@@ -15,16 +15,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import threading
 import time
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import pytest
-from nspawn import Machine, debian_tree, dependencies
+from nspawn import CACHE, Machine, debian_tree, dependencies
 from pkgsupport import REPO, copy_source, require, run
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -74,6 +75,9 @@ def machine(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mach
         f"--bind-ro=/lib/modules/{kernel}", "--bind-ro=/usr/src",
         # the bpffs a router's systemd mounts at boot (nspawn gives a read-only /sys)
         f"--bind={lab.bpffs}:/sys/fs/bpf",
+        # the host's package lists and the tree's package cache: the machine has no
+        # network, the host fetches what it installs (peers_installed)
+        "--bind-ro=/var/lib/apt/lists", f"--bind-ro={CACHE / 'debs'}:/mnt/debs",
     ])
     try:
         m.boot()
@@ -223,3 +227,46 @@ def test_systemctl_restart_keeps_a_manual_session_relaying_in_the_kernel(
     assert lost <= 1  # the last one may still be in flight when the stream stops
     forwarded = dict((lbl["datapath"], v) for lbl, v in metrics(m)["xlat_forwarded_packets"])
     assert forwarded["ebpf"] >= counted + len(stream.got), forwarded
+
+
+PEERS = ("kamailio", "rtpengine-daemon", "dnsmasq")
+
+
+def install_offline(m: Machine, names: Sequence[str]) -> None:
+    """``apt-get install PACKAGES`` in the machine, which has no network: the host
+    downloads (``apt-get download``, into the tree's package cache) what is not there."""
+    packages = ["--no-install-recommends", *names]  # as setup.sh installs the peers
+    plan = m.run("apt-get", "install", "-s", "-qq", *packages).stdout
+    wanted = [f"{name}={version}" for name, version in
+              re.findall(r"^Inst (\S+) (?:\[\S+\] )?\((\S+) ", plan, re.M)]
+    run("apt-get", "download", "-q", *wanted, cwd=CACHE / "debs", timeout=600,
+        env=dict(os.environ, PATH="/usr/sbin:/usr/bin:/sbin:/bin"))
+    files = m.run("apt-get", "install", "-qq", "--print-uris", *packages).stdout
+    m.run("cp", *(f"/mnt/debs/{line.split()[1]}" for line in files.splitlines()),
+          "/var/cache/apt/archives/")
+    m.run("apt-get", "install", "-y", "-q", "--no-download", *packages, timeout=600)
+
+
+def test_setup_stops_and_disables_the_services_debian_starts_with_the_test_peers(
+        machine: Machine) -> None:
+    """What scripts/setup.sh runs after installing test peers (scripts/quiet-peers.sh)."""
+    m = machine
+    systemctl(m, "stop", "xlat")  # it holds :5060 on the gateway's addresses
+    install_offline(m, PEERS)
+    running = {u for u in ("kamailio", "rtpengine-daemon", "dnsmasq")
+               if m.run("systemctl", "is-active", "-q", u, check=False).returncode == 0}
+    assert running == {"kamailio", "rtpengine-daemon", "dnsmasq"}  # Debian started them
+    listening = m.run("ss", "-Hlntup").stdout
+    assert ":5060 " in listening and ":2223 " in listening, listening
+    out = m.run("bash", "-s", "--", *PEERS,
+                stdin=(REPO / "scripts/quiet-peers.sh").read_text()).stdout
+    for unit in running:
+        assert f"stopping and disabling {unit}.service" in out, out
+    units = m.run("systemctl", "list-unit-files", "--no-legend", "kamailio.service",
+                  "rtpengine*.service", "dnsmasq.service").stdout
+    assert units and all(line.split()[1] in ("disabled", "alias")  # rtpengine.service
+                         for line in units.splitlines()), units
+    listening = m.run("ss", "-Hlntup").stdout
+    assert ":5060 " not in listening and ":2223 " not in listening, listening
+    assert m.run("bash", "-s", "--", *PEERS,  # idempotent: nothing left to do
+                 stdin=(REPO / "scripts/quiet-peers.sh").read_text()).stdout == ""
