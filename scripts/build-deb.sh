@@ -4,6 +4,9 @@
 # dist/, and lintian must report no error. Installs its build tools on first use.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# dh-python builds with the interpreter it finds on PATH: Debian's own, not a pyenv or
+# venv python3 that happens to come first (it lacks python3-build and the dist-packages).
+export PATH=/usr/sbin:/usr/bin:/sbin:/bin
 
 BUILD_PACKAGES=(debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools
                 python3-click python3-netaddr lintian)

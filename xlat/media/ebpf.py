@@ -201,8 +201,12 @@ def kernel_headers(release: str | None = None, modules: Path = MODULES) -> tuple
     fix = (f"apt-get install linux-headers-amd64 and link {build} to "
            "/usr/src/linux-headers-*-amd64 and source to the -common tree (make setup does)")
     for path in (build, source):
-        if not path.exists():
+        try:
+            path.stat()
+        except FileNotFoundError:
             return False, f"{path} missing; fix: {fix}"
+        except OSError as e:  # e.g. EACCES under a unit with ProtectKernelModules=yes
+            return False, f"{path}: {e.strerror}; fix: let xlat read /lib/modules and /usr/src"
     uts = build / "include" / "generated" / "utsrelease.h"
     try:
         m = re.search(r'UTS_RELEASE\s+"([^"]+)"', uts.read_text())
@@ -248,7 +252,7 @@ def mount_bpffs(pin_dir: Path) -> Path | None:
 
 def resolve_interfaces(ipr: Any, names: Sequence[str]) -> dict[str, int]:
     """name -> ifindex of each interface, which must exist and be up."""
-    links = {link.get("IFLA_IFNAME"): link for link in ipr.get_links()}
+    links = {link.get_attr("IFLA_IFNAME"): link for link in ipr.get_links()}
     out = {}
     for name in names:
         link = links.get(name)
