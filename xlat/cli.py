@@ -222,7 +222,7 @@ def session_list(ctx: click.Context, as_json: bool) -> None:
 
 def _one_of(session_id: str | None, call_id: str | None) -> None:
     if (session_id is None) == (call_id is None):
-        raise click.UsageError("give a session ID or --call-id ID, not both")
+        raise click.UsageError("give either a session ID or --call-id ID")
 
 
 call_id_option = click.option("--call-id", metavar="ID",

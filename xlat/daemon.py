@@ -755,7 +755,7 @@ class Daemon:
         """Every session of a Call-ID: one per answer (forks)."""
         sessions = self.manager.find(call_id)
         if not sessions:
-            raise ControlError(f"no session with call-id {call_id!r}")
+            raise ControlError(f"no session has call-id {call_id}")
         return sessions
 
     def _call_show(self, call_id: str) -> list[dict[str, Any]]:

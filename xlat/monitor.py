@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import select
+import shutil
 import sys
 import termios
 import time
@@ -252,7 +253,7 @@ def run(fetch: Callable[[bool], Sample], *, title: str, interval: float = 1.0,
 def _show_frame(out: TextIO, terminal: bool, as_json_lines: bool, v: View, title: str,
                 clock: str) -> None:
     if terminal:
-        size = os.get_terminal_size(out.fileno())
+        size = shutil.get_terminal_size()  # 80x24 where the terminal says 0x0
         out.write(CLEAR + "\n".join(screen(v, title, size.columns, size.lines)))
     elif as_json_lines:
         out.write(json.dumps(as_json(v, clock)) + "\n")

@@ -24,6 +24,9 @@ def xlat(*args: str, control: Path) -> subprocess.CompletedProcess[str]:
         ("session", "add", "--peer-a", "192.0.2.1:4", "--peer-b", "192.0.2.2:4", "--timeout",
          "-1"),
         ("frobnicate",),
+        ("session", "show"),
+        ("session", "del", "abc", "--call-id", "c1@x"),
+        ("monitor", "--interval", "0"),
         ("run", "--datapath", "dpdk"),
     ],
 )
@@ -35,7 +38,8 @@ def test_usage_errors_exit_2_with_one_line(args: tuple[str, ...], tmp_path: Path
 
 
 @pytest.mark.parametrize("args", [("session", "list", "-j"), ("stats",), ("flow", "list"),
-                                  ("stop",)])
+                                  ("stop",), ("session", "show", "--call-id", "c1@x"),
+                                  ("monitor",), ("monitor", "-j")])
 def test_no_daemon_exits_1_with_one_line(args: tuple[str, ...], tmp_path: Path) -> None:
     r = xlat(*args, control=tmp_path / "none.sock")
     assert r.returncode == 1
