@@ -198,6 +198,8 @@ def test_monitor_on_a_pipe_prints_one_line_or_object_per_refresh(gateway: Gatewa
         objects = [json.loads(o) for o in
                    gateway.cli("monitor", "-j", "--count", "2", "--interval", "0.5")
                    .stdout.splitlines()]
+        unlisted = json.loads(gateway.cli("monitor", "-j", "--count", "1", "--max-calls",
+                                          "0").stdout)
     assert len(lines) == 3 and 2.0 <= took < 6, (lines, took)
     assert all(" sessions 1 (0 deleting) flows 4 " in ln for ln in lines), lines
     assert "forwarded ebpf - pkt/s" in lines[0] and "pkt/s" in lines[2]
@@ -206,3 +208,4 @@ def test_monitor_on_a_pipe_prints_one_line_or_object_per_refresh(gateway: Gatewa
     assert first["id"] == second["id"] == sid and first["pps"] is None
     assert 25 <= second["pps"] <= 200, second  # 100 packets/s, over half a second
     assert objects[1]["forwarded"]["ebpf"]["pps"] >= 25
+    assert unlisted["calls"] is None and unlisted["sessions"] == 1

@@ -143,3 +143,12 @@ def test_session_and_flow_tables_fit_long_ipv6_addresses() -> None:
     assert flows[2].split() == ["s2", "192.0.2.1:30000", "(learning)", "0", "0"]
     assert len({len(f) for f in flows}) == 1  # numbers right-aligned, last column too
     assert _sessions_table([]) == "no sessions" and _flows_table([]) == "no flows"
+
+
+def test_calls_not_listed_are_said_so() -> None:
+    unlisted = view(None, Sample(1.0, stats(1.0, 0, 0, sessions=5000), None))
+    assert unlisted.calls is None
+    assert screen(unlisted, "t", 200, 24)[5] == (
+        "5000 sessions: over --max-calls, so not listed (listing costs the daemon about "
+        "0.15 ms per session)")
+    assert as_json(unlisted, "20:45:01")["calls"] is None
