@@ -247,8 +247,8 @@ def run(fetch: Callable[[bool], Sample], *, title: str, interval: float = 1.0,
             stack.callback(lambda: (out.write(LEAVE), out.flush()))
         prev: Sample | None = None
         frames = 0
-        with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how one quits
-            while count is None or frames < count:
+        try:
+            while True:
                 began, clock = time.monotonic(), time.strftime("%H:%M:%S")
                 try:
                     cur = fetch(terminal or as_json_lines)
@@ -263,6 +263,12 @@ def run(fetch: Callable[[bool], Sample], *, title: str, interval: float = 1.0,
                 frames += 1
                 if frames == count or _wait(fd, interval - (time.monotonic() - began)):
                     break
+        except KeyboardInterrupt:
+            pass  # Ctrl-C is how one quits
+        except BrokenPipeError:
+            # the reader went away (`xlat monitor | head`): done. Python's own flush at
+            # exit would fail on the same pipe, so stdout goes to /dev/null first.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())
 
 
 def _show_frame(out: TextIO, terminal: bool, as_json_lines: bool, v: View, title: str,

@@ -200,6 +200,14 @@ def test_monitor_on_a_pipe_prints_one_line_or_object_per_refresh(gateway: Gatewa
                    .stdout.splitlines()]
         unlisted = json.loads(gateway.cli("monitor", "-j", "--count", "1", "--max-calls",
                                           "0").stdout)
+        # a reader that goes away (`xlat monitor | head -1`) ends it quietly
+        head = subprocess.Popen([*XLAT, "--control", str(gateway.control), "monitor"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert head.stdout is not None and head.stderr is not None
+        assert b" sessions 1 " in head.stdout.readline()
+        head.stdout.close()
+        assert head.wait(timeout=10) == 0
+        assert head.stderr.read() == b""
     assert len(lines) == 3 and 2.0 <= took < 6, (lines, took)
     assert all(" sessions 1 (0 deleting) flows 4 " in ln for ln in lines), lines
     assert "forwarded ebpf - pkt/s" in lines[0] and "pkt/s" in lines[2]
