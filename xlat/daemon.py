@@ -729,6 +729,8 @@ class Daemon:
                 optional={"timeout": float, "lifetime": float})
         reg.add("session.del", self._session_del, required={"id": str})
         reg.add("session.flush", self._session_flush)
+        reg.add("call.show", self._call_show, required={"call_id": str})
+        reg.add("call.del", self._call_del, required={"call_id": str})
         reg.add("flow.list", self._flow_list)
         reg.add("stats", self._stats)
         reg.add("log.level", self._log_level, optional={"level": str})
@@ -773,6 +775,24 @@ class Daemon:
 
     def _session_flush(self) -> dict[str, int]:
         return {"deleted": self.manager.flush(now=time.monotonic())}
+
+    def _call(self, call_id: str) -> list[MediaSession]:
+        """Every session of a Call-ID: one per answer (forks)."""
+        sessions = self.manager.find(call_id)
+        if not sessions:
+            raise ControlError(f"no session has call-id {call_id}")
+        return sessions
+
+    def _call_show(self, call_id: str) -> list[dict[str, Any]]:
+        now = time.monotonic()
+        return [{**self._describe(s, now), "flows": self._flows_of([s], now)}
+                for s in self._call(call_id)]
+
+    def _call_del(self, call_id: str) -> dict[str, Any]:
+        now = time.monotonic()
+        deleted = [self.manager.remove(s.id, now=now).id for s in self._call(call_id)]
+        self._flush()  # forwarding has stopped when the caller hears of it
+        return {"call_id": call_id, "deleted": deleted}
 
     def _flows_of(self, sessions: Sequence[Any], now: float) -> list[dict[str, Any]]:
         flows = [f for s in sessions for f in self.manager.flows(s)]

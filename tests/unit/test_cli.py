@@ -24,6 +24,9 @@ def xlat(*args: str, control: Path) -> subprocess.CompletedProcess[str]:
         ("session", "add", "--peer-a", "192.0.2.1:4", "--peer-b", "192.0.2.2:4", "--timeout",
          "-1"),
         ("frobnicate",),
+        ("session", "show"),
+        ("session", "del", "abc", "--call-id", "c1@x"),
+        ("monitor", "--interval", "0"),
         ("run", "--datapath", "dpdk"),
     ],
 )
@@ -35,7 +38,8 @@ def test_usage_errors_exit_2_with_one_line(args: tuple[str, ...], tmp_path: Path
 
 
 @pytest.mark.parametrize("args", [("session", "list", "-j"), ("stats",), ("flow", "list"),
-                                  ("stop",)])
+                                  ("stop",), ("session", "show", "--call-id", "c1@x"),
+                                  ("monitor",), ("monitor", "-j")])
 def test_no_daemon_exits_1_with_one_line(args: tuple[str, ...], tmp_path: Path) -> None:
     r = xlat(*args, control=tmp_path / "none.sock")
     assert r.returncode == 1
@@ -115,3 +119,20 @@ def test_user_hash_prints_a_users_file_line_the_daemon_accepts(tmp_path: Path) -
     ):
         r = xlat("run", "--media-v4", "192.0.2.1", *options, control=tmp_path / "c.sock")
         assert r.returncode == 1 and r.stderr.strip() == error
+
+
+@pytest.mark.parametrize("words, offered", [
+    ("xlat mon", {"monitor"}),
+    ("xlat session show --", {"--call-id", "--json"}),
+    ("xlat session del --", {"--call-id"}),
+    ("xlat monitor --", {"--interval", "--count", "--max-calls", "--json"}),
+])
+def test_bash_completion_offers_monitor_and_call_id(words: str, offered: set[str]) -> None:
+    """The package's completion script is click's, which asks the installed ``xlat``
+    itself (``_XLAT_COMPLETE=bash_complete``): what it answers is what bash offers."""
+    xlat_bin = Path(sys.executable).parent / "xlat"
+    r = subprocess.run([str(xlat_bin)], capture_output=True, text=True, timeout=60,
+                       env={"_XLAT_COMPLETE": "bash_complete", "COMP_WORDS": words,
+                            "COMP_CWORD": str(len(words.split()) - 1), "PATH": "/usr/bin"})
+    assert r.returncode == 0, r.stderr
+    assert offered <= {line.partition(",")[2] for line in r.stdout.splitlines()}
