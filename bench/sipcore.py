@@ -48,6 +48,7 @@ from typing import Any, TypeVar
 
 from netaddr import IPNetwork
 
+from xlat import eventloop
 from xlat.addr import Endpoint
 from xlat.media.datapath import FakeDatapath
 from xlat.media.ports import RelayPortPool
@@ -366,10 +367,11 @@ async def _edge(calls: int) -> dict[str, Any]:
     return {"us_per_call": bench.spent / calls * 1e6, "process_us_per_call": cpu / calls * 1e6}
 
 
-def edge(calls: int) -> dict[str, Any]:
-    """``_edge`` in a fresh event loop, with the daemon's garbage collector settings."""
+def edge(calls: int, loop: str = "auto") -> dict[str, Any]:
+    """``_edge`` in a fresh event loop (``loop``: xlat/eventloop.py's choice, as the
+    daemon's ``--event-loop``), with the daemon's garbage collector settings."""
     with _daemon_gc():
-        return asyncio.run(_edge(calls))
+        return eventloop.run(_edge(calls), loop)
 
 
 def _record(figure: str, calls: int, runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -395,6 +397,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="one run under cProfile; print the TOP functions on stderr")
     parser.add_argument("--edge", action="store_true",
                         help="also the sip_edge figure (loopback UDP through the asyncio edge)")
+    parser.add_argument("--event-loop", choices=eventloop.LOOPS, default="auto",
+                        help="the sip_edge figure's event loop, as xlat run's [default: auto]")
     args = parser.parse_args(argv)
     if args.profile is not None:
         profiler = cProfile.Profile()
@@ -406,8 +410,10 @@ def main(argv: list[str] | None = None) -> int:
         runs = [run(args.calls) for _ in range(args.runs)]
     print(json.dumps(_record("sip_core", args.calls, runs)), flush=True)
     if args.edge:
-        edge_runs = [edge(EDGE_CALLS) for _ in range(args.runs)]
-        print(json.dumps(_record("sip_edge", EDGE_CALLS, edge_runs)), flush=True)
+        edge_runs = [edge(EDGE_CALLS, args.event_loop) for _ in range(args.runs)]
+        loop = eventloop.resolve(args.event_loop)[0]
+        print(json.dumps({**_record("sip_edge", EDGE_CALLS, edge_runs), "event_loop": loop}),
+              flush=True)
     return 0
 
 

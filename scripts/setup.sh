@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(
   nftables python3-nftables python3-bpfcc bpfcc-tools bpftool
   linux-headers-amd64 iproute2 ethtool python3-venv python3-dev gcc make
-  python3-prometheus-client
+  python3-prometheus-client python3-uvloop
 )
 # ...and the test peers of `make test` / `make demo`, which the router does not need.
 PEER_PACKAGES=(sip-tester kamailio rtpengine-daemon tshark tayga tcpdump dnsmasq sipvicious)

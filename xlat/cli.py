@@ -25,6 +25,7 @@ from xlat.config import (
     ConfigError,
 )
 from xlat.control.api import ControlError, call
+from xlat.eventloop import LOOPS
 from xlat.tables import table
 
 
@@ -124,6 +125,9 @@ config_file_option = click.option(
 @click.option("--log-level", type=click.Choice(list(LOG_LEVELS)), help="[default: info]")
 @click.option("--log-format", type=click.Choice(list(LOG_FORMATS)),
               help="text, or json: one object per line. [default: text]")
+@click.option("--event-loop", type=click.Choice(list(LOOPS)),
+              help="auto: uvloop where installed, else the standard library's. "
+                   "[default: auto]")
 @click.pass_context
 def run(ctx: click.Context, config_file: Path | None, **options: Any) -> None:
     """Run the gateway daemon (in the foreground)."""

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from xlat.addr import AddressError, Endpoint, IPAddress, parse_ip
+from xlat.eventloop import LOOPS
 from xlat.media.datapath import Latch
 
 DEFAULT_FILE = Path("/etc/xlat/xlat.toml")
@@ -126,6 +127,7 @@ class Config:
     state_dir: Path = DEFAULT_STATE_DIR  # the crash journal (xlat/state.py)
     log_level: str = "info"
     log_format: str = "text"
+    event_loop: str = "auto"  # "auto" (uvloop where installed) | "uvloop" | "asyncio"
     users: Path | None = None  # registrar credentials file: turns the local registrar on
     registrar_upstream: str | None = None  # sip: URI: REGISTER goes there (RFC 3327 Path)
     # where it came from, for ``reload`` and for the warnings ``xlat run`` logs
@@ -447,6 +449,7 @@ KEYS: dict[str, Key] = {k.name: k for k in (
     Key("state-dir", "state_dir", _path),
     Key("log-level", "log_level", _choice(*LOG_LEVELS)),
     Key("log-format", "log_format", _choice(*LOG_FORMATS)),
+    Key("event-loop", "event_loop", _choice(*LOOPS)),
     Key("users", "users", _users),
     Key("registrar-upstream", "registrar_upstream", _registrar_uri),
 )}

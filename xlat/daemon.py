@@ -33,7 +33,7 @@ from dataclasses import fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from xlat import state, systemd
+from xlat import eventloop, state, systemd
 from xlat.addr import Endpoint
 from xlat.config import Config, ConfigError
 from xlat.control.api import ControlError, ControlServer, Registry, listening
@@ -947,8 +947,9 @@ def run(config: Config, loader: Callable[[], Config] | None = None) -> ExitCode:
     the configuration again on SIGHUP."""
     daemon = Daemon(config, loader)
     try:
-        asyncio.run(daemon.serve())
-    except StartupError as e:
+        log.info("event loop: %s", eventloop.resolve(config.event_loop)[0])
+        eventloop.run(daemon.serve(), config.event_loop)
+    except (StartupError, eventloop.EventLoopUnavailable) as e:
         log.error("%s", e)
         return ExitCode.STARTUP_FAILURE
     return ExitCode.OK

@@ -1,6 +1,8 @@
 import asyncio
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -84,7 +86,7 @@ def test_brackets_inside_strings_do_not_count_as_nesting() -> None:
     assert make_registry().handle(line) == {"ok": True, "result": name}
 
 
-def test_server_round_trip_over_a_unix_socket(tmp_path: Path) -> None:
+def test_server_round_trip_over_a_unix_socket(tmp_path: Path, run_loop: Callable[..., Any]) -> None:
     path = tmp_path / "control.sock"
 
     async def scenario() -> None:
@@ -112,7 +114,7 @@ def test_server_round_trip_over_a_unix_socket(tmp_path: Path) -> None:
         writer.close()
         await server.close()
 
-    asyncio.run(scenario())
+    run_loop(scenario())
     assert not path.exists() and not listening(path)
     with pytest.raises(ControlError, match="cannot reach xlat"):
         call(path, "add", {"a": 1})
@@ -145,7 +147,9 @@ def test_the_daemons_commands_name_the_bad_argument(args: dict[str, object], err
     assert daemon.manager.sessions() == []
 
 
-def test_call_until_closed_returns_once_the_server_closes_the_connection(tmp_path: Path) -> None:
+def test_call_until_closed_returns_once_the_server_closes_the_connection(
+    tmp_path: Path, run_loop: Callable[..., Any],
+) -> None:
     """What ``xlat stop`` relies on: a daemon told to ``exit`` closes the connection
     only when its shutdown is over (here: the server goes 0.3 s after replying)."""
     path = tmp_path / "control.sock"
@@ -173,10 +177,12 @@ def test_call_until_closed_returns_once_the_server_closes_the_connection(tmp_pat
         assert await waiting is True
         return loop.time() - asked
 
-    assert asyncio.run(scenario()) >= 0.4
+    assert run_loop(scenario()) >= 0.4
 
 
-def test_call_until_closed_times_out_in_one_line(tmp_path: Path) -> None:
+def test_call_until_closed_times_out_in_one_line(
+    tmp_path: Path, run_loop: Callable[..., Any],
+) -> None:
     path = tmp_path / "control.sock"
 
     async def scenario() -> None:
@@ -188,4 +194,4 @@ def test_call_until_closed_times_out_in_one_line(tmp_path: Path) -> None:
                 None, lambda: call(path, "add", {"a": 1}, timeout=0.2, until_closed=True))
         await server.close()
 
-    asyncio.run(scenario())
+    run_loop(scenario())

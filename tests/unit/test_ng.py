@@ -4,7 +4,7 @@ over a real SessionManager whose datapath changes land in a FakeDatapath."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from ipaddress import IPv4Address, IPv6Address
 from typing import Any
 
@@ -531,7 +531,7 @@ def test_encode_is_canonical_bencode() -> None:
 # ---- asyncio edge --------------------------------------------------------------------
 
 
-def test_start_ng_answers_over_udp() -> None:
+def test_start_ng_answers_over_udp(run_loop: Callable[..., Any]) -> None:
     async def scenario() -> bytes:
         server = await start_ng(Rig().core, Endpoint.parse("127.0.0.1:0"))
         loop = asyncio.get_running_loop()
@@ -550,10 +550,10 @@ def test_start_ng_answers_over_udp() -> None:
             transport.close()
             server.close()
 
-    assert asyncio.run(scenario()) == b"5323_1 d6:result4:ponge"
+    assert run_loop(scenario()) == b"5323_1 d6:result4:ponge"
 
 
-def test_a_burst_of_requests_gets_every_reply() -> None:
+def test_a_burst_of_requests_gets_every_reply(run_loop: Callable[..., Any]) -> None:
     """More requests than one wake-up reads (READ_BATCH) arrive at once: each is
     answered, in order, and a later request still gets its reply."""
 
@@ -583,7 +583,7 @@ def test_a_burst_of_requests_gets_every_reply() -> None:
             transport.close()
             server.close()
 
-    replies = asyncio.run(scenario())
+    replies = run_loop(scenario())
     assert [r.split(b" ")[0] for r in replies] == [
         *(f"b{i}".encode() for i in range(READ_BATCH * 2 + 4)), b"late"]
     assert all(r.endswith(b" d6:result4:ponge") for r in replies)

@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import random
 import socket
+from collections.abc import Callable
 from ipaddress import ip_address
 from pathlib import Path
+from typing import Any
 
 import pytest
 from test_sip_proxy import (
@@ -343,7 +345,9 @@ def test_v4_caller_reaches_an_aaaa_only_name_over_ipv6() -> None:
     assert_request_for(Phone("alice", ALICE6), got)
 
 
-def test_asyncio_edge_icmp_port_unreachable_fails_over_on_loopback() -> None:
+def test_asyncio_edge_icmp_port_unreachable_fails_over_on_loopback(
+    run_loop: Callable[..., Any],
+) -> None:
     """Real sockets: the first SRV target is a closed UDP port, whose ICMP error the
     edge reads from the socket's error queue; the INVITE then reaches the second."""
 
@@ -394,7 +398,7 @@ def test_asyncio_edge_icmp_port_unreachable_fails_over_on_loopback() -> None:
             server.close()
         return forwarded, replies
 
-    forwarded, replies = asyncio.run(scenario())
+    forwarded, replies = run_loop(scenario())
     assert forwarded.startswith(b"INVITE sip:bob@example.invalid SIP/2.0")
     assert [r[:12] for r in replies] == [b"SIP/2.0 100 "]  # no final: the second target took it
 

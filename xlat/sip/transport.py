@@ -27,7 +27,7 @@ import socket
 import ssl
 import struct
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any
+from typing import Any, cast
 
 from netaddr import IPNetwork
 
@@ -150,8 +150,9 @@ class _Tcp(asyncio.Protocol):
         self.active = server.loop.time()  # last traffic either way
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # a stream transport (uvloop's are not asyncio.Transport subclasses, so no
+        # isinstance check: xlat/eventloop.py)
+        self.transport = cast(asyncio.Transport, transport)
         self.peer = _endpoint(transport.get_extra_info("peername"))
         self.server.connections[self.peer] = self
 
@@ -188,7 +189,8 @@ class SipServer:
         self.connections: dict[Endpoint, _Tcp] = {}
         self._connecting: dict[tuple[Endpoint, str], list[bytes]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.Handle | None = None  # fires at _timer_at
+        self._timer_at = 0.0  # uvloop's call_at handles have no when()
         self._sweeper: asyncio.TimerHandle | None = None
         self.idle_accepted = float(proxy.config.register_expires[2])
 
@@ -352,10 +354,11 @@ class SipServer:
         if deadline is None:
             return
         if self._timer is not None:
-            if self._timer.when() <= deadline:
+            if self._timer_at <= deadline:
                 return
             self._timer.cancel()
         self._timer = self.loop.call_at(deadline, self._on_timer, deadline)
+        self._timer_at = deadline
 
     # ---- lifecycle -----------------------------------------------------------------
 
