@@ -39,7 +39,8 @@ from xlat.lab import LAB_RUN_DIR, in_netns, write_sysctl
 from xlat.media.ebpf import mount_bpffs
 
 ROOT = Path(__file__).resolve().parent.parent
-KAMAILIO_CFG = ROOT / "tests" / "e2e" / "kamailio" / "kamailio.cfg"
+SCENARIOS = ROOT / "tests" / "e2e" / "kamailio"  # Kamailio's config and the SIPp parties
+KAMAILIO_CFG = SCENARIOS / "kamailio.cfg"
 XLAT = str(Path(sys.executable).with_name("xlat"))
 HOST6, HOST4 = "2001:db8:6::2", "203.0.113.2"
 SIP6, SIP4 = "2001:db8:6::5", "203.0.113.5"
@@ -49,6 +50,7 @@ NODE_ADDRESSES = (("2001:db8:6::1", "203.0.113.1"), ("2001:db8:6::11", "203.0.11
 # takes the node out of the set for rtpengine_disable_tout seconds and asks another one.
 NG_TIMEOUT_MS = 300
 NG_RETRIES = 1
+RTP_PORT = 40000  # every SIPp party advertises this media port
 START_TIMEOUT = 120.0  # compiling the eBPF program takes a while on a busy machine
 MNT_DETACH = 2
 
@@ -85,6 +87,24 @@ def udp_bound(ns: str, port: int) -> bool:
     out = subprocess.run(["ip", "netns", "exec", ns, "ss", "-Hlun"], capture_output=True,
                          text=True, timeout=10).stdout
     return f":{port} " in out
+
+
+def uas_argv() -> list[str]:
+    """SIPp on the v4 host answering every call (180, 200 with an IPv4 SDP, the BYE)."""
+    return ["sipp", "-sf", str(SCENARIOS / "uas.xml"), "-i", HOST4, "-p", "5060",
+            "-key", "media_af", "IP4", "-key", "media_addr", HOST4,
+            "-key", "rtp_port", str(RTP_PORT), "-nostdin", "-l", "100000", "-trace_err"]
+
+
+def uac_argv(port: int, calls: int, rate: float, hold_ms: int) -> list[str]:
+    """SIPp on the v6 host placing ``calls`` calls at ``rate``/s through Kamailio to the
+    UAS, each held ``hold_ms`` before its BYE."""
+    return ["sipp", f"[{SIP6}]:5060", "-sf", str(SCENARIOS / "uac.xml"), "-i", HOST6,
+            "-p", str(port), "-m", str(calls), "-r", f"{rate:g}", "-d", str(hold_ms),
+            "-l", "100000", "-key", "callee", f"sip:callee@{HOST4}:5060",
+            "-key", "media_af", "IP6", "-key", "media_addr", HOST6,
+            "-key", "rtp_port", str(RTP_PORT), "-nostdin", "-timeout", "90",
+            "-timeout_error", "-trace_err"]
 
 
 @dataclass
@@ -312,3 +332,84 @@ def _umount(path: Path) -> None:
     import ctypes
 
     ctypes.CDLL(None, use_errno=True).umount2(str(path).encode(), MNT_DETACH)
+
+
+# ---- the ng_set figure ----------------------------------------------------------------
+
+
+QUICK_STEPS, QUICK_HOLD_S = (50, 100, 200, 400, 800), 2.0
+FULL_STEPS, FULL_HOLD_S = (100, 200, 300, 400, 600, 800, 1000, 1200, 1600), 10.0
+CALL_MS = 1000  # each call is held this long before its BYE
+MAX_RETRANS = 0.01  # a clean rate has fewer retransmissions than this share of messages
+UAC_MESSAGES = 3  # INVITE, ACK, BYE: what the UAC sends per call
+
+
+def figures(lab: Any, quick: bool) -> Iterator[dict[str, Any]]:
+    """``ng_set``: clean calls/s through Kamailio's rtpengine set of one xlat node and
+    of two (``lab``, the bench's own lab, only lends its scratch directory)."""
+    for count in (1, 2):
+        impl = f"kamailio + {count} xlat node{'s' if count > 1 else ''}"
+        try:
+            yield {"figure": "ng_set", "impl": impl, "nodes": count,
+                   **_clean_rate(lab.tmp, count, quick)}
+        except (SetError, OSError) as e:
+            yield {"figure": "ng_set", "impl": impl, "error": f"{type(e).__name__}: {e}"}
+
+
+def _clean_rate(tmp: Path, count: int, quick: bool) -> dict[str, Any]:
+    """Climb the rate steps, each held for the whole hold time, until one is not clean;
+    the last clean one, its CPU per call, and what ended the climb."""
+    from bench.env import CpuMeter
+    from bench.sip import descendants, sipp_stats
+
+    steps, hold = (QUICK_STEPS, QUICK_HOLD_S) if quick else (FULL_STEPS, FULL_HOLD_S)
+    lab = RtpSet(count)
+    best: dict[str, Any] = {}
+    bound = "search cap"
+    try:
+        lab.up("--log-level", "warning")
+        lab.start_kamailio()
+        assert lab.kamailio is not None
+        uas = subprocess.Popen(["ip", "netns", "exec", lab.h4, *uas_argv()],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               stdin=subprocess.DEVNULL, start_new_session=True)
+        try:
+            wait("the SIPp UAS", lambda: udp_bound(lab.h4, 5060), 10)
+            pids = [*descendants(lab.kamailio.pid), *(n.proc.pid for n in lab.nodes if n.proc)]
+            for rate in steps:
+                calls = round(rate * hold)
+                stats = tmp / f"ng-set-{count}-{rate}.csv"
+                argv = [*uac_argv(5070, calls, rate, CALL_MS), "-trace_stat", "-stf", str(stats)]
+                with CpuMeter(pids) as cpu:
+                    t0 = time.monotonic()
+                    done = subprocess.run(["ip", "netns", "exec", lab.h6, *argv],
+                                          stdin=subprocess.DEVNULL, capture_output=True,
+                                          timeout=hold + 120)
+                    elapsed = time.monotonic() - t0
+                if not stats.exists():
+                    raise SetError(f"SIPp wrote no statistics (exit {done.returncode})")
+                row = sipp_stats(stats)
+                ok, failed = int(row["SuccessfulCall(C)"]), int(row["FailedCall(C)"])
+                retrans = int(row["Retransmissions(C)"])
+                late = elapsed > hold + CALL_MS / 1000 + 3
+                if ok < calls or failed or retrans > MAX_RETRANS * UAC_MESSAGES * calls or late:
+                    bound = (f"at {rate} calls/s: {failed} failed, {calls - ok - failed} "
+                             f"unfinished, {retrans} retransmissions of {calls} calls"
+                             + (f", {elapsed:.1f} s for a {hold:g} s step" if late else ""))
+                    break
+                best = {"calls_per_s": rate, "calls": calls, "hold_s": hold,
+                        "cpu_ms_per_call": round(cpu.used_ns / calls / 1e6, 3),
+                        "retransmissions": retrans}
+            share = [_handled(n.cli("stats")) for n in lab.nodes]
+        finally:
+            end(uas)
+    finally:
+        lab.down()
+    if not best:
+        return {"error": f"no clean rate: {bound}"}
+    return {**best, "bound": bound, "calls_per_node": share}
+
+
+def _handled(stats: dict[str, Any]) -> int:
+    """Calls a node has seen: the ones that ended and the ones it still holds."""
+    return int(sum(stats["ended"].values())) + int(stats["sessions"])

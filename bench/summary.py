@@ -278,7 +278,23 @@ def expiry_rows(expiry: Record | None) -> Iterator[Row]:
               f"p99 {times(during[1] / before[1])}" if before[1] else "—", target)
 
 
-SECTIONS = (media_rows, cpu_rows, bpf_rows, ng_rows, sip_rows, scale_rows)
+def set_rows(records: Sequence[Record]) -> Iterator[Row]:
+    """Clean calls/s through Kamailio's rtpengine set of two xlat nodes against one
+    (figure ``ng_set``): two nodes on two cores should not be slower than one."""
+    label = "calls/s through Kamailio's rtpengine set (CPU per call)"
+    two, one = find(records, "ng_set", nodes=2), find(records, "ng_set", nodes=1)
+    if two is None:
+        yield Row(label, MISSING)
+        return
+    base, ratio, target, met = _against(float(two["calls_per_s"]), [
+        ("1 node", _field(one, "calls_per_s"), Target("≥", 1))])
+    cpu = f" ({num(two['cpu_ms_per_call'])} ms)"
+    if one is not None:
+        base += f" ({num(one['cpu_ms_per_call'])} ms)"
+    yield Row(label, f"2 nodes {num(two['calls_per_s'])}{cpu}", base, ratio, target, met)
+
+
+SECTIONS = (media_rows, cpu_rows, bpf_rows, ng_rows, sip_rows, set_rows, scale_rows)
 
 
 def rows(records: Sequence[Record]) -> list[Row]:

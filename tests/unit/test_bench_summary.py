@@ -203,3 +203,16 @@ def test_self_samples_counts_the_top_frame_of_each_stack() -> None:
                  "<module> (a.py:1);run (a.py:5) 2\n"
                  "<module> (a.py:1);tick (b.py:3);parse (sip.py:10) 5\n")
     assert self_samples(collapsed) == {"parse (sip.py:10)": 12, "run (a.py:5)": 2}
+
+
+def test_set_row_compares_two_nodes_with_one_and_is_open_without_two() -> None:
+    def ng_set(nodes: int, rate: int, cpu: float) -> Record:
+        return {"figure": "ng_set", "impl": f"kamailio + {nodes} xlat nodes", "nodes": nodes,
+                "calls_per_s": rate, "cpu_ms_per_call": cpu, "bound": "at 800 calls/s"}
+
+    label = "calls/s through Kamailio's rtpengine set (CPU per call)"
+    row = by_figure([ng_set(1, 200, 1.7), ng_set(2, 400, 1.4)])[label]
+    assert (row.xlat, row.baseline, row.ratio, row.met) == \
+        ("2 nodes 400 (1.4 ms)", "1 node 200 (1.7 ms)", "2.00×", True)
+    assert by_figure([ng_set(1, 400, 1.0), ng_set(2, 300, 1.0)])[label].met is False
+    assert by_figure([ng_set(1, 200, 1.7)])[label].xlat == MISSING
