@@ -164,6 +164,20 @@ def media_rows(records: Sequence[Record]) -> Iterator[Row]:
             ("rtpengine", rtp, Target("≥", 5)), ("plain forwarding", fwd, Target("≥", 0.8))]))
 
 
+def relay_rows(records: Sequence[Record]) -> Iterator[Row]:
+    """Zero-loss packets/s of eBPF against plain forwarding with the relay on a core of
+    its own and the frames sender (figure ``media_pps_relay``), per direction."""
+    for d in DIRECTIONS:
+        label = f"zero-loss packets/s {_arrow(d)}, relay on its own core"
+        ebpf = _field(find(records, "media_pps_relay", impl="ebpf", direction=d), "pps")
+        if ebpf is None:
+            yield Row(label, MISSING)
+            continue
+        fwd = _field(find(records, "media_pps_relay", impl="forward", direction=d), "pps")
+        yield Row(label, f"eBPF {num(ebpf)}",
+                  *_against(ebpf, [("plain forwarding", fwd, Target("≥", 1))]))
+
+
 def cpu_rows(records: Sequence[Record]) -> Iterator[Row]:
     """CPU the eBPF path adds per packet, against rtpengine's, per direction."""
     for d in DIRECTIONS:
@@ -294,7 +308,8 @@ def set_rows(records: Sequence[Record]) -> Iterator[Row]:
     yield Row(label, f"2 nodes {num(two['calls_per_s'])}{cpu}", base, ratio, target, met)
 
 
-SECTIONS = (media_rows, cpu_rows, bpf_rows, ng_rows, sip_rows, set_rows, scale_rows)
+SECTIONS = (media_rows, relay_rows, cpu_rows, bpf_rows, ng_rows, sip_rows, set_rows,
+            scale_rows)
 
 
 def rows(records: Sequence[Record]) -> list[Row]:

@@ -216,3 +216,17 @@ def test_set_row_compares_two_nodes_with_one_and_is_open_without_two() -> None:
         ("2 nodes 400 (1.4 ms)", "1 node 200 (1.7 ms)", "2.00×", True)
     assert by_figure([ng_set(1, 400, 1.0), ng_set(2, 300, 1.0)])[label].met is False
     assert by_figure([ng_set(1, 200, 1.7)])[label].xlat == MISSING
+
+
+def test_relay_bound_rows_compare_ebpf_with_forwarding_in_each_direction() -> None:
+    def relay(impl: str, direction: str, pps: int) -> Record:
+        return {"figure": "media_pps_relay", "impl": impl, "direction": direction,
+                "sender": "udpblast frames", "pps": pps, "bound": "loss 1% at 400000"}
+
+    got = by_figure([relay("forward", "v6->v4", 300_000), relay("ebpf", "v6->v4", 330_000),
+                     relay("ebpf", "v4->v6", 200_000)])
+    six = got["zero-loss packets/s v6→v4, relay on its own core"]
+    assert (six.xlat, six.baseline, six.ratio, six.met) == \
+        ("eBPF 330k", "plain forwarding 300k", "1.10×", True)
+    four = got["zero-loss packets/s v4→v6, relay on its own core"]
+    assert (four.baseline, four.met) == (f"plain forwarding {MISSING}", None)
