@@ -35,7 +35,7 @@ from typing import Any
 
 from pyroute2 import IPRoute, netns
 
-from xlat.lab import LAB_RUN_DIR, in_netns, write_sysctl
+from xlat.lab import LAB_RUN_DIR, in_netns, new_namespace, write_sysctl
 from xlat.media.ebpf import mount_bpffs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -211,12 +211,7 @@ class RtpSet:
     def up(self, *node_options: str) -> None:
         try:
             for ns in self.namespaces:
-                netns.create(ns)
-                with in_netns(ns):
-                    write_sysctl("net.ipv6.conf.all.accept_dad", 0)
-                    write_sysctl("net.ipv6.conf.default.accept_dad", 0)
-                    with IPRoute() as ipr:
-                        ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+                new_namespace(ns)
             self._host(self.h6, HOST6, 64)
             self._host(self.h4, HOST4, 24)
             self._member(self.sip, "sip", SIP6, SIP4)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import require
 
 from bench.rtpset import (
     HOST4,
@@ -43,19 +44,11 @@ pytestmark = pytest.mark.e2e
 PACKETS = 10
 
 
-def _require(ok: object, why: str) -> None:
-    """Skip when the environment cannot run this; under CI a skip is a failure."""
-    if not ok:
-        if os.environ.get("CI") == "true":
-            pytest.fail(why)
-        pytest.skip(why)
-
-
 @pytest.fixture(scope="module")
 def rtpset() -> Iterator[RtpSet]:
-    _require(os.geteuid() == 0, "needs root (network namespaces)")
+    require("root", os.geteuid() == 0)
     for tool in ("kamailio", "kamcmd", "sipp", "ss", "bpftool"):
-        _require(shutil.which(tool), f"{tool} is not installed")
+        require(tool, shutil.which(tool) is not None)
     lab = RtpSet(2)
     try:
         lab.up("--delete-delay", "2", "--log-level", "info")
