@@ -332,8 +332,8 @@ def _umount(path: Path) -> None:
 # ---- the ng_set figure ----------------------------------------------------------------
 
 
-QUICK_STEPS, QUICK_HOLD_S = (50, 100, 200, 400, 800), 2.0
-FULL_STEPS, FULL_HOLD_S = (100, 200, 300, 400, 600, 800, 1000, 1200, 1600), 10.0
+QUICK_STEPS, QUICK_HOLD_S = (25, 50, 100, 200, 400, 800), 2.0
+FULL_STEPS, FULL_HOLD_S = (25, 50, 100, 200, 300, 400, 600, 800, 1000, 1200, 1600), 10.0
 CALL_MS = 1000  # each call is held this long before its BYE
 MAX_RETRANS = 0.01  # a clean rate has fewer retransmissions than this share of messages
 UAC_MESSAGES = 3  # INVITE, ACK, BYE: what the UAC sends per call
@@ -367,7 +367,7 @@ def _clean_rate(tmp: Path, count: int, quick: bool) -> dict[str, Any]:
         assert lab.kamailio is not None
         uas = subprocess.Popen(["ip", "netns", "exec", lab.h4, *uas_argv()],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               stdin=subprocess.DEVNULL, start_new_session=True)
+                               stdin=subprocess.DEVNULL, start_new_session=True, cwd=tmp)
         try:
             wait("the SIPp UAS", lambda: udp_bound(lab.h4, 5060), 10)
             pids = [*descendants(lab.kamailio.pid), *(n.proc.pid for n in lab.nodes if n.proc)]
@@ -379,7 +379,7 @@ def _clean_rate(tmp: Path, count: int, quick: bool) -> dict[str, Any]:
                     t0 = time.monotonic()
                     done = subprocess.run(["ip", "netns", "exec", lab.h6, *argv],
                                           stdin=subprocess.DEVNULL, capture_output=True,
-                                          timeout=hold + 120)
+                                          timeout=hold + 120, cwd=tmp)
                     elapsed = time.monotonic() - t0
                 if not stats.exists():
                     raise SetError(f"SIPp wrote no statistics (exit {done.returncode})")
@@ -390,7 +390,8 @@ def _clean_rate(tmp: Path, count: int, quick: bool) -> dict[str, Any]:
                 if ok < calls or failed or retrans > MAX_RETRANS * UAC_MESSAGES * calls or late:
                     bound = (f"at {rate} calls/s: {failed} failed, {calls - ok - failed} "
                              f"unfinished, {retrans} retransmissions of {calls} calls"
-                             + (f", {elapsed:.1f} s for a {hold:g} s step" if late else ""))
+                             + (f", {elapsed:.1f} s for a {hold:g} s step" if late else "")
+                             + f"; IPv4 relay port pairs in use: {_ports_in_use(lab.nodes)}")
                     break
                 best = {"calls_per_s": rate, "calls": calls, "hold_s": hold,
                         "cpu_ms_per_call": round(cpu.used_ns / calls / 1e6, 3),
@@ -403,6 +404,13 @@ def _clean_rate(tmp: Path, count: int, quick: bool) -> dict[str, Any]:
     if not best:
         return {"error": f"no clean rate: {bound}"}
     return {**best, "bound": bound, "calls_per_node": share}
+
+
+def _ports_in_use(nodes: Sequence[Node]) -> str:
+    """Each node's IPv4 relay port pairs in use of its pool (a call holds its pair until
+    its delete delay is over), e.g. ``2,500/5,000``."""
+    pools = [n.cli("stats")["ports"].get("ipv4", {}) for n in nodes]
+    return ", ".join(f"{p.get('in_use', 0):,}/{p.get('capacity', 0):,}" for p in pools)
 
 
 def _handled(stats: dict[str, Any]) -> int:
