@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from bench import bpfcost, dns, media, ng, scale, sip
+from bench import bpfcost, dns, media, ng, rtpset, scale, sip
 from bench.env import PY_SPY, ROOT, BenchError, BenchLab
 from bench.summary import MarkerError, markdown, replace_block, summary
 
@@ -33,6 +33,7 @@ FIGURES: dict[str, Figure] = {
     "sip": sip.figures,
     "dns": dns.figures,
     "scale": scale.figures,
+    "ng_set": rtpset.figures,
 }
 
 

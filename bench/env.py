@@ -10,6 +10,7 @@ import pstats
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -18,6 +19,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from ipaddress import ip_address
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -221,11 +223,17 @@ def build_udpblast() -> Path:
     return exe
 
 
-class Sink:
-    """A udpblast sink in a namespace; ``stop()`` returns its JSON report."""
+def pinned(cpu: int | None, argv: list[str]) -> list[str]:
+    """``argv`` run on one CPU (taskset), or anywhere."""
+    return argv if cpu is None else ["taskset", "-c", str(cpu), *argv]
 
-    def __init__(self, exe: Path, ns: str, host: str, port: int) -> None:
-        self.proc = subprocess.Popen(in_ns(ns, [str(exe), "sink", host, str(port)]),
+
+class Sink:
+    """A udpblast sink in a namespace (on one CPU, if given); ``stop()`` returns its JSON
+    report."""
+
+    def __init__(self, exe: Path, ns: str, host: str, port: int, cpu: int | None = None) -> None:
+        self.proc = subprocess.Popen(in_ns(ns, pinned(cpu, [str(exe), "sink", host, str(port)])),
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None
         if self.proc.stdout.readline().strip() != "ready":
@@ -238,6 +246,65 @@ class Sink:
         if self.proc.returncode != 0:
             raise BenchError(f"udpblast sink: {err.strip()}")
         return dict(json.loads(out))
+
+
+def _checksum(data: bytes) -> int:
+    """RFC 1071 Internet checksum."""
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def udp_frame(src_mac: str, dst_mac: str, src: str, sport: int, dst: str, dport: int,
+              size: int) -> bytes:
+    """Ethernet + IPv4 (no options) or IPv6 + UDP with complete checksums, and ``size``
+    zero bytes of payload (where udpblast frames writes its header)."""
+    s, d = ip_address(src), ip_address(dst)
+    length = 8 + size
+    udp = struct.pack("!HHHH", sport, dport, length, 0) + bytes(size)
+    if s.version == 6 and d.version == 6:
+        pseudo = s.packed + d.packed + struct.pack("!I3xB", length, socket.IPPROTO_UDP)
+        ip = struct.pack("!IHBB", 6 << 28, length, socket.IPPROTO_UDP, 64) + s.packed + d.packed
+        ethertype = 0x86DD
+    elif s.version == 4 and d.version == 4:
+        pseudo = s.packed + d.packed + struct.pack("!xBH", socket.IPPROTO_UDP, length)
+        ip = struct.pack("!BBHHHBBH", 0x45, 0, 20 + length, 0, 0x4000, 64, socket.IPPROTO_UDP,
+                         0) + s.packed + d.packed
+        ip = ip[:10] + struct.pack("!H", _checksum(ip)) + ip[12:]
+        ethertype = 0x0800
+    else:
+        raise BenchError(f"{src} and {dst} are not of one family")
+    udp = udp[:6] + struct.pack("!H", _checksum(pseudo + udp) or 0xFFFF) + udp[8:]
+    return (bytes.fromhex(dst_mac.replace(":", "")) + bytes.fromhex(src_mac.replace(":", ""))
+            + struct.pack("!H", ethertype) + ip + udp)
+
+
+@dataclass(frozen=True)
+class RawSender:
+    """``udpblast frames``: the lane's datagrams as ready-made Ethernet frames out of the
+    sender's interface (AF_PACKET, qdisc bypassed) to the gateway's MAC; sender and sink
+    both on CPU ``cpu``."""
+
+    ifname: str
+    src_mac: str
+    dst_mac: str
+    cpu: int
+
+    def argv(self, exe: Path, lane: Lane, rate: float, duration: float, size: int
+             ) -> list[str]:
+        if len(lane.dest_ports) != 1:
+            raise BenchError("udpblast frames sends one stream")
+        frame = udp_frame(self.src_mac, self.dst_mac, lane.source,
+                          lane.source_port or RAW_SOURCE_PORT, lane.dest, lane.dest_ports[0],
+                          size)
+        return pinned(self.cpu, [str(exe), "frames", self.ifname, f"{rate:.0f}", str(duration),
+                                 frame.hex()])
+
+
+RAW_SOURCE_PORT = 9000  # the frames' UDP source port when the lane leaves it to the kernel
 
 
 @dataclass(frozen=True)
@@ -255,14 +322,16 @@ class Lane:
 
 
 def blast(exe: Path, lane: Lane, rate: float, duration: float, size: int = 172,
-          cpu_pids: Sequence[int] = ()) -> dict[str, Any]:
-    """Send ``rate`` pps for ``duration`` s along ``lane``; returns the sender's and the
-    sink's reports merged, ``loss`` (fraction), ``relay_cpu_ns`` of ``cpu_pids``,
-    ``ksoftirqd_cpu_ns`` and ``total_cpu_ns`` (all four) over the run."""
-    sink = Sink(exe, lane.sink_ns, lane.sink, lane.sink_port)
+          cpu_pids: Sequence[int] = (), raw: RawSender | None = None) -> dict[str, Any]:
+    """Send ``rate`` pps for ``duration`` s along ``lane`` (from a UDP socket, or with
+    ``raw`` as frames); returns the sender's and the sink's reports merged, ``loss``
+    (fraction), ``relay_cpu_ns`` of ``cpu_pids``, ``ksoftirqd_cpu_ns`` and
+    ``total_cpu_ns`` (all four) over the run."""
+    sink = Sink(exe, lane.sink_ns, lane.sink, lane.sink_port, None if raw is None else raw.cpu)
     try:
         argv = [str(exe), "send", lane.source, str(lane.source_port), f"{rate:.0f}",
-                str(duration), str(size), lane.dest, ",".join(map(str, lane.dest_ports))]
+                str(duration), str(size), lane.dest, ",".join(map(str, lane.dest_ports))] \
+            if raw is None else raw.argv(exe, lane, rate, duration, size)
         with CpuMeter(cpu_pids) as daemon, CpuMeter(ksoftirqd_pids()) as softirqd:
             sent = subprocess.run(in_ns(lane.send_ns, argv), capture_output=True, text=True,
                                   timeout=duration + 30)

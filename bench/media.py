@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -28,6 +29,7 @@ from bench.env import (
     BenchError,
     BenchLab,
     Lane,
+    RawSender,
     Rtpengine,
     Xlat,
     blast,
@@ -177,9 +179,9 @@ def rtpengine_relay(lab: BenchLab) -> Iterator[Relay]:
 
 
 def trial(lab: BenchLab, relay: Relay, direction: str, rate: float, seconds: float,
-          streams: int = 1) -> dict[str, Any]:
+          streams: int = 1, raw: RawSender | None = None) -> dict[str, Any]:
     with relay.open(direction, streams) as lane:
-        return blast(lab.exe, lane, rate, seconds, cpu_pids=relay.pids)
+        return blast(lab.exe, lane, rate, seconds, cpu_pids=relay.pids, raw=raw)
 
 
 def passed(result: dict[str, Any], rate: float) -> bool:
@@ -187,8 +189,8 @@ def passed(result: dict[str, Any], rate: float) -> bool:
     return result["loss"] <= MAX_LOSS and achieved >= SENDER_SLACK * rate
 
 
-def zero_loss_rate(lab: BenchLab, relay: Relay, direction: str, s: Settings
-                   ) -> dict[str, Any]:
+def zero_loss_rate(lab: BenchLab, relay: Relay, direction: str, s: Settings,
+                   raw: RawSender | None = None) -> dict[str, Any]:
     """Highest rate with loss <= MAX_LOSS: double from SEARCH_START until a trial fails
     (or halve until one passes), then bisect between the last pass and the first fail
     until they are within ``s.precision`` of each other. One trial per rate, a second
@@ -197,7 +199,7 @@ def zero_loss_rate(lab: BenchLab, relay: Relay, direction: str, s: Settings
 
     def ok(rate: float) -> bool:
         for _ in range(2):
-            r = results[rate] = trial(lab, relay, direction, rate, s.trial_s)
+            r = results[rate] = trial(lab, relay, direction, rate, s.trial_s, raw=raw)
             if passed(r, rate):
                 return True
             if r["loss"] > MAX_LOSS:
@@ -292,6 +294,61 @@ def media_figures(lab: BenchLab, s: Settings) -> Iterator[dict[str, Any]]:
                     yield measure(relay, d)
             except BenchError as e:
                 yield {"figure": "media_pps", "impl": impl, "direction": d, "error": str(e)}
+    try:
+        yield from relay_bound(lab, s)
+    except BenchError as e:
+        yield {"figure": "media_pps_relay", "impl": "-", "error": str(e)}
+
+
+# ---- where the relay is the limit -----------------------------------------------------------
+
+# With veth, a packet's whole way through the gateway runs in the softirq of the CPU that
+# sent it: the socket figures above stop where the sender's core is full, so they
+# measure the sender. Here the gateway's receive side is steered to a core of its own
+# (RPS on its two veths) while the sender, now ready-made frames through AF_PACKET (no
+# UDP socket, no IP output), and the sink share the other one.
+SENDER_CPU, RELAY_CPU = 0, 1
+
+
+@contextlib.contextmanager
+def relay_on_its_own_core(lab: BenchLab) -> Iterator[None]:
+    """RPS: what gw6 and gw4 receive is processed on RELAY_CPU, for the block."""
+    def steer(mask: int) -> None:
+        for ifname in ("gw6", "gw4"):
+            run_in(lab.gw, ["sh", "-c",
+                            f"echo {mask:x} > /sys/class/net/{ifname}/queues/rx-0/rps_cpus"])
+
+    steer(1 << RELAY_CPU)
+    try:
+        yield
+    finally:
+        steer(0)
+
+
+def raw_sender(lab: BenchLab, direction: str) -> RawSender:
+    """Frames from the sending host's eth0 to the gateway's MAC on that link."""
+    host, gw_if = (lab.v6, "gw6") if direction == "v6->v4" else (lab.v4, "gw4")
+    return RawSender("eth0", lab.lab.mac(host, "eth0"), lab.lab.mac(lab.gw, gw_if), SENDER_CPU)
+
+
+def relay_bound(lab: BenchLab, s: Settings) -> Iterator[dict[str, Any]]:
+    """``media_pps_relay``: zero-loss packets/s of plain forwarding and of xlat eBPF with
+    the relay on a core of its own and the fast sender, in the same run."""
+    if (os.cpu_count() or 1) <= RELAY_CPU:
+        yield {"figure": "media_pps_relay", "impl": "-", "error": "needs two CPUs"}
+        return
+    def measure(relay: Relay) -> Iterator[dict[str, Any]]:
+        for d in DIRECTIONS:
+            found = zero_loss_rate(lab, relay, d, s, raw=raw_sender(lab, d))
+            if found.get("bound") == "sender core":
+                found["bound"] = "sender (frames) core"
+            yield {"figure": "media_pps_relay", "impl": relay.impl, "direction": d,
+                   "sender": "udpblast frames", **found}
+
+    with relay_on_its_own_core(lab):
+        yield from measure(forward(lab))  # as in media_pps: no xlat running
+        with xlat_relay(lab, "ebpf") as ebpf:
+            yield from measure(ebpf)
 
 
 # ---- many streams ---------------------------------------------------------------------------

@@ -6,6 +6,14 @@
  *       ports (one stream per port), in sendmmsg batches of what is due, waking every
  *       0.5 ms at most (or per datagram below 2,000 pps). When done prints one JSON
  *       line: {"sent", "elapsed", "cpu_ns", "send_errors"}.
+ *   udpblast frames IFNAME RATE DURATION HEXFRAME
+ *       Paces copies of one Ethernet frame carrying IPv4 or IPv6 + UDP (hex, with
+ *       complete checksums and udpblast's payload header zeroed) out of IFNAME through
+ *       an AF_PACKET socket with PACKET_QDISC_BYPASS: no UDP socket, no IP output, no
+ *       routing or neighbour lookup, no qdisc on the sending side, so the sender's core
+ *       has more left for the path under test. Each copy gets its sequence number and
+ *       send time in the header and its UDP checksum updated to match (RFC 1624). One
+ *       stream; the same JSON line as send.
  *   udpblast sink BIND_ADDR PORT
  *       Receives with recvmmsg until SIGTERM/SIGINT, then prints one JSON line:
  *       {"received", "streams", "reordered", "jitter_us", "transit_us_p50",
@@ -21,6 +29,8 @@
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <errno.h>
+#include <linux/if_packet.h>
+#include <net/if.h>
 #include <netinet/in.h>
 #include <signal.h>
 #include <stdint.h>
@@ -30,10 +40,12 @@
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <time.h>
+#include <linux/if_ether.h>
 #include <unistd.h>
 
 #define BATCH 64          /* datagrams per sendmmsg/recvmmsg call */
 #define MAX_SIZE 1472     /* payload that fits a 1500-byte IPv4 MTU */
+#define MAX_FRAME 1514    /* Ethernet header + 1500-byte MTU */
 #define MAX_STREAMS 65536
 #define TICK_S 0.0005     /* the sender wakes at most every 0.5 ms (bursts of rate/2000) */
 #define HIST_US 100000    /* transit histogram: 1 µs buckets up to 100 ms, then one overflow */
@@ -109,6 +121,73 @@ static int bound_socket(const char *addr, int port, int bufsize)
 	return fd;
 }
 
+/* Pacing shared by send and frames: hand send_batch() what is due (at most BATCH),
+ * waking every tick at most; then print the JSON line of the run. */
+typedef unsigned (*batch_fn)(unsigned n, uint64_t stamp, void *arg);
+
+static void pace(double rate, double duration, batch_fn send_batch, void *arg)
+{
+	uint64_t cpu0 = cpu_ns(), start = now_ns();
+	uint64_t total = (uint64_t)(rate * duration), sent = 0, errors = 0;
+	uint64_t tick = (uint64_t)(rate * TICK_S);
+	tick = tick < 1 ? 1 : tick > BATCH ? BATCH : tick;
+	while (sent < total) {
+		uint64_t t = now_ns();
+		uint64_t due = (uint64_t)((double)(t - start) * rate / 1e9) + 1;
+		if (due > total)
+			due = total;
+		if (due <= sent) {
+			/* sleep until a tick's worth is due: waking per datagram would cost the
+			 * sender more than the relay it measures */
+			uint64_t at = start + (uint64_t)((double)(sent + tick - 1) * 1e9 / rate);
+			struct timespec ts = {(time_t)(at / 1000000000ull), (long)(at % 1000000000ull)};
+			clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL);
+			continue;
+		}
+		unsigned n = due - sent > BATCH ? BATCH : (unsigned)(due - sent);
+		/* what the kernel refused still counts as sent: it is the relay path's loss */
+		errors += n - send_batch(n, now_ns(), arg);
+		sent += n;
+	}
+	double elapsed = (double)(now_ns() - start) / 1e9;
+	printf("{\"sent\": %llu, \"elapsed\": %.6f, \"cpu_ns\": %llu, \"send_errors\": %llu}\n",
+	       (unsigned long long)sent, elapsed, (unsigned long long)(cpu_ns() - cpu0),
+	       (unsigned long long)errors);
+}
+
+/* sendmmsg of n prepared messages; how many the kernel took */
+static unsigned send_mmsg(int fd, struct mmsghdr *msgs, unsigned n)
+{
+	int done = sendmmsg(fd, msgs, n, 0);
+	if (done < 0) {
+		if (errno != ENOBUFS && errno != EAGAIN && errno != ECONNREFUSED)
+			die("sendmmsg");
+		done = 0;
+	}
+	return (unsigned)done;
+}
+
+struct send_state {
+	int fd;
+	struct mmsghdr *msgs;
+	char (*payload)[MAX_SIZE];
+	struct sockaddr_storage *dests;
+	uint32_t *seqs;
+	uint32_t streams, next_stream;
+};
+
+static unsigned socket_batch(unsigned n, uint64_t stamp, void *arg)
+{
+	struct send_state *s = arg;
+	for (unsigned i = 0; i < n; i++) {
+		struct header h = {s->next_stream, s->seqs[s->next_stream]++, stamp};
+		memcpy(s->payload[i], &h, sizeof(h));
+		s->msgs[i].msg_hdr.msg_name = &s->dests[s->next_stream];
+		s->next_stream = (s->next_stream + 1) % s->streams;
+	}
+	return send_mmsg(s->fd, s->msgs, n);
+}
+
 static int do_send(int argc, char **argv)
 {
 	if (argc != 9) {
@@ -149,46 +228,94 @@ static int do_send(int argc, char **argv)
 		msgs[i].msg_hdr.msg_namelen = dest_len;
 	}
 
-	uint64_t cpu0 = cpu_ns(), start = now_ns();
-	uint64_t total = (uint64_t)(rate * duration), sent = 0, errors = 0;
-	uint32_t next_stream = 0;
-	uint64_t tick = (uint64_t)(rate * TICK_S);
-	tick = tick < 1 ? 1 : tick > BATCH ? BATCH : tick;
-	while (sent < total) {
-		uint64_t t = now_ns();
-		uint64_t due = (uint64_t)((double)(t - start) * rate / 1e9) + 1;
-		if (due > total)
-			due = total;
-		if (due <= sent) {
-			/* sleep until a tick's worth is due: waking per datagram would cost the
-			 * sender more than the relay it measures */
-			uint64_t at = start + (uint64_t)((double)(sent + tick - 1) * 1e9 / rate);
-			struct timespec ts = {(time_t)(at / 1000000000ull), (long)(at % 1000000000ull)};
-			clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL);
-			continue;
-		}
-		unsigned n = due - sent > BATCH ? BATCH : (unsigned)(due - sent);
-		uint64_t stamp = now_ns();
-		for (unsigned i = 0; i < n; i++) {
-			struct header h = {next_stream, seqs[next_stream]++, stamp};
-			memcpy(payload[i], &h, sizeof(h));
-			msgs[i].msg_hdr.msg_name = &dests[next_stream];
-			next_stream = (next_stream + 1) % streams;
-		}
-		int done = sendmmsg(fd, msgs, n, 0);
-		if (done < 0) {
-			if (errno != ENOBUFS && errno != EAGAIN && errno != ECONNREFUSED)
-				die("sendmmsg");
-			done = 0;
-		}
-		/* what the kernel refused still counts as sent: it is the relay path's loss */
-		errors += n - (unsigned)done;
-		sent += n;
+	struct send_state s = {fd, msgs, payload, dests, seqs, streams, 0};
+	pace(rate, duration, socket_batch, &s);
+	return 0;
+}
+
+struct frame_state {
+	int fd;
+	struct mmsghdr *msgs;
+	char (*frames)[MAX_FRAME];
+	size_t l4;         /* offset of the UDP header */
+	uint16_t csum;     /* the frame's UDP checksum with the payload header zeroed */
+	uint32_t seq;
+};
+
+/* RFC 1624 eqn. 3: the checksum after 16-bit words that were zero became @p[0..len). */
+static uint16_t csum_add(uint16_t csum, const unsigned char *p, size_t len)
+{
+	uint32_t sum = (uint16_t)~csum;
+	for (size_t i = 0; i + 1 < len; i += 2)
+		sum += (uint32_t)(p[i] << 8 | p[i + 1]);
+	while (sum >> 16)
+		sum = (sum & 0xffff) + (sum >> 16);
+	uint16_t out = (uint16_t)~sum;
+	return out ? out : 0xffff;  /* 0 means "no checksum" in UDP (RFC 768) */
+}
+
+static unsigned frame_batch(unsigned n, uint64_t stamp, void *arg)
+{
+	struct frame_state *s = arg;
+	for (unsigned i = 0; i < n; i++) {
+		unsigned char *udp = (unsigned char *)s->frames[i] + s->l4;
+		struct header h = {0, s->seq++, stamp};
+		memcpy(udp + 8, &h, sizeof(h));
+		uint16_t c = htons(csum_add(s->csum, udp + 8, sizeof(h)));
+		memcpy(udp + 6, &c, 2);
 	}
-	double elapsed = (double)(now_ns() - start) / 1e9;
-	printf("{\"sent\": %llu, \"elapsed\": %.6f, \"cpu_ns\": %llu, \"send_errors\": %llu}\n",
-	       (unsigned long long)sent, elapsed, (unsigned long long)(cpu_ns() - cpu0),
-	       (unsigned long long)errors);
+	return send_mmsg(s->fd, s->msgs, n);
+}
+
+static int do_frames(int argc, char **argv)
+{
+	if (argc != 6) {
+		fprintf(stderr, "usage: udpblast frames IFNAME RATE DURATION HEXFRAME\n");
+		return 2;
+	}
+	double rate = atof(argv[3]), duration = atof(argv[4]);
+	static unsigned char frame[MAX_FRAME];
+	size_t len = strlen(argv[5]) / 2;
+	if (rate <= 0 || duration <= 0 || len > MAX_FRAME || len < 14) {
+		fprintf(stderr, "udpblast: bad rate, duration or frame\n");
+		return 2;
+	}
+	for (size_t i = 0; i < len; i++)
+		sscanf(argv[5] + 2 * i, "%2hhx", &frame[i]);
+	uint16_t ethertype = (uint16_t)(frame[12] << 8 | frame[13]);
+	size_t l4 = ethertype == ETH_P_IP ? 14 + (size_t)(frame[14] & 0x0f) * 4
+		  : ethertype == ETH_P_IPV6 ? 14 + 40 : 0;
+	if (!l4 || l4 + 8 + sizeof(struct header) > len) {
+		fprintf(stderr, "udpblast: the frame is not IPv4/IPv6 + UDP + payload\n");
+		return 2;
+	}
+	int ifindex = (int)if_nametoindex(argv[2]);
+	if (!ifindex)
+		die(argv[2]);
+	int fd = socket(AF_PACKET, SOCK_RAW, 0);  /* protocol 0: this socket receives nothing */
+	if (fd < 0)
+		die("socket");
+	int one = 1, bufsize = 4 << 20;
+	setsockopt(fd, SOL_PACKET, PACKET_QDISC_BYPASS, &one, sizeof(one));
+	setsockopt(fd, SOL_SOCKET, SO_SNDBUFFORCE, &bufsize, sizeof(bufsize));
+	struct sockaddr_ll sll = {.sll_family = AF_PACKET, .sll_ifindex = ifindex};
+	if (bind(fd, (struct sockaddr *)&sll, sizeof(sll)) < 0)
+		die("bind");
+
+	static char frames[BATCH][MAX_FRAME];
+	struct mmsghdr msgs[BATCH];
+	struct iovec iov[BATCH];
+	memset(msgs, 0, sizeof(msgs));
+	for (int i = 0; i < BATCH; i++) {
+		memcpy(frames[i], frame, len);
+		iov[i].iov_base = frames[i];
+		iov[i].iov_len = len;
+		msgs[i].msg_hdr.msg_iov = &iov[i];
+		msgs[i].msg_hdr.msg_iovlen = 1;
+	}
+	struct frame_state s = {fd, msgs, frames, l4, (uint16_t)(frame[l4 + 6] << 8 | frame[l4 + 7]),
+				0};
+	pace(rate, duration, frame_batch, &s);
 	return 0;
 }
 
@@ -289,8 +416,10 @@ int main(int argc, char **argv)
 {
 	if (argc >= 2 && strcmp(argv[1], "send") == 0)
 		return do_send(argc, argv);
+	if (argc >= 2 && strcmp(argv[1], "frames") == 0)
+		return do_frames(argc, argv);
 	if (argc >= 2 && strcmp(argv[1], "sink") == 0)
 		return do_sink(argc, argv);
-	fprintf(stderr, "usage: udpblast send|sink ...\n");
+	fprintf(stderr, "usage: udpblast send|frames|sink ...\n");
 	return 2;
 }

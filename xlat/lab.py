@@ -74,6 +74,16 @@ def write_sysctl(key: str, value: str | int) -> None:
     Path("/proc/sys", *key.split(".")).write_text(f"{value}\n")
 
 
+def new_namespace(name: str) -> None:
+    """Create network namespace ``name`` with loopback up and IPv6 DAD off."""
+    netns.create(name)
+    with in_netns(name):
+        write_sysctl("net.ipv6.conf.all.accept_dad", 0)
+        write_sysctl("net.ipv6.conf.default.accept_dad", 0)
+        with IPRoute() as ipr:
+            ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+
+
 class Lab:
     """Three namespaces ``xlat-{tag}-v6|gw|v4``; ``up()`` builds, ``down()`` removes."""
 
@@ -95,12 +105,7 @@ class Lab:
         self.down()
         try:
             for ns in self.namespaces:
-                netns.create(ns)
-                with in_netns(ns):
-                    write_sysctl("net.ipv6.conf.all.accept_dad", 0)
-                    write_sysctl("net.ipv6.conf.default.accept_dad", 0)
-                    with IPRoute() as ipr:
-                        ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+                new_namespace(ns)
             self._wire(GW6_IF, self.v6)
             self._wire(GW4_IF, self.v4)
             self._gateway()

@@ -15,19 +15,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from bench.rtpset import end, wait
 from xlat.control.bencode import decode, encode
 
 pytestmark = pytest.mark.e2e
@@ -47,29 +46,6 @@ def _require(ok: object, why: str) -> None:
         if os.environ.get("CI") == "true":
             pytest.fail(why)
         pytest.skip(why)
-
-
-def _wait(what: str, check: Callable[[], Any], timeout: float) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.1)
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    """End a process we started (and the children in its session) by its pid."""
-    if proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=5)
 
 
 @dataclass
@@ -135,7 +111,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
             "--delete-delay", str(DELETE_DELAY), "--log-level", "info",
             "--state-dir", str(tmp / "state")])
         procs.append(xlat)
-        _wait("xlat's control socket", lambda: gw.control.exists() or xlat.poll() is not None,
+        wait("xlat's control socket", lambda: gw.control.exists() or xlat.poll() is not None,
               120)
         assert xlat.poll() is None, f"xlat exited:\n{gw.tail('xlat')}"
         run_dir = tmp / "kamailio-run"
@@ -144,13 +120,13 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
             "kamailio", "-DD", "-E", "-f", str(HERE / "kamailio.cfg"), "-Y", str(run_dir),
             "-m", "32", "-M", "8", "-A", f'NG_SOCK="udp:{NG_LISTEN}"'])
         procs.append(kamailio)
-        _wait("Kamailio on port 5060",
+        wait("Kamailio on port 5060",
               lambda: gw.udp_bound(lab.gw, 5060) or kamailio.poll() is not None, 30)
         assert kamailio.poll() is None, f"kamailio exited:\n{gw.tail('kamailio')}"
         yield gw
     finally:
         for proc in reversed(procs):
-            _stop(proc)
+            end(proc)
         lab.down()
 
 
@@ -211,7 +187,7 @@ def test_call_through_kamailio(gateway: Gateway, caller: Party, callee: Party) -
             "sipp", "-sf", str(HERE / "uas.xml"), "-i", callee.address, "-p", "5060",
             "-key", "media_af", callee.af, "-key", "media_addr", callee.address, *common])
         procs.append(uas)
-        _wait("the SIPp UAS", lambda: gw.udp_bound(callee_ns, 5060), 10)
+        wait("the SIPp UAS", lambda: gw.udp_bound(callee_ns, 5060), 10)
         uac = gw.start(caller_ns, "uac", [
             "sipp", caller.sip, "-sf", str(HERE / "uac.xml"), "-i", caller.address,
             "-p", "5060", "-d", str(CALL_MS), "-key", "callee", callee.uri("callee"),
@@ -224,7 +200,7 @@ def test_call_through_kamailio(gateway: Gateway, caller: Party, callee: Party) -
                     return dict(s)
             return None
 
-        session = _wait("the NG session of the answered call", answered, 10)
+        session = wait("the NG session of the answered call", answered, 10)
         to_caller, to_callee = session["legs"]
         assert to_caller["peer"] == f"{caller.host}:{RTP_PORT}"
         assert to_callee["peer"] == f"{callee.host}:{RTP_PORT}"
@@ -248,9 +224,9 @@ def test_call_through_kamailio(gateway: Gateway, caller: Party, callee: Party) -
         assert uas.wait(timeout=10) == 0, gw.tail("uas")
         states = {s["id"]: s["state"] for s in gw.cli("session", "list")}
         assert states.get(session["id"]) == "deleting"  # Kamailio deleted it on the BYE
-        _wait("the session to leave the list",
+        wait("the session to leave the list",
               lambda: session["id"] not in {s["id"] for s in gw.cli("session", "list")},
               DELETE_DELAY + 5)
     finally:
         for proc in procs:
-            _stop(proc)
+            end(proc)
