@@ -37,12 +37,12 @@ import itertools
 import logging
 import os
 import random
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from netaddr import IPNetwork
 
-from xlat.addr import Endpoint, IPAddress
+from xlat.addr import Endpoint, IPAddress, nat64_embedded, nat64_synthesize
 from xlat.logs import CALL_ID, summarized
 from xlat.media.session import PortsExhausted, SessionManager, SessionNotFound
 from xlat.sdp import SdpError, is_sdp_type, parse_sdp, rewrite_sdp, stream_specs
@@ -77,7 +77,7 @@ from xlat.sip.uri import SipUri, format_host, host_ip
 log = logging.getLogger(__name__)
 MALFORMED = summarized("malformed SIP")  # outside input: one line per window, not per packet
 
-__all__ = ["ProxyConfig", "Send", "SipProxy", "nat64_embedded", "nat64_synthesize"]
+__all__ = ["ProxyConfig", "Send", "SipProxy"]
 
 MAGIC = "z9hG4bK"  # RFC 3261 §8.1.1.7 branch cookie
 BRANCH_PREFIX = MAGIC + "X"  # ours: z9hG4bKX<loop hash>.<token>
@@ -97,43 +97,6 @@ FLOW_JOURNAL_AGE = 600.0
 # Hosts as written (Via, URIs) whose classification is kept: the few peers of a gateway
 # repeat in every message; bounded, since any host can be written.
 _HOST_CACHE_SIZE = 1024
-
-
-# ---- RFC 6052 address embedding -------------------------------------------------------
-
-
-def _v4_bit_positions(prefix_len: int) -> Iterator[int]:
-    """Where the 32 IPv4 bits go in an RFC 6052 §2.2 address: from the end of the
-    prefix on, skipping bits 64-71 (the "u" octet, zero)."""
-    pos = prefix_len
-    for _ in range(32):
-        if 64 <= pos < 72:
-            pos = 72
-        yield pos
-        pos += 1
-
-
-def nat64_synthesize(prefix: IPNetwork, v4: ipaddress.IPv4Address) -> ipaddress.IPv6Address:
-    """The IPv4-embedded IPv6 address of ``v4`` under ``prefix`` (RFC 6052 §2.2;
-    prefix lengths 32, 40, 48, 56, 64, 96)."""
-    value = int(prefix.network)
-    for i, pos in enumerate(_v4_bit_positions(prefix.prefixlen)):
-        if int(v4) >> (31 - i) & 1:
-            value |= 1 << (127 - pos)
-    return ipaddress.IPv6Address(value)
-
-
-def nat64_embedded(
-    prefixes: Sequence[IPNetwork], v6: ipaddress.IPv6Address
-) -> ipaddress.IPv4Address | None:
-    """The IPv4 address embedded in ``v6`` if it lies in one of ``prefixes``, else None."""
-    for prefix in prefixes:
-        if prefix.version == 6 and prefix.first <= int(v6) <= prefix.last:
-            bits = 0
-            for pos in _v4_bit_positions(prefix.prefixlen):
-                bits = bits << 1 | (int(v6) >> (127 - pos) & 1)
-            return ipaddress.IPv4Address(bits)
-    return None
 
 
 # ---- configuration and output -----------------------------------------------------------
