@@ -44,8 +44,10 @@ from netaddr import IPNetwork
 
 from xlat.addr import Endpoint, IPAddress, nat64_embedded, nat64_synthesize
 from xlat.logs import CALL_ID, summarized
-from xlat.media.session import PortsExhausted, SessionManager, SessionNotFound
-from xlat.sdp import SdpError, is_sdp_type, parse_sdp, rewrite_sdp, stream_specs
+from xlat.media import negotiate
+from xlat.media.negotiate import NegotiationError, View
+from xlat.media.session import SessionManager
+from xlat.sdp import is_sdp_type
 from xlat.sip import dns
 from xlat.sip.auth import Credentials, DigestAuth, Verdict
 from xlat.sip.errors import SipParseError
@@ -604,38 +606,25 @@ class SipProxy:
         if body is None or request.method not in ("INVITE", "UPDATE"):
             return None
         toward = targets[0].hop
+        same = [t for t in targets if t.hop.media_family == toward.media_family]
         try:
-            specs = stream_specs(parse_sdp(body))
-            relays = self.media.offer(
-                request.call_id,
-                request.from_.tag or "",
-                specs,
+            written = iter(negotiate.offer(
+                self.media,
+                negotiate.parse(body),
+                call_id=request.call_id,
+                from_tag=request.from_.tag or "",
+                to_tag=request.to.tag,
                 toward=toward.media_family,
+                views=[self._view(t.hop) for t in same],
                 now=now,
                 offerer_family=context.server.hop.media_family,
-                to_tag=request.to.tag,
-            )
-        except SdpError as exc:
-            raise _Reject(488, f"Bad SDP: {exc}"[:100]) from None
-        except PortsExhausted:
-            raise _Reject(503, "No Media Ports", [("Retry-After", str(self.config.retry_after))]) \
-                from None
-        offers: list[bytes | None] = []
-        written: dict[tuple[Endpoint | None, ...], bytes] = {}  # one rewrite per view
-        try:
-            for target in targets:
-                if target.hop.media_family != toward.media_family:
-                    offers.append(None)
-                    continue
-                shown = tuple(self._present(relays, target.hop))
-                if shown not in written:
-                    written[shown] = rewrite_sdp(body, shown)
-                offers.append(written[shown])
-        except ValueError as exc:  # relays on several addresses of one family
-            log.error("call %s: cannot write the relays into the SDP: %s", request.call_id, exc)
-            if request.to.tag is None:
-                self.media.delete(request.call_id, request.from_.tag, now=now, delay=0)
-            raise _Reject(500) from None
+            ))
+        except NegotiationError as exc:
+            headers = [("Retry-After", str(self.config.retry_after))] \
+                if exc.ports_exhausted else []
+            raise _Reject(exc.status, exc.reason, headers) from None
+        offers = [next(written) if t.hop.media_family == toward.media_family else None
+                  for t in targets]
         context.offer = True
         return offers
 
@@ -743,11 +732,10 @@ class SipProxy:
         if body is None:
             return None
         try:
-            specs = stream_specs(parse_sdp(body))
-            relays = self.media.answer(ack.call_id, ack.to.tag or "", ack.from_.tag or "", specs,
-                                       now=now)
-            return rewrite_sdp(body, self._present(relays, hop))
-        except (ValueError, SessionNotFound, PortsExhausted) as exc:  # SdpError, StreamMismatch
+            return negotiate.answer(self.media, negotiate.parse(body), call_id=ack.call_id,
+                                    from_tag=ack.to.tag or "", to_tag=ack.from_.tag or "",
+                                    view=self._view(hop), now=now)
+        except NegotiationError as exc:
             log.warning("call %s: SDP in ACK left as is: %s", ack.call_id, exc)
             return None
 
@@ -844,19 +832,21 @@ class SipProxy:
         to_tag = response.to.tag
         if to_tag is None:
             return
+        late_offer = request.method == "INVITE" and response.status >= 200
+        if not (context.offer or late_offer):
+            return
         try:
-            specs = stream_specs(parse_sdp(body))
+            sdp = negotiate.parse(body)
             if context.offer:
-                relays = self.media.answer(request.call_id, request.from_.tag or "", to_tag,
-                                           specs, now=now)
-            elif request.method == "INVITE" and response.status >= 200:
-                relays = self.media.offer(request.call_id, to_tag, specs,
-                                          toward=hop.media_family, now=now,
-                                          to_tag=request.from_.tag)
+                response.body = negotiate.answer(
+                    self.media, sdp, call_id=request.call_id, from_tag=request.from_.tag or "",
+                    to_tag=to_tag, view=self._view(hop), now=now)
             else:
-                return
-            response.body = rewrite_sdp(body, self._present(relays, hop))
-        except (ValueError, SessionNotFound, PortsExhausted) as exc:  # SdpError, StreamMismatch
+                (response.body,) = negotiate.offer(
+                    self.media, sdp, call_id=request.call_id, from_tag=to_tag,
+                    to_tag=request.from_.tag, toward=hop.media_family,
+                    views=[self._view(hop)], now=now)
+        except NegotiationError as exc:
             log.warning("call %s: SDP in %d left as is: %s", request.call_id, response.status, exc)
 
     # ---- branches and cancellation ----------------------------------------------------
@@ -1481,18 +1471,10 @@ class SipProxy:
         del original.params[XLAT_PARAM]
         return original
 
-    def _present(self, relays: Sequence[Endpoint | None], hop: _Hop) -> list[Endpoint | None]:
-        """Relays as ``hop``'s party must see them: an IPv4 relay shown to an IPv6 party
-        (behind NAT64) becomes its synthetic IPv6 address."""
-        prefix = hop.nat64 or self._nat64_prefix()
-        out: list[Endpoint | None] = []
-        for relay in relays:
-            v4 = relay is not None and isinstance(relay.host, ipaddress.IPv4Address)
-            if relay is not None and v4 and hop.family == 6 and prefix is not None:
-                assert isinstance(relay.host, ipaddress.IPv4Address)
-                relay = Endpoint(nat64_synthesize(prefix, relay.host), relay.port)
-            out.append(relay)
-        return out
+    def _view(self, hop: _Hop) -> View:
+        """How ``hop``'s party sees media addresses: an IPv6 party is shown an IPv4
+        relay under its own NAT64 prefix, else under our first one."""
+        return View(hop.family, hop.nat64 or self._nat64_prefix())
 
     # ---- bookkeeping ------------------------------------------------------------------
 
