@@ -27,12 +27,9 @@ What it adds to a plain proxy, for calls that cross address families:
 
 from __future__ import annotations
 
-import base64
-import binascii
 import functools
 import hashlib
 import heapq
-import ipaddress
 import itertools
 import logging
 import os
@@ -42,18 +39,18 @@ from dataclasses import dataclass, field
 
 from netaddr import IPNetwork
 
-from xlat.addr import Endpoint, IPAddress, nat64_embedded, nat64_synthesize
+from xlat.addr import Endpoint, IPAddress, nat64_embedded
 from xlat.logs import CALL_ID, summarized
 from xlat.media import negotiate
-from xlat.media.negotiate import NegotiationError, View
+from xlat.media.negotiate import NegotiationError
 from xlat.media.session import SessionManager
 from xlat.sdp import is_sdp_type
 from xlat.sip import dns
 from xlat.sip.auth import Credentials, DigestAuth, Verdict
 from xlat.sip.errors import SipParseError
+from xlat.sip.mapping import DEFAULT_PORT, AddressMap, Hop, host_key
 from xlat.sip.message import (
     REASONS,
-    NameAddr,
     SipRequest,
     SipResponse,
     Via,
@@ -83,8 +80,6 @@ __all__ = ["ProxyConfig", "Send", "SipProxy"]
 
 MAGIC = "z9hG4bK"  # RFC 3261 §8.1.1.7 branch cookie
 BRANCH_PREFIX = MAGIC + "X"  # ours: z9hG4bKX<loop hash>.<token>
-XLAT_PARAM = "xlat"  # URI parameter holding the address we mapped away (base32)
-DEFAULT_PORT = 5060
 TRANSPORTS = ("udp", "tcp")  # what the gateway listens with by default
 KNOWN_TRANSPORTS = ("udp", "tcp", "tls")
 # Methods that never get a Record-Route: REGISTER makes no dialog (RFC 3261 §10.2),
@@ -96,9 +91,6 @@ NAT64_FLOW_LIFETIME = 4 * 3600.0
 # A flow learnt again on the same hop is journaled again only this much later (its
 # lifetime runs from the last time seen; the journal need not follow every request).
 FLOW_JOURNAL_AGE = 600.0
-# Hosts as written (Via, URIs) whose classification is kept: the few peers of a gateway
-# repeat in every message; bounded, since any host can be written.
-_HOST_CACHE_SIZE = 1024
 
 
 # ---- configuration and output -----------------------------------------------------------
@@ -196,39 +188,20 @@ class _Reject(Exception):
 
 
 @dataclass(frozen=True, slots=True)
-class _Hop:
-    """One side of a message: where it goes (transport level) and how that party sees
-    addresses: ``family`` is the family it uses in SIP and SDP; ``nat64`` the prefix
-    through which it reaches IPv4 hosts when it sits behind NAT64."""
-
-    dest: Endpoint
-    transport: str
-    local: Endpoint | None
-    family: int
-    nat64: IPNetwork | None = None
-    server_name: str | None = None  # TLS: the name its certificate must show
-
-    @property
-    def media_family(self) -> int:
-        """The family of our relay leg facing it (NAT64: our IPv4 side)."""
-        return 4 if self.nat64 is not None else self.family
-
-
-@dataclass(frozen=True, slots=True)
 class _Dest:
     """Where routing sends a request: the Request-URI of the branch, and either the
     hop (a registered contact's flow) or the URI of the next hop, located per RFC 3263."""
 
     uri: SipUri | str
-    hop: _Hop | None = None
+    hop: Hop | None = None
     next_hop: SipUri | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class _Target:
     uri: SipUri | str  # Request-URI of the branch
-    hop: _Hop
-    alternatives: tuple[_Hop, ...] = ()  # RFC 3263 §4.3: tried in turn if ``hop`` fails
+    hop: Hop
+    alternatives: tuple[Hop, ...] = ()  # RFC 3263 §4.3: tried in turn if ``hop`` fails
 
 
 class _Unresolved(Exception):
@@ -255,7 +228,7 @@ class _Server:
     key: tuple[str, ...]
     txn: Transaction
     request: SipRequest
-    hop: _Hop
+    hop: Hop
     context: _Context | None = None
     pushed: float | None = None
     parked: _Parked | None = None  # routing waits for DNS
@@ -289,9 +262,9 @@ class _Branch:
     key: tuple[str, str]
     txn: Transaction
     request: SipRequest  # as sent
-    hop: _Hop
+    hop: Hop
     context: _Context | None
-    alternatives: tuple[_Hop, ...] = ()
+    alternatives: tuple[Hop, ...] = ()
     timer_c: float | None = None
     provisional: bool = False
     done: bool = False  # final response received (or timed out)
@@ -338,7 +311,7 @@ class SipProxy:
         self._clients: dict[tuple[str, str], _Branch] = {}
         self._timers: list[tuple[float, int, _Entry]] = []
         self._seq = itertools.count()
-        self._flows: dict[str, tuple[_Hop, float]] = {}  # NAT64 phone's Contact -> its flow
+        self._flows: dict[str, tuple[Hop, float]] = {}  # NAT64 phone's Contact -> its flow
         self.dns = dns.DnsCache()
         self.failed_targets = dns.FailedTargets()
         self._parked: dict[dns.Query, list[_Parked]] = {}  # requests waiting for an answer
@@ -357,16 +330,14 @@ class SipProxy:
         domains, routes and NAT64 prefixes; transactions, dialogs and registrations in
         progress keep going. The registrar's lifetimes stay as they were."""
         self.config = config
-        self._our_ips = self._own_addresses()
-        self._our_ports = frozenset(ep.port for ep in (*config.sip.values(),
-                                                       *config.tls.values()))
-        self._our_domains = frozenset(_host_key(d) for d in config.domains)
-        self._routes = [(_host_key(domain), uri) for domain, uri in config.routes
+        self.addresses = AddressMap(
+            config.sip, config.tls, aliases=config.aliases, domains=config.domains,
+            nat64_prefixes=config.nat64_prefixes, map_contact=config.map_contact,
+            map_from_to=config.map_from_to)
+        self._routes = [(host_key(domain), uri) for domain, uri in config.routes
                         if domain != "*"]
         self._default_route = next((uri for domain, uri in config.routes if domain == "*"),
                                    None)
-        self._ours: dict[str, bool] = {}  # _is_ours by host as written
-        self._contacts: dict[tuple[str, int, IPNetwork | None], str] = {}  # _mapped_contact
 
     # ---- public API -----------------------------------------------------------------
 
@@ -615,7 +586,7 @@ class SipProxy:
                 from_tag=request.from_.tag or "",
                 to_tag=request.to.tag,
                 toward=toward.media_family,
-                views=[self._view(t.hop) for t in same],
+                views=[self.addresses.view(t.hop) for t in same],
                 now=now,
                 offerer_family=context.server.hop.media_family,
             ))
@@ -656,7 +627,7 @@ class SipProxy:
         self,
         request: SipRequest,
         target: _Target,
-        incoming: _Hop,
+        incoming: Hop,
         branch_id: str,
         record_route: bool,
         body: bytes | None,
@@ -667,11 +638,11 @@ class SipProxy:
             out.uri = target.uri
         out.set("Max-Forwards", str(request.max_forwards - 1))
         if record_route:
-            self._record_route(out, incoming, target.hop)
-        self._map_addresses(out, target.hop)
+            self.addresses.record_route(out, incoming, target.hop)
+        self.addresses.map_addresses(out, target.hop)
         if body is not None:
             out.body = body
-        local = self._our_endpoint(target.hop, transport=True)
+        local = self.addresses.our_endpoint(target.hop, transport=True)
         out.insert("top", "Via", f"SIP/2.0/{target.hop.transport.upper()} "
                    f"{format_host(local.host)}:{local.port};branch={branch_id};rport")
         return out
@@ -690,7 +661,7 @@ class SipProxy:
             out += self._cancel_branches(context, now)
         return out
 
-    def _on_ack(self, request: SipRequest, hop: _Hop, now: float) -> list[Send]:
+    def _on_ack(self, request: SipRequest, hop: Hop, now: float) -> list[Send]:
         """An ACK for a failure ends its server transaction (hop by hop); an ACK for a
         2xx is forwarded statelessly along its route (end to end), carrying the
         answer to an offer made in the 2xx."""
@@ -709,7 +680,7 @@ class SipProxy:
             return []
         return self._forward_ack(request, hop, dests[0], loop, now)
 
-    def _forward_ack(self, request: SipRequest, hop: _Hop, dest: _Dest, loop: str,
+    def _forward_ack(self, request: SipRequest, hop: Hop, dest: _Dest, loop: str,
                      now: float) -> list[Send]:
         try:
             target = self._locate([dest], now)[0]
@@ -726,7 +697,7 @@ class SipProxy:
         out = self._forwarded(request, target, hop, branch_id, False, body)
         return [self._send(out.to_bytes(), target.hop)]
 
-    def _ack_media(self, ack: SipRequest, hop: _Hop, now: float) -> bytes | None:
+    def _ack_media(self, ack: SipRequest, hop: Hop, now: float) -> bytes | None:
         """The answer to a late offer (offer in the 2xx, answer in the ACK)."""
         body = _sdp(ack)
         if body is None:
@@ -734,7 +705,7 @@ class SipProxy:
         try:
             return negotiate.answer(self.media, negotiate.parse(body), call_id=ack.call_id,
                                     from_tag=ack.to.tag or "", to_tag=ack.from_.tag or "",
-                                    view=self._view(hop), now=now)
+                                    view=self.addresses.view(hop), now=now)
         except NegotiationError as exc:
             log.warning("call %s: SDP in ACK left as is: %s", ack.call_id, exc)
             return None
@@ -810,7 +781,7 @@ class SipProxy:
         response.pop_top("Via")
         if not response.get_all("Via"):
             return []
-        self._map_addresses(response, server.hop)
+        self.addresses.map_addresses(response, server.hop)
         self._response_media(context, response, now)
         data = response.to_bytes()
         try:
@@ -840,12 +811,12 @@ class SipProxy:
             if context.offer:
                 response.body = negotiate.answer(
                     self.media, sdp, call_id=request.call_id, from_tag=request.from_.tag or "",
-                    to_tag=to_tag, view=self._view(hop), now=now)
+                    to_tag=to_tag, view=self.addresses.view(hop), now=now)
             else:
                 (response.body,) = negotiate.offer(
                     self.media, sdp, call_id=request.call_id, from_tag=to_tag,
                     to_tag=request.from_.tag, toward=hop.media_family,
-                    views=[self._view(hop)], now=now)
+                    views=[self.addresses.view(hop)], now=now)
         except NegotiationError as exc:
             log.warning("call %s: SDP in %d left as is: %s", request.call_id, response.status, exc)
 
@@ -1009,7 +980,7 @@ class SipProxy:
         if _stamp(vias[0], source):
             request.replace_values("Via", [str(v) for v in vias])
 
-    def _incoming_hop(self, via: Via, source: Endpoint, local: Endpoint, transport: str) -> _Hop:
+    def _incoming_hop(self, via: Via, source: Endpoint, local: Endpoint, transport: str) -> Hop:
         """Where responses to a request go (§18.2.2: the connection for TCP; received
         + rport or sent-by port for UDP) and how its sender sees addresses."""
         if transport == "udp":
@@ -1020,8 +991,8 @@ class SipProxy:
         sent_by = via.host_ip
         if source.family == 4 and sent_by is not None and sent_by.version == 6:
             # behind NAT64, hence behind a NAT: answer where it came from (RFC 3581 §4)
-            return _Hop(source, transport, local, 6, self._nat64_prefix())
-        return _Hop(dest, transport, local, source.family)
+            return Hop(source, transport, local, 6, self.addresses.nat64_prefix)
+        return Hop(dest, transport, local, source.family)
 
     def _server_key(self, request: SipRequest, method: str) -> tuple[str, ...]:
         """§17.2.3: branch + sent-by + method (ACK matches INVITE, CANCEL its own)."""
@@ -1039,20 +1010,20 @@ class SipProxy:
         Raises _Reject."""
         routes = request.routes
         if routes and isinstance(request.uri, SipUri) and "lr" in request.uri.params \
-                and self._names_us(request.uri):
+                and self.addresses.names_us(request.uri):
             # §16.4: a strict router put our Record-Route URI in the Request-URI
             request.uri = routes[-1].uri
             request.replace_values("Route", request.get_all("Route")[:-1])
             routes = request.routes
         ours = 0
-        while ours < len(routes) and self._names_us(routes[ours].uri):
+        while ours < len(routes) and self.addresses.names_us(routes[ours].uri):
             ours += 1
         if ours:
             request.replace_values("Route", request.get_all("Route")[ours:])
             routes = routes[ours:]
         mapped = False
         if isinstance(request.uri, SipUri):
-            original = self._unmapped(request.uri)
+            original = self.addresses.unmapped(request.uri)
             if original is not None:
                 request.uri, mapped = original, True
         uri = request.uri
@@ -1065,7 +1036,8 @@ class SipProxy:
             if self._default_route is None:
                 raise _Reject(416)
             return [_Dest(uri, next_hop=self._default_route)]
-        own = not mapped and self._is_ours(uri.host) and uri.port in (None, *self._our_ports)
+        own = not mapped and self.addresses.is_ours(uri.host) \
+            and uri.port in (None, *self.addresses.our_ports)
         key = Registrar.key(uri) if own else None
         if own:  # (2)
             if request.method == "REGISTER":
@@ -1089,7 +1061,7 @@ class SipProxy:
             raise _Reject(480 if key and self.registrar.lapsed(key, now=now) else 404)
         return [_Dest(uri, next_hop=uri)]  # its own host (RFC 3263)
 
-    def _learn_flow(self, request: SipRequest, hop: _Hop, now: float) -> None:
+    def _learn_flow(self, request: SipRequest, hop: Hop, now: float) -> None:
         """Remember how to reach a phone behind NAT64 at the Contact it gave: through
         the NAT64 binding its request came over (the way a registration is used)."""
         if request.get("Contact") is None or request.wildcard_contact:
@@ -1136,7 +1108,7 @@ class SipProxy:
         for key, d in items.items():  # in journal order, which is about the order seen
             try:
                 local = d["local"]
-                hop = _Hop(Endpoint.parse(str(d["dest"])), str(d["transport"]),
+                hop = Hop(Endpoint.parse(str(d["dest"])), str(d["transport"]),
                            None if local is None else Endpoint.parse(str(local)),
                            int(str(d["family"])),
                            None if d["nat64"] is None else IPNetwork(str(d["nat64"])))
@@ -1149,7 +1121,7 @@ class SipProxy:
             self._flows_changed.add(key)
         return len(self._flows)
 
-    def _flow(self, uri: SipUri, now: float) -> _Hop | None:
+    def _flow(self, uri: SipUri, now: float) -> Hop | None:
         """How to reach a Contact that registered here, or of a phone behind NAT64."""
         binding = self.registrar.binding(uri, now=now)
         if binding is not None:
@@ -1159,23 +1131,23 @@ class SipProxy:
             return learnt[0]
         return None
 
-    def _binding_hop(self, binding: Binding, now: float) -> _Hop:
+    def _binding_hop(self, binding: Binding, now: float) -> Hop:
         """How to reach a registered contact: over the connection it registered on
         (TCP), through the NAT64 it registered through (an IPv6 contact registered
         from an IPv4 source: RFC 5626-style flow reuse), else at its address."""
         contact = binding.uri.host_ip
         local4 = self.config.sip.get(4)
-        prefix = self._nat64_prefix()
+        prefix = self.addresses.nat64_prefix
         behind_nat64 = (binding.source.family == 4 and contact is not None
                         and contact.version == 6 and prefix is not None and local4 is not None
                         and nat64_embedded(self.config.nat64_prefixes, contact) is None)
         if behind_nat64:
-            return _Hop(binding.source, binding.transport, local4, 6, prefix)
+            return Hop(binding.source, binding.transport, local4, 6, prefix)
         return self._contact_hop(binding, now)
 
     def _match_route(self, host: str) -> SipUri | None:
         """The route whose domain is ``host``, else the ``*`` route (None: neither)."""
-        wanted = _host_key(host)
+        wanted = host_key(host)
         for key, uri in self._routes:
             if key == wanted:
                 return uri
@@ -1200,7 +1172,7 @@ class SipProxy:
             raise _Unresolved(frozenset(missing))
         return targets
 
-    def _hops_to(self, uri: SipUri, now: float) -> list[_Hop] | dns.Lookup:
+    def _hops_to(self, uri: SipUri, now: float) -> list[Hop] | dns.Lookup:
         """Where a request for ``uri`` may go, in the order to try (RFC 3263 §4: maddr,
         else host; port; transport; sips: needs TLS). Targets that failed lately come
         only when nothing else is left. Raises _Reject when there is none."""
@@ -1228,7 +1200,7 @@ class SipProxy:
             raise _Reject(503, "No " + "/".join(f"IPv{f}" for f in families) + " SIP address")
         return hops
 
-    def _target_hop(self, target: dns.Target) -> _Hop | None:
+    def _target_hop(self, target: dns.Target) -> Hop | None:
         """The hop to a located target; a NAT64-synthesised IPv6 address is reached on
         its IPv4 address. None when we have no SIP address of its family."""
         ip = target.endpoint.host
@@ -1240,18 +1212,18 @@ class SipProxy:
         local = self._local_for(dest.family, target.transport)
         if local is None:
             return None
-        return _Hop(dest, target.transport, local, dest.family, server_name=target.server_name)
+        return Hop(dest, target.transport, local, dest.family, server_name=target.server_name)
 
     def _local_for(self, family: int, transport: str) -> Endpoint | None:
         return (self.config.tls if transport == "tls" else self.config.sip).get(family)
 
-    def _contact_hop(self, binding: Binding, now: float) -> _Hop:
+    def _contact_hop(self, binding: Binding, now: float) -> Hop:
         """The hop to a registered contact: over the connection it registered on (TCP,
         TLS), else at its address (an IP literal: RFC 3263 §4.2 defaults)."""
         if binding.transport in ("tcp", "tls"):
             source = binding.source
             local = self._local_for(source.family, binding.transport)
-            return _Hop(source, binding.transport, local, source.family)
+            return Hop(source, binding.transport, local, source.family)
         uri = binding.uri
         if uri.host_ip is None:
             raise _Reject(404, f"Cannot resolve {uri.host}"[:100])
@@ -1263,7 +1235,7 @@ class SipProxy:
         """§16.3 item 4: one of our Vias carries this very request's loop hash."""
         for via in request.vias:
             branch = via.branch or ""
-            ours = branch.startswith(BRANCH_PREFIX) and self._names_us_via(via)
+            ours = branch.startswith(BRANCH_PREFIX) and self.addresses.names_us_via(via)
             if ours and branch[len(BRANCH_PREFIX):].split(".", 1)[0] == loop:
                 return True
         return False
@@ -1289,8 +1261,9 @@ class SipProxy:
             raise _Reject(403, "Registrar disabled")
         if not request.wildcard_contact and request.get("Contact") is not None:
             for contact in request.contacts:
-                if self._names_us(contact.uri) or (
-                        isinstance(contact.uri, SipUri) and self._is_ours(contact.uri.host)):
+                uri = contact.uri
+                if self.addresses.names_us(uri) or (
+                        isinstance(uri, SipUri) and self.addresses.is_ours(uri.host)):
                     raise _Reject(403, "Contact names this gateway")
         if upstream is None:
             return None
@@ -1345,140 +1318,9 @@ class SipProxy:
         uris = [uri for _, uri in self.config.routes]
         return frozenset(ip for uri in uris if (ip := uri.host_ip) is not None)
 
-    # ---- what is ours, address mapping ------------------------------------------------
-
-    def _own_addresses(self) -> frozenset[IPAddress]:
-        mine: set[IPAddress] = {ep.host for ep in (*self.config.sip.values(),
-                                                   *self.config.tls.values())}
-        mine |= set(self.config.aliases)
-        for prefix in self.config.nat64_prefixes:
-            mine |= {nat64_synthesize(prefix, ip) for ip in list(mine)
-                     if isinstance(ip, ipaddress.IPv4Address)}
-        return frozenset(mine)
-
-    def _is_ours(self, host: str) -> bool:
-        ours = self._ours.get(host)
-        if ours is None:
-            ip = host_ip(host)
-            ours = ip in self._our_ips if ip is not None else \
-                _host_key(host) in self._our_domains
-            if len(self._ours) >= _HOST_CACHE_SIZE:  # hosts come from the network
-                self._ours.clear()
-            self._ours[host] = ours
-        return ours
-
-    def _names_us(self, uri: SipUri | str) -> bool:
-        """A Route/Record-Route URI naming this gateway (host and port)."""
-        if not isinstance(uri, SipUri) or not self._is_ours(uri.host):
-            return False
-        return (uri.port or DEFAULT_PORT) in self._our_ports
-
-    def _names_us_via(self, via: Via) -> bool:
-        return self._is_ours(via.host) and (via.port or DEFAULT_PORT) in self._our_ports
-
-    def _nat64_prefix(self) -> IPNetwork | None:
-        return self.config.nat64_prefixes[0] if self.config.nat64_prefixes else None
-
-    def _our_endpoint(self, hop: _Hop, *, transport: bool = False) -> Endpoint:
-        """The gateway's SIP endpoint as ``hop``'s party must address it; with
-        ``transport``, the one of the hop's transport (Via, Record-Route: TLS has its
-        own port), else the UDP/TCP one (mapped URIs, which carry no transport)."""
-        if transport and hop.transport == "tls" and hop.family in self.config.tls:
-            return self.config.tls[hop.family]
-        if hop.nat64 is not None:
-            v4 = self.config.sip[4]
-            assert isinstance(v4.host, ipaddress.IPv4Address)
-            return Endpoint(nat64_synthesize(hop.nat64, v4.host), v4.port)
-        return self.config.sip[hop.family]
-
-    def _record_route(self, request: SipRequest, incoming: _Hop, outgoing: _Hop) -> None:
-        """§16.6 item 4, RFC 5658: one entry, or two when the two sides address the
-        gateway differently (family, NAT64 or transport). The top entry faces the
-        next hop, the one below faces the previous hop."""
-        facing_in = self._rr_uri(incoming)
-        facing_out = self._rr_uri(outgoing)
-        if facing_in == facing_out:
-            request.insert("top", "Record-Route", f"<{facing_out}>")
-            return
-        request.insert("top", "Record-Route", f"<{facing_in};r2=on>")
-        request.insert("top", "Record-Route", f"<{facing_out};r2=on>")
-
-    def _rr_uri(self, hop: _Hop) -> str:
-        ep = self._our_endpoint(hop, transport=True)
-        transport = f";transport={hop.transport}" if hop.transport != "udp" else ""
-        return f"sip:{format_host(ep.host)}:{ep.port}{transport};lr"
-
-    def _map_addresses(self, message: SipRequest | SipResponse, hop: _Hop) -> None:
-        """Contact (and From/To when configured) as ``hop``'s party must see them."""
-        if self.config.map_contact:
-            values = message.get_all("Contact")
-            if values and values != ["*"]:
-                shown = [self._mapped_contact(value, hop) for value in values]
-                if shown != values:
-                    message.replace_values("Contact", shown)
-        if self.config.map_from_to:
-            for name, addr in (("From", message.from_), ("To", message.to)):
-                mapped = self._mapped(addr.uri, hop)
-                if mapped is not None:
-                    addr.uri = mapped
-                    message.set(name, str(addr))
-
-    def _mapped_contact(self, value: str, hop: _Hop) -> str:
-        """A Contact value as ``hop``'s party must see it. A phone writes the same
-        Contact in every message: the result is kept per (value, how the party sees
-        addresses)."""
-        key = (value, hop.family, hop.nat64)
-        mapped = self._contacts.get(key)
-        if mapped is None:
-            contact = NameAddr.parse(value)
-            uri = self._mapped(contact.uri, hop)
-            if uri is not None:
-                contact.uri = uri
-            mapped = str(contact)
-            if len(self._contacts) >= _HOST_CACHE_SIZE:  # values come from the network
-                self._contacts.clear()
-            self._contacts[key] = mapped
-        return mapped
-
-    def _mapped(self, uri: SipUri | str, hop: _Hop) -> SipUri | None:
-        """``uri`` as ``hop``'s party must see it, or None when it can use it as is."""
-        if not isinstance(uri, SipUri):
-            return None
-        original = self._unmapped(uri)
-        if original is not None:
-            ip = original.host_ip
-            return original if ip is None or _usable(ip, hop) else None
-        ip = uri.host_ip
-        if ip is None or _usable(ip, hop) or ip in self._our_ips:
-            return None
-        ours = self._our_endpoint(hop)
-        mapped = uri.with_host(ours.host, ours.port)
-        hostport = uri.host if uri.port is None else f"{uri.host}:{uri.port}"
-        mapped.params[XLAT_PARAM] = _encode_hostport(hostport)
-        return mapped
-
-    def _unmapped(self, uri: SipUri) -> SipUri | None:
-        """The original of a URI we mapped (host ours, ``;xlat=`` present), else None."""
-        encoded = uri.params.get(XLAT_PARAM)
-        if not encoded or not self._is_ours(uri.host):
-            return None
-        try:
-            host, port = _decode_hostport(encoded)
-        except (binascii.Error, UnicodeDecodeError, ValueError):
-            log.info("bad %s parameter in %s", XLAT_PARAM, uri)
-            return None
-        original = uri.with_host(host, port)
-        del original.params[XLAT_PARAM]
-        return original
-
-    def _view(self, hop: _Hop) -> View:
-        """How ``hop``'s party sees media addresses: an IPv6 party is shown an IPv4
-        relay under its own NAT64 prefix, else under our first one."""
-        return View(hop.family, hop.nat64 or self._nat64_prefix())
-
     # ---- bookkeeping ------------------------------------------------------------------
 
-    def _send(self, data: bytes, hop: _Hop) -> Send:
+    def _send(self, data: bytes, hop: Hop) -> Send:
         return Send(data, hop.dest, hop.transport, hop.local, hop.server_name)
 
     def _token(self) -> str:
@@ -1562,42 +1404,4 @@ def _stamp(via: Via, source: Endpoint) -> bool:
 def _ip_text(ip: IPAddress) -> str:
     return str(ip)
 
-
-def _usable(ip: IPAddress, hop: _Hop) -> bool:
-    return ip.version == hop.family
-
-
-@functools.lru_cache(maxsize=_HOST_CACHE_SIZE)
-def _host_key(host: str) -> str:
-    ip = host_ip(host)
-    return str(ip) if ip is not None else host.lower().rstrip(".")
-
-
-# The few addresses a gateway maps come back in every message of every call.
-@functools.lru_cache(maxsize=1024)
-def _encode_hostport(hostport: str) -> str:
-    """An address as the ``;xlat=`` value: base32, lower case, no padding."""
-    return base64.b32encode(hostport.encode()).decode().rstrip("=").lower()
-
-
-@functools.lru_cache(maxsize=1024)
-def _decode_hostport(encoded: str) -> tuple[str, int | None]:
-    """(host, port) from an ``;xlat=`` value. Raises ValueError (binascii.Error,
-    UnicodeDecodeError) when it is not one of ours."""
-    padded = encoded.upper() + "=" * (-len(encoded) % 8)
-    return _split_hostport(base64.b32decode(padded).decode())
-
-
-def _split_hostport(text: str) -> tuple[str, int | None]:
-    if text.startswith("["):
-        host, _, rest = text.partition("]")
-        host += "]"
-        port = rest[1:] if rest.startswith(":") else None
-    elif text.count(":") == 1:
-        host, port = text.split(":")
-    else:
-        host, port = text, None
-    if host_ip(host) is None:
-        raise ValueError(f"not an IP literal: {host!r}")
-    return host, int(port) if port else None
 
