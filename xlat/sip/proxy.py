@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import heapq
-import itertools
 import logging
 import os
 import random
@@ -47,6 +45,7 @@ from xlat.media.session import SessionManager
 from xlat.sdp import is_sdp_type
 from xlat.sip import dns
 from xlat.sip.auth import Credentials, DigestAuth, Verdict
+from xlat.sip.deadlines import DeadlineHeap
 from xlat.sip.errors import SipParseError
 from xlat.sip.mapping import DEFAULT_PORT, AddressMap, Hop, host_key
 from xlat.sip.message import (
@@ -309,8 +308,7 @@ class SipProxy:
         self._rng = rng
         self._servers: dict[tuple[str, ...], _Server] = {}
         self._clients: dict[tuple[str, str], _Branch] = {}
-        self._timers: list[tuple[float, int, _Entry]] = []
-        self._seq = itertools.count()
+        self._timers: DeadlineHeap[_Entry] = DeadlineHeap(self._alive, self._track)
         self._flows: dict[str, tuple[Hop, float]] = {}  # NAT64 phone's Contact -> its flow
         self.dns = dns.DnsCache()
         self.failed_targets = dns.FailedTargets()
@@ -379,15 +377,7 @@ class SipProxy:
     def handle_timer(self, now: float) -> list[Send]:
         """Run every transaction timer due at ``now``."""
         out: list[Send] = []
-        while self._timers and self._timers[0][0] <= now:
-            when, _, entry = heapq.heappop(self._timers)
-            if entry.pushed == when:
-                entry.pushed = None
-            if not self._alive(entry):
-                continue
-            if entry.deadline() != when:
-                self._track(entry)
-                continue
+        for entry in self._timers.due(now):
             if isinstance(entry, _Server):
                 out += self._server_actions(entry, entry.txn.handle_timer(now))
             else:
@@ -431,16 +421,7 @@ class SipProxy:
 
     def next_deadline(self) -> float | None:
         """When ``handle_timer`` must run next; None when nothing is pending."""
-        while self._timers:
-            when, _, entry = self._timers[0]
-            if self._alive(entry) and entry.deadline() == when:
-                return when
-            heapq.heappop(self._timers)
-            if entry.pushed == when:
-                entry.pushed = None
-            if self._alive(entry):
-                self._track(entry)
-        return None
+        return self._timers.next_deadline()
 
     @property
     def transactions(self) -> int:
@@ -1343,10 +1324,7 @@ class SipProxy:
             elif self._clients.get(entry.key) is entry:
                 del self._clients[entry.key]
             return
-        when = entry.deadline()
-        if when is not None and when != entry.pushed:
-            entry.pushed = when
-            heapq.heappush(self._timers, (when, next(self._seq), entry))
+        self._timers.push(entry)
 
 
 # ---- message helpers -------------------------------------------------------------------
