@@ -61,6 +61,7 @@ __all__ = [
     "StreamFramer",
     "Via",
     "canonical_name",
+    "derived_request",
     "error_response",
     "make_response",
     "parse_message",
@@ -1187,6 +1188,25 @@ def make_response(
     response = SipResponse(status, reason, headers)
     response.eol = request.eol
     return response
+
+
+def derived_request(invite: SipRequest, method: str, response: SipMessage | None = None
+                    ) -> SipRequest:
+    """A request of the INVITE's own client transaction: the CANCEL (§9.1) or the ACK
+    of a failure response (§17.1.1.3). Request-URI, top Via, Route set, From, Call-ID
+    and CSeq number are the INVITE's; To is ``response``'s when given (the ACK's: it
+    carries the to-tag), else the INVITE's."""
+    to = invite if response is None else response
+    headers = [("Via", str(invite.vias[0]))]
+    headers += [("Route", value) for value in invite.get_all("Route")]
+    headers += [
+        ("From", invite.get("From") or ""),
+        ("To", to.get("To") or ""),
+        ("Call-ID", invite.call_id),
+        ("CSeq", f"{invite.cseq[0]} {method}"),
+        ("Max-Forwards", "70"),
+    ]
+    return SipRequest(method, invite.uri, headers)
 
 
 # -- answering what did not parse (§8.2, §16.3) -------------------------------------------

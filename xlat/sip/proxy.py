@@ -53,6 +53,7 @@ from xlat.sip.message import (
     SipRequest,
     SipResponse,
     Via,
+    derived_request,
     error_response,
     make_response,
     parse_message,
@@ -897,17 +898,7 @@ class SipProxy:
         if branch.cancelled:
             return []
         branch.cancelled = True
-        invite = branch.request
-        headers = [("Via", str(invite.vias[0]))]
-        headers += [("Route", value) for value in invite.get_all("Route")]
-        headers += [
-            ("From", invite.get("From") or ""),
-            ("To", invite.get("To") or ""),
-            ("Call-ID", invite.call_id),
-            ("CSeq", f"{invite.cseq[0]} CANCEL"),
-            ("Max-Forwards", "70"),
-        ]
-        cancel = SipRequest("CANCEL", invite.uri, headers)
+        cancel = derived_request(branch.request, "CANCEL")
         txn = Transaction(Kind.NON_INVITE_CLIENT, cancel.to_bytes(),
                           reliable=branch.hop.transport != "udp", timers=self.config.timers)
         client = _Branch((branch.key[0], "CANCEL"), txn, cancel, branch.hop, None)
@@ -1340,16 +1331,7 @@ def _sdp(message: SipRequest | SipResponse) -> bytes | None:
 def _ack_for(invite: SipRequest, response: object) -> bytes:
     """§17.1.1.3: the ACK a client transaction sends for a failure response."""
     assert isinstance(response, SipResponse)
-    headers = [("Via", str(invite.vias[0]))]
-    headers += [("Route", value) for value in invite.get_all("Route")]
-    headers += [
-        ("From", invite.get("From") or ""),
-        ("To", response.get("To") or ""),
-        ("Call-ID", invite.call_id),
-        ("CSeq", f"{invite.cseq[0]} ACK"),
-        ("Max-Forwards", "70"),
-    ]
-    return SipRequest("ACK", invite.uri, headers).to_bytes()
+    return derived_request(invite, "ACK", response).to_bytes()
 
 
 def _with_status(response: SipResponse, status: int) -> SipResponse:
