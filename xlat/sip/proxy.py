@@ -30,24 +30,21 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
-import os
 import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from netaddr import IPNetwork
-
-from xlat.addr import Endpoint, IPAddress, nat64_embedded
+from xlat.addr import Endpoint, IPAddress
 from xlat.logs import CALL_ID, summarized
 from xlat.media import negotiate
 from xlat.media.negotiate import NegotiationError
 from xlat.media.session import SessionManager
 from xlat.sdp import is_sdp_type
 from xlat.sip import dns
-from xlat.sip.auth import Credentials, DigestAuth, Verdict
+from xlat.sip.auth import DigestAuth
 from xlat.sip.deadlines import DeadlineHeap
 from xlat.sip.errors import SipParseError
-from xlat.sip.mapping import DEFAULT_PORT, AddressMap, Hop, host_key
+from xlat.sip.mapping import DEFAULT_PORT, AddressMap, Hop
 from xlat.sip.message import (
     REASONS,
     SipRequest,
@@ -58,20 +55,21 @@ from xlat.sip.message import (
     make_response,
     parse_message,
 )
-from xlat.sip.registrar import Binding, Registrar
+from xlat.sip.registrar import Registrar
+from xlat.sip.routing import Dest, Reject, Router, Target, Unresolved
+from xlat.sip.settings import ProxyConfig
 from xlat.sip.transaction import (
     Action,
     Deliver,
     Kind,
     State,
     Timeout,
-    Timers,
     Transaction,
     TransactionError,
     Transmit,
     TransportFailure,
 )
-from xlat.sip.uri import SipUri, format_host, host_ip
+from xlat.sip.uri import format_host
 
 log = logging.getLogger(__name__)
 MALFORMED = summarized("malformed SIP")  # outside input: one line per window, not per packet
@@ -80,17 +78,9 @@ __all__ = ["ProxyConfig", "Send", "SipProxy"]
 
 MAGIC = "z9hG4bK"  # RFC 3261 §8.1.1.7 branch cookie
 BRANCH_PREFIX = MAGIC + "X"  # ours: z9hG4bKX<loop hash>.<token>
-TRANSPORTS = ("udp", "tcp")  # what the gateway listens with by default
-KNOWN_TRANSPORTS = ("udp", "tcp", "tls")
 # Methods that never get a Record-Route: REGISTER makes no dialog (RFC 3261 §10.2),
 # CANCEL and ACK are not forwarded as new requests.
 _NO_RECORD_ROUTE = frozenset({"REGISTER", "CANCEL", "ACK"})
-# How long the NAT64 flow of a phone that is not registered (a caller behind NAT64) is
-# remembered after its last request: longer than any call between two requests.
-NAT64_FLOW_LIFETIME = 4 * 3600.0
-# A flow learnt again on the same hop is journaled again only this much later (its
-# lifetime runs from the last time seen; the journal need not follow every request).
-FLOW_JOURNAL_AGE = 600.0
 
 
 # ---- configuration and output -----------------------------------------------------------
@@ -108,108 +98,6 @@ class Send:
     transport: str
     local: Endpoint | None
     server_name: str | None = None
-
-
-@dataclass(frozen=True)
-class ProxyConfig:
-    """What the proxy needs to know about the gateway.
-
-    ``sip``: the gateway's own SIP endpoint per family (4, 6), used in Via,
-    Record-Route and mapped URIs and listened on with every transport of
-    ``transports`` but TLS; ``tls``: its TLS endpoint per family (RFC 3261 §26: a
-    port of its own, 5061 by default), when it has one. ``aliases``: further
-    addresses that are ours (the media addresses). ``domains``: host names that are
-    ours. ``routes``: (domain or "*", next-hop URI), see ``SipProxy``.
-    ``prefer_family``: of a name with both AAAA and A records, the family tried
-    first. ``delete_delay``: passed to the media layer when a BYE ends a call (None:
-    its default). ``register_expires``: the registrar's default, minimum and maximum
-    binding lifetimes (seconds). The registrar is off unless one of two is given:
-    ``users`` (the current `Credentials`, e.g. a `UsersFile`): REGISTER is
-    authenticated with Digest and bound here, and requests for a user of our domains
-    from a source that is not a route's next hop are challenged (407) before anything
-    tells whether that user exists; ``registrar_upstream``: REGISTER is forwarded
-    there with a Path header (RFC 3327) and nothing is bound here. ``auth_secret``
-    keys the Digest nonces."""
-
-    sip: Mapping[int, Endpoint]
-    transports: tuple[str, ...] = TRANSPORTS
-    tls: Mapping[int, Endpoint] = field(default_factory=dict)
-    prefer_family: int = 6
-    aliases: tuple[IPAddress, ...] = ()
-    domains: tuple[str, ...] = ()
-    routes: tuple[tuple[str, SipUri], ...] = ()
-    nat64_prefixes: tuple[IPNetwork, ...] = (IPNetwork("64:ff9b::/96"),)
-    map_contact: bool = True
-    map_from_to: bool = False
-    delete_delay: float | None = None
-    timers: Timers = field(default_factory=Timers)
-    timer_c: float = 180.0  # §16.8: proxy INVITE timer, > 3 minutes
-    retry_after: int = 5  # seconds, in 503 when no relay ports are free
-    register_expires: tuple[int, int, int] = (3600, 60, 86400)  # default, minimum, maximum
-    users: Callable[[], Credentials] | None = None
-    registrar_upstream: SipUri | None = None
-    auth_secret: bytes = field(default_factory=lambda: os.urandom(32), repr=False)
-
-    def __post_init__(self) -> None:
-        for family, ep in self.sip.items():
-            if ep.family != family:
-                raise ValueError(f"sip[{family}] is {ep}, not an IPv{family} endpoint")
-        for family, ep in self.tls.items():
-            if ep.family != family:
-                raise ValueError(f"tls[{family}] is {ep}, not an IPv{family} endpoint")
-        for transport in self.transports:
-            if transport not in KNOWN_TRANSPORTS:
-                raise ValueError(f"unsupported SIP transport {transport!r}")
-        if self.prefer_family not in (4, 6):
-            raise ValueError(f"prefer_family must be 4 or 6, not {self.prefer_family!r}")
-        if self.users is not None and self.registrar_upstream is not None:
-            raise ValueError("a local registrar (users) or an upstream one, not both")
-
-    @property
-    def usable_transports(self) -> tuple[str, ...]:
-        """What requests may be sent with: TLS needs a TLS endpoint of ours (its
-        Record-Route names it)."""
-        return (*(t for t in self.transports if t != "tls"), *(("tls",) if self.tls else ()))
-
-    def listen(self) -> list[tuple[str, Endpoint]]:
-        """Every (transport, endpoint) the proxy expects to receive on."""
-        out = [(t, ep) for ep in self.sip.values() for t in self.transports if t != "tls"]
-        return out + [("tls", ep) for ep in self.tls.values()]
-
-
-class _Reject(Exception):
-    """Answer the request with this status instead of forwarding it."""
-
-    def __init__(
-        self, status: int, reason: str | None = None, headers: Sequence[tuple[str, str]] = ()
-    ) -> None:
-        super().__init__(reason or REASONS.get(status, ""))
-        self.status, self.reason, self.headers = status, reason, tuple(headers)
-
-
-@dataclass(frozen=True, slots=True)
-class _Dest:
-    """Where routing sends a request: the Request-URI of the branch, and either the
-    hop (a registered contact's flow) or the URI of the next hop, located per RFC 3263."""
-
-    uri: SipUri | str
-    hop: Hop | None = None
-    next_hop: SipUri | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class _Target:
-    uri: SipUri | str  # Request-URI of the branch
-    hop: Hop
-    alternatives: tuple[Hop, ...] = ()  # RFC 3263 §4.3: tried in turn if ``hop`` fails
-
-
-class _Unresolved(Exception):
-    """Routing needs DNS answers first."""
-
-    def __init__(self, queries: frozenset[dns.Query]) -> None:
-        super().__init__(", ".join(sorted(f"{q.name}/{q.rdtype}" for q in queries)))
-        self.queries = queries
 
 
 @dataclass(eq=False, slots=True)
@@ -307,16 +195,13 @@ class SipProxy:
         self.auth = None if config.users is None else DigestAuth(
             config.users, config.auth_secret, rng)
         self._rng = rng
+        self.router = Router(self.registrar, self.auth, rng)
+        self.dns, self.failed_targets = self.router.dns, self.router.failed_targets
         self._servers: dict[tuple[str, ...], _Server] = {}
         self._clients: dict[tuple[str, str], _Branch] = {}
         self._timers: DeadlineHeap[_Entry] = DeadlineHeap(self._alive, self._track)
-        self._flows: dict[str, tuple[Hop, float]] = {}  # NAT64 phone's Contact -> its flow
-        self.dns = dns.DnsCache()
-        self.failed_targets = dns.FailedTargets()
         self._parked: dict[dns.Query, list[_Parked]] = {}  # requests waiting for an answer
         self._queries: list[dns.Query] = []  # asked for, not yet handed to the edge
-        self._flows_changed: set[str] = set()  # since drain_records() (the crash journal)
-        self.on_change: Callable[[], None] | None = None  # a flow to journal
         # what was received and what the proxy answered itself, for metrics
         self.requests_received: dict[str, int] = {}  # method ->
         self.responses_received: dict[tuple[str, int], int] = {}  # (CSeq method, status) ->
@@ -333,10 +218,25 @@ class SipProxy:
             config.sip, config.tls, aliases=config.aliases, domains=config.domains,
             nat64_prefixes=config.nat64_prefixes, map_contact=config.map_contact,
             map_from_to=config.map_from_to)
-        self._routes = [(host_key(domain), uri) for domain, uri in config.routes
-                        if domain != "*"]
-        self._default_route = next((uri for domain, uri in config.routes if domain == "*"),
-                                   None)
+        self.router.reconfigure(config, self.addresses)
+
+    @property
+    def on_change(self) -> Callable[[], None] | None:
+        """Called when a NAT64 flow is learnt or forgotten (for the crash journal)."""
+        return self.router.on_change
+
+    @on_change.setter
+    def on_change(self, callback: Callable[[], None] | None) -> None:
+        self.router.on_change = callback
+
+    def drain_records(self) -> list[tuple[str, dict[str, object] | None]]:
+        """The NAT64 flows to journal (``Router.drain_records``)."""
+        return self.router.drain_records()
+
+    def restore(self, items: Mapping[str, Mapping[str, object]], *, now: float,
+                shift: float = 0.0) -> int:
+        """Take back journaled NAT64 flows (``Router.restore``)."""
+        return self.router.restore(items, now=now, shift=shift)
 
     # ---- public API -----------------------------------------------------------------
 
@@ -437,7 +337,7 @@ class SipProxy:
         self._stamp_via(request, source)
         hop = self._incoming_hop(request.vias[0], source, local, transport)
         if hop.nat64 is not None:
-            self._learn_flow(request, hop, now)
+            self.router.learn_flow(request, hop, now)
         if request.method == "ACK":
             return self._on_ack(request, hop, now)
         key = self._server_key(request, request.method)
@@ -453,7 +353,7 @@ class SipProxy:
             out += self._respond(server, 100, now)
         try:
             out += self._proxy(server, now)
-        except _Reject as exc:
+        except Reject as exc:
             log.info("%s %s from %s: %d %s", request.method, request.uri, source, exc.status, exc)
             out += self._respond(server, exc.status, now, exc.reason, exc.headers)
         request.compact()  # kept as long as its transaction
@@ -465,23 +365,23 @@ class SipProxy:
         if request.method == "CANCEL":
             return self._on_cancel(server, now)
         if request.max_forwards == 0:
-            raise _Reject(483)
+            raise Reject(483)
         loop = self._loop_hash(request)
         if self._looped(request, loop):
-            raise _Reject(482)
-        dests = self._route(request, now)
+            raise Reject(482)
+        dests = self.router.route(request, now)
         if dests is None:
             return self._respond_locally(server, now)
         return self._forward(server, dests, loop, now)
 
-    def _forward(self, server: _Server, dests: Sequence[_Dest], loop: str,
+    def _forward(self, server: _Server, dests: Sequence[Dest], loop: str,
                  now: float) -> list[Send]:
         """Locate the next hops of ``dests`` and send a branch to each; when DNS
-        answers are missing, wait for them (``_park``). Raises _Reject."""
+        answers are missing, wait for them (``_park``). Raises Reject."""
         request = server.request
         try:
-            targets = self._locate(dests, now)
-        except _Unresolved as exc:
+            targets = self.router.locate(dests, now)
+        except Unresolved as exc:
             server.parked = self._park(exc.queries, functools.partial(
                 self._resume, server, dests, loop))
             log.debug("%s %s waits for DNS: %s", request.method, request.uri, exc)
@@ -500,7 +400,7 @@ class SipProxy:
             out += self._start_branch(context, target, body, now)
         return out
 
-    def _resume(self, server: _Server, dests: Sequence[_Dest], loop: str,
+    def _resume(self, server: _Server, dests: Sequence[Dest], loop: str,
                 now: float) -> list[Send]:
         """DNS answered for a request that waited: forward it (if it still wants to be:
         a CANCEL may have ended it meanwhile)."""
@@ -508,7 +408,7 @@ class SipProxy:
             return []
         try:
             return self._forward(server, dests, loop, now)
-        except _Reject as exc:
+        except Reject as exc:
             request = server.request
             log.info("%s %s: %d %s", request.method, request.uri, exc.status, exc)
             return self._respond(server, exc.status, now, exc.reason, exc.headers)
@@ -528,7 +428,7 @@ class SipProxy:
         """A request addressed to the gateway itself: REGISTER, or OPTIONS (keepalive)."""
         request = server.request
         if request.method == "REGISTER":
-            self._authorize_register(request, now)
+            self.router.authorize_register(request, now)
             response = self.registrar.register(
                 request,
                 source=server.hop.dest,
@@ -541,15 +441,15 @@ class SipProxy:
             )
         if request.method == "OPTIONS":
             return self._respond(server, 200, now)
-        raise _Reject(404)
+        raise Reject(404)
 
     def _request_media(
-        self, context: _Context, targets: Sequence[_Target], now: float
+        self, context: _Context, targets: Sequence[Target], now: float
     ) -> list[bytes | None] | None:
         """Tell the media layer what the request means: a BYE ends the call; an SDP
         offer (INVITE, UPDATE) gets relays facing the first target, and the offer each
         target is to get is returned (None for a target of another family: the media
-        layer has one answerer side per offer). None: no offer. Raises _Reject with
+        layer has one answerer side per offer). None: no offer. Raises Reject with
         nothing allocated."""
         request = context.server.request
         if request.method == "BYE":
@@ -575,14 +475,14 @@ class SipProxy:
         except NegotiationError as exc:
             headers = [("Retry-After", str(self.config.retry_after))] \
                 if exc.ports_exhausted else []
-            raise _Reject(exc.status, exc.reason, headers) from None
+            raise Reject(exc.status, exc.reason, headers) from None
         offers = [next(written) if t.hop.media_family == toward.media_family else None
                   for t in targets]
         context.offer = True
         return offers
 
     def _start_branch(
-        self, context: _Context, target: _Target, body: bytes | None, now: float
+        self, context: _Context, target: Target, body: bytes | None, now: float
     ) -> list[Send]:
         incoming = context.server.request
         branch_id = f"{BRANCH_PREFIX}{context.loop}.{self._token()}"
@@ -608,7 +508,7 @@ class SipProxy:
     def _forwarded(
         self,
         request: SipRequest,
-        target: _Target,
+        target: Target,
         incoming: Hop,
         branch_id: str,
         record_route: bool,
@@ -633,7 +533,7 @@ class SipProxy:
         """§16.10: answer the CANCEL, cancel the INVITE's pending branches."""
         invite = self._servers.get(self._server_key(server.request, "INVITE"))
         if invite is None:
-            raise _Reject(481)
+            raise Reject(481)
         out = self._respond(server, 200, now)
         if invite.parked is not None:  # still waiting for DNS: nothing was forwarded
             invite.parked.done, invite.parked = True, None
@@ -654,23 +554,23 @@ class SipProxy:
         if request.max_forwards == 0 or self._looped(request, loop):
             return []
         try:
-            dests = self._route(request, now)
-        except _Reject as exc:
+            dests = self.router.route(request, now)
+        except Reject as exc:
             log.info("ACK %s not forwarded: %s", request.uri, exc)
             return []
         if not dests:
             return []
         return self._forward_ack(request, hop, dests[0], loop, now)
 
-    def _forward_ack(self, request: SipRequest, hop: Hop, dest: _Dest, loop: str,
+    def _forward_ack(self, request: SipRequest, hop: Hop, dest: Dest, loop: str,
                      now: float) -> list[Send]:
         try:
-            target = self._locate([dest], now)[0]
-        except _Unresolved as exc:
+            target = self.router.locate([dest], now)[0]
+        except Unresolved as exc:
             self._park(exc.queries, functools.partial(self._forward_ack, request, hop, dest,
                                                       loop))
             return []
-        except _Reject as exc:
+        except Reject as exc:
             log.info("ACK %s not forwarded: %s", request.uri, exc)
             return []
         body = self._ack_media(request, target.hop, now)
@@ -841,7 +741,7 @@ class SipProxy:
         branch.done, branch.timer_c = True, None
         for i, hop in enumerate(branch.alternatives):
             body: bytes | None = None
-            target = _Target(branch.request.uri, hop, branch.alternatives[i + 1:])
+            target = Target(branch.request.uri, hop, branch.alternatives[i + 1:])
             if context.offer and hop.media_family == branch.hop.media_family:
                 body = branch.request.body
             elif context.offer:
@@ -852,7 +752,7 @@ class SipProxy:
                 self.media.delete(request.call_id, request.from_.tag, now=now, delay=0)
                 try:
                     offers = self._request_media(context, [target], now)
-                except _Reject:
+                except Reject:
                     return None
                 body = None if offers is None else offers[0]
             log.info("%s %s: %s/%s failed, trying %s/%s", branch.request.method,
@@ -974,235 +874,6 @@ class SipProxy:
             branch = f"{request.call_id}|{request.cseq[0]}|{request.from_.tag}|{branch}"
         return (branch, via.host.lower(), str(via.port or DEFAULT_PORT), method)
 
-    # ---- routing --------------------------------------------------------------------
-
-    def _route(self, request: SipRequest, now: float) -> list[_Dest] | None:
-        """§16.4-16.5: pop Route entries naming us, then pick where the request goes
-        (see the class docstring). None: the request is for the gateway itself.
-        Raises _Reject."""
-        routes = request.routes
-        if routes and isinstance(request.uri, SipUri) and "lr" in request.uri.params \
-                and self.addresses.names_us(request.uri):
-            # §16.4: a strict router put our Record-Route URI in the Request-URI
-            request.uri = routes[-1].uri
-            request.replace_values("Route", request.get_all("Route")[:-1])
-            routes = request.routes
-        ours = 0
-        while ours < len(routes) and self.addresses.names_us(routes[ours].uri):
-            ours += 1
-        if ours:
-            request.replace_values("Route", request.get_all("Route")[ours:])
-            routes = routes[ours:]
-        mapped = False
-        if isinstance(request.uri, SipUri):
-            original = self.addresses.unmapped(request.uri)
-            if original is not None:
-                request.uri, mapped = original, True
-        uri = request.uri
-        if routes:  # (1)
-            first = routes[0].uri
-            if not isinstance(first, SipUri):
-                raise _Reject(416, "Route is not a SIP URI")
-            return [_Dest(uri, next_hop=first)]
-        if not isinstance(uri, SipUri):  # tel:, urn:, ...: only a default route knows
-            if self._default_route is None:
-                raise _Reject(416)
-            return [_Dest(uri, next_hop=self._default_route)]
-        own = not mapped and self.addresses.is_ours(uri.host) \
-            and uri.port in (None, *self.addresses.our_ports)
-        key = Registrar.key(uri) if own else None
-        if own:  # (2)
-            if request.method == "REGISTER":
-                return self._register_targets(request)
-            if request.method == "OPTIONS" and uri.user is None:
-                return None
-            self._authorize_call(request, now)
-            bindings = self.registrar.lookup(key, now=now) if key else []
-            if bindings:
-                return [_Dest(b.uri, hop=self._binding_hop(b, now)) for b in bindings]
-        else:
-            flow = self._flow(uri, now)
-            if flow is not None:  # a registered phone or one behind NAT64: use its flow
-                return [_Dest(uri, hop=flow)]
-            if mapped:
-                return [_Dest(uri, next_hop=uri)]
-        route = self._match_route(uri.host)  # (3), (4)
-        if route is not None:
-            return [_Dest(uri, next_hop=route)]
-        if own:
-            raise _Reject(480 if key and self.registrar.lapsed(key, now=now) else 404)
-        return [_Dest(uri, next_hop=uri)]  # its own host (RFC 3263)
-
-    def _learn_flow(self, request: SipRequest, hop: Hop, now: float) -> None:
-        """Remember how to reach a phone behind NAT64 at the Contact it gave: through
-        the NAT64 binding its request came over (the way a registration is used)."""
-        if request.get("Contact") is None or request.wildcard_contact:
-            return
-        for contact in request.contacts:
-            key = str(contact.uri)
-            old = self._flows.pop(key, None)
-            self._flows[key] = (hop, now)
-            if old is None or old[0] != hop or now - old[1] > FLOW_JOURNAL_AGE:
-                self._flows_changed.add(key)
-        while self._flows:
-            key, (_, seen) = next(iter(self._flows.items()))
-            if seen + NAT64_FLOW_LIFETIME > now:
-                break
-            del self._flows[key]
-            self._flows_changed.add(key)
-        if self._flows_changed and self.on_change is not None:
-            self.on_change()
-
-    # ---- crash journal: the NAT64 flows in-dialog requests are sent over ---------------
-
-    def drain_records(self) -> list[tuple[str, dict[str, object] | None]]:
-        """(Contact, record) of every NAT64 flow learnt or changed since the last call;
-        None for one forgotten. A BYE to a phone behind NAT64 that did not register
-        needs its flow after a daemon restart too."""
-        changed, self._flows_changed = self._flows_changed, set()
-        out: list[tuple[str, dict[str, object] | None]] = []
-        for key in changed:
-            learnt = self._flows.get(key)
-            if learnt is None:
-                out.append((key, None))
-                continue
-            hop, seen = learnt
-            out.append((key, {"dest": str(hop.dest), "transport": hop.transport,
-                              "local": None if hop.local is None else str(hop.local),
-                              "family": hop.family, "seen": seen,
-                              "nat64": None if hop.nat64 is None else str(hop.nat64)}))
-        return out
-
-    def restore(self, items: Mapping[str, Mapping[str, object]], *, now: float,
-                shift: float = 0.0) -> int:
-        """Take back journaled NAT64 flows (times moved by ``shift``); expired ones and
-        records that do not decode are left out. Returns how many are live."""
-        for key, d in items.items():  # in journal order, which is about the order seen
-            try:
-                local = d["local"]
-                hop = Hop(Endpoint.parse(str(d["dest"])), str(d["transport"]),
-                           None if local is None else Endpoint.parse(str(local)),
-                           int(str(d["family"])),
-                           None if d["nat64"] is None else IPNetwork(str(d["nat64"])))
-                seen = float(str(d["seen"])) + shift
-            except (KeyError, TypeError, ValueError) as exc:
-                log.warning("journaled NAT64 flow of %r not restored: %s", key, exc)
-                continue
-            if seen + NAT64_FLOW_LIFETIME > now:
-                self._flows[key] = (hop, seen)
-            self._flows_changed.add(key)
-        return len(self._flows)
-
-    def _flow(self, uri: SipUri, now: float) -> Hop | None:
-        """How to reach a Contact that registered here, or of a phone behind NAT64."""
-        binding = self.registrar.binding(uri, now=now)
-        if binding is not None:
-            return self._binding_hop(binding, now)
-        learnt = self._flows.get(str(uri))
-        if learnt is not None and learnt[1] + NAT64_FLOW_LIFETIME > now:
-            return learnt[0]
-        return None
-
-    def _binding_hop(self, binding: Binding, now: float) -> Hop:
-        """How to reach a registered contact: over the connection it registered on
-        (TCP), through the NAT64 it registered through (an IPv6 contact registered
-        from an IPv4 source: RFC 5626-style flow reuse), else at its address."""
-        contact = binding.uri.host_ip
-        local4 = self.config.sip.get(4)
-        prefix = self.addresses.nat64_prefix
-        behind_nat64 = (binding.source.family == 4 and contact is not None
-                        and contact.version == 6 and prefix is not None and local4 is not None
-                        and nat64_embedded(self.config.nat64_prefixes, contact) is None)
-        if behind_nat64:
-            return Hop(binding.source, binding.transport, local4, 6, prefix)
-        return self._contact_hop(binding, now)
-
-    def _match_route(self, host: str) -> SipUri | None:
-        """The route whose domain is ``host``, else the ``*`` route (None: neither)."""
-        wanted = host_key(host)
-        for key, uri in self._routes:
-            if key == wanted:
-                return uri
-        return self._default_route
-
-    def _locate(self, dests: Sequence[_Dest], now: float) -> list[_Target]:
-        """The transport targets of ``dests`` (RFC 3263 from ``self.dns``), each with
-        its alternatives. Raises _Unresolved (answers missing), _Reject (none)."""
-        targets: list[_Target] = []
-        missing: set[dns.Query] = set()
-        for dest in dests:
-            if dest.hop is not None:
-                targets.append(_Target(dest.uri, dest.hop))
-                continue
-            assert dest.next_hop is not None
-            hops = self._hops_to(dest.next_hop, now)
-            if isinstance(hops, dns.Lookup):
-                missing |= hops.queries
-            else:
-                targets.append(_Target(dest.uri, hops[0], tuple(hops[1:])))
-        if missing:
-            raise _Unresolved(frozenset(missing))
-        return targets
-
-    def _hops_to(self, uri: SipUri, now: float) -> list[Hop] | dns.Lookup:
-        """Where a request for ``uri`` may go, in the order to try (RFC 3263 §4: maddr,
-        else host; port; transport; sips: needs TLS). Targets that failed lately come
-        only when nothing else is left. Raises _Reject when there is none."""
-        transport = uri.transport
-        secure = uri.scheme == "sips"
-        if secure and transport == "tcp":
-            transport = "tls"  # RFC 3261 §26.2.2: sips: over TCP is TLS
-        if transport is not None and transport not in KNOWN_TRANSPORTS:
-            raise _Reject(503, f"Unsupported transport {transport}"[:100])
-        if (secure or transport == "tls") and "tls" not in self.config.usable_transports:
-            raise _Reject(416 if secure else 503, "TLS is not configured here")
-        host = uri.params.get("maddr") or uri.host
-        where = dns.Destination(host, uri.port, transport, secure)
-        result = dns.locate(where, self.dns, now, rng=self._rng,
-                            transports=self.config.usable_transports,
-                            prefer=self.config.prefer_family)
-        if isinstance(result, dns.Lookup):
-            return result
-        if isinstance(result, dns.Unresolvable):
-            raise _Reject(503 if result.failed else 404, result.reason[:100])
-        hops = [hop for target in self.failed_targets.order(result, now)
-                if (hop := self._target_hop(target)) is not None]
-        if not hops:
-            families = sorted({t.endpoint.family for t in result})
-            raise _Reject(503, "No " + "/".join(f"IPv{f}" for f in families) + " SIP address")
-        return hops
-
-    def _target_hop(self, target: dns.Target) -> Hop | None:
-        """The hop to a located target; a NAT64-synthesised IPv6 address is reached on
-        its IPv4 address. None when we have no SIP address of its family."""
-        ip = target.endpoint.host
-        dest = target.endpoint
-        if ip.version == 6:
-            embedded = nat64_embedded(self.config.nat64_prefixes, ip)
-            if embedded is not None:
-                dest = Endpoint(embedded, dest.port)
-        local = self._local_for(dest.family, target.transport)
-        if local is None:
-            return None
-        return Hop(dest, target.transport, local, dest.family, server_name=target.server_name)
-
-    def _local_for(self, family: int, transport: str) -> Endpoint | None:
-        return (self.config.tls if transport == "tls" else self.config.sip).get(family)
-
-    def _contact_hop(self, binding: Binding, now: float) -> Hop:
-        """The hop to a registered contact: over the connection it registered on (TCP,
-        TLS), else at its address (an IP literal: RFC 3263 §4.2 defaults)."""
-        if binding.transport in ("tcp", "tls"):
-            source = binding.source
-            local = self._local_for(source.family, binding.transport)
-            return Hop(source, binding.transport, local, source.family)
-        uri = binding.uri
-        if uri.host_ip is None:
-            raise _Reject(404, f"Cannot resolve {uri.host}"[:100])
-        hops = self._hops_to(uri, now)
-        assert isinstance(hops, list)  # a literal needs no lookup
-        return hops[0]
-
     def _looped(self, request: SipRequest, loop: str) -> bool:
         """§16.3 item 4: one of our Vias carries this very request's loop hash."""
         for via in request.vias:
@@ -1219,76 +890,6 @@ class SipProxy:
         parts = [str(request.uri), request.from_.tag or "", request.to.tag or "",
                  request.call_id, str(request.cseq[0]), routes[0] if routes else ""]
         return hashlib.sha1("\x00".join(parts).encode("utf-8", "surrogateescape")).hexdigest()[:10]
-
-    # ---- registrar and authentication --------------------------------------------------
-
-    def _register_targets(self, request: SipRequest) -> list[_Dest] | None:
-        """Where a REGISTER for our domains goes: None to the local registrar; the
-        upstream registrar with our Path (RFC 3327 §5.1: so that requests for the
-        contact come back through us; it names us in the upstream's family). Raises
-        _Reject: 403 with no registrar, or a Contact that names the gateway itself
-        (it would make every call to that user loop back to us: a takeover)."""
-        upstream = self.config.registrar_upstream
-        if upstream is None and self.auth is None:
-            raise _Reject(403, "Registrar disabled")
-        if not request.wildcard_contact and request.get("Contact") is not None:
-            for contact in request.contacts:
-                uri = contact.uri
-                if self.addresses.names_us(uri) or (
-                        isinstance(uri, SipUri) and self.addresses.is_ours(uri.host)):
-                    raise _Reject(403, "Contact names this gateway")
-        if upstream is None:
-            return None
-        family = upstream.host_ip.version if upstream.host_ip is not None else 4
-        ours = self.config.sip.get(family)
-        if ours is None:
-            raise _Reject(503, f"No IPv{family} SIP address")
-        transport = ";transport=tcp" if upstream.transport == "tcp" else ""
-        request.insert("top", "Path", f"<sip:{format_host(ours.host)}:{ours.port}{transport};lr>")
-        return [_Dest(request.uri, next_hop=upstream)]
-
-    def _authorize_register(self, request: SipRequest, now: float) -> None:
-        """RFC 3261 §22.4 / §10.3 step 3: a REGISTER binds only with credentials of
-        the very user it registers. Unknown user, wrong password, no credentials:
-        the same fresh 401 (Asterisk's ``alwaysauthreject``), so a REGISTER scan
-        tells no user from another. Raises _Reject."""
-        assert self.auth is not None  # _register_targets sent it here
-        result = self.auth.check(request.get_all("Authorization"), "REGISTER", now)
-        if result.verdict is not Verdict.OK:
-            raise _Reject(401, None, [("WWW-Authenticate", c) for c in self.auth.challenge(
-                now, stale=result.verdict is Verdict.STALE)])
-        if result.user != Registrar.key(request.to.uri):
-            raise _Reject(403, "Credentials are for another user")
-
-    def _authorize_call(self, request: SipRequest, now: float) -> None:
-        """Before a request for a user of our domains learns anything (the registrar
-        is asked only after this), its sender must be a route's next hop or prove it
-        is one of our users (407, §22.3). Without this an INVITE or OPTIONS scan
-        tells a registered user (the phone answers) from an unknown one (404): what
-        Kamailio's ``auth_check`` before ``lookup`` and Asterisk's ``allowguest=no``
-        prevent. Only with a local registrar: an upstream one answers for itself.
-        Our own credentials are removed before forwarding (§22.3, Kamailio's
-        ``consume_credentials``). Raises _Reject."""
-        if self.auth is None or request.to.tag is not None:
-            return
-        via = request.vias[0]
-        source = host_ip(via.received) if via.received else via.host_ip
-        if source is not None and source in self._trusted:
-            return
-        values = request.get_all("Proxy-Authorization")
-        result = self.auth.check(values, request.method, now)
-        if result.verdict is not Verdict.OK:
-            raise _Reject(407, None, [("Proxy-Authenticate", c) for c in self.auth.challenge(
-                now, stale=result.verdict is Verdict.STALE)])
-        realm = f'realm="{self.auth.realm}"'
-        request.headers = [h for h in request.headers
-                           if h.key != "proxy-authorization" or realm not in h.value]
-
-    @functools.cached_property
-    def _trusted(self) -> frozenset[IPAddress]:
-        """The next hops of our routes: a PBX or trunk that sends us calls."""
-        uris = [uri for _, uri in self.config.routes]
-        return frozenset(ip for uri in uris if (ip := uri.host_ip) is not None)
 
     # ---- bookkeeping ------------------------------------------------------------------
 
@@ -1363,5 +964,4 @@ def _stamp(via: Via, source: Endpoint) -> bool:
 @functools.lru_cache(maxsize=4096)  # peers repeat; str() of an IPv6 address is slow
 def _ip_text(ip: IPAddress) -> str:
     return str(ip)
-
 
