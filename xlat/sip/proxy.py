@@ -32,7 +32,6 @@ import hashlib
 import logging
 import random
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 
 from xlat.addr import Endpoint, IPAddress
 from xlat.logs import CALL_ID, summarized
@@ -42,11 +41,11 @@ from xlat.media.session import SessionManager
 from xlat.sdp import is_sdp_type
 from xlat.sip import dns
 from xlat.sip.auth import DigestAuth
+from xlat.sip.context import Branch, Context, Entry, Event, Parked, Phase, Send, Server
 from xlat.sip.deadlines import DeadlineHeap
 from xlat.sip.errors import SipParseError
 from xlat.sip.mapping import DEFAULT_PORT, AddressMap, Hop
 from xlat.sip.message import (
-    REASONS,
     SipRequest,
     SipResponse,
     Via,
@@ -86,88 +85,6 @@ _NO_RECORD_ROUTE = frozenset({"REGISTER", "CANCEL", "ACK"})
 # ---- configuration and output -----------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Send:
-    """Send ``data`` to ``dest`` over ``transport`` ("udp" | "tcp" | "tls") from
-    ``local`` (our SIP endpoint to send from; for TCP and TLS, the connection to
-    ``dest`` is reused if one exists). ``server_name``: for a TLS connection we open,
-    the name the server's certificate must show (RFC 5922 §4)."""
-
-    data: bytes
-    dest: Endpoint
-    transport: str
-    local: Endpoint | None
-    server_name: str | None = None
-
-
-@dataclass(eq=False, slots=True)
-class _Parked:
-    """A request waiting for DNS answers: ``resume(now)`` carries on with it."""
-
-    resume: Callable[[float], list[Send]]
-    done: bool = False
-
-
-@dataclass(eq=False, slots=True)
-class _Server:
-    """A server transaction with the request it received (Via stamped, Routes naming
-    us popped) and, once proxied, its response context (§16.7)."""
-
-    key: tuple[str, ...]
-    txn: Transaction
-    request: SipRequest
-    hop: Hop
-    context: _Context | None = None
-    pushed: float | None = None
-    parked: _Parked | None = None  # routing waits for DNS
-
-    def deadline(self) -> float | None:
-        return self.txn.next_deadline()
-
-
-@dataclass(eq=False, slots=True)
-class _Context:
-    server: _Server
-    loop: str  # loop-detection hash of the request as received (§16.3 item 4)
-    branches: list[_Branch] = field(default_factory=list)
-    offer: bool = False  # the request carried an SDP offer: responses carry the answer
-    best: SipResponse | None = None
-    best_local: bool = False  # ``best`` is our own verdict (no target reachable)
-    final_sent: bool = False
-    cancelled: bool = False  # CANCELled, or a fork's 2xx/6xx ended the others: no failover
-
-    @property
-    def initial_invite(self) -> bool:
-        request = self.server.request
-        return request.method == "INVITE" and request.to.tag is None
-
-
-@dataclass(eq=False, slots=True)
-class _Branch:
-    """A client transaction: one forwarded request (``context``), or a CANCEL we sent
-    (no context)."""
-
-    key: tuple[str, str]
-    txn: Transaction
-    request: SipRequest  # as sent
-    hop: Hop
-    context: _Context | None
-    alternatives: tuple[Hop, ...] = ()
-    timer_c: float | None = None
-    provisional: bool = False
-    done: bool = False  # final response received (or timed out)
-    cancel_wanted: bool = False  # CANCEL once a provisional arrives (§9.1)
-    cancelled: bool = False
-    pushed: float | None = None
-
-    def deadline(self) -> float | None:
-        when = self.txn.next_deadline()
-        if self.timer_c is None:
-            return when
-        return self.timer_c if when is None else min(when, self.timer_c)
-
-
-_Entry = _Server | _Branch
 
 
 class SipProxy:
@@ -197,10 +114,10 @@ class SipProxy:
         self._rng = rng
         self.router = Router(self.registrar, self.auth, rng)
         self.dns, self.failed_targets = self.router.dns, self.router.failed_targets
-        self._servers: dict[tuple[str, ...], _Server] = {}
-        self._clients: dict[tuple[str, str], _Branch] = {}
-        self._timers: DeadlineHeap[_Entry] = DeadlineHeap(self._alive, self._track)
-        self._parked: dict[dns.Query, list[_Parked]] = {}  # requests waiting for an answer
+        self._servers: dict[tuple[str, ...], Server] = {}
+        self._clients: dict[tuple[str, str], Branch] = {}
+        self._timers: DeadlineHeap[Entry] = DeadlineHeap(self._alive, self._track)
+        self._parked: dict[dns.Query, list[Parked]] = {}  # requests waiting for an answer
         self._queries: list[dns.Query] = []  # asked for, not yet handed to the edge
         # what was received and what the proxy answered itself, for metrics
         self.requests_received: dict[str, int] = {}  # method ->
@@ -279,7 +196,7 @@ class SipProxy:
         """Run every transaction timer due at ``now``."""
         out: list[Send] = []
         for entry in self._timers.due(now):
-            if isinstance(entry, _Server):
+            if isinstance(entry, Server):
                 out += self._server_actions(entry, entry.txn.handle_timer(now))
             else:
                 out += self._branch_timer(entry, now)
@@ -346,7 +263,7 @@ class SipProxy:
             return self._server_actions(server, server.txn.receive_request(False, request, now))
         kind = Kind.INVITE_SERVER if request.method == "INVITE" else Kind.NON_INVITE_SERVER
         txn = Transaction(kind, b"", reliable=transport != "udp", timers=self.config.timers)
-        server = _Server(key, txn, request, hop)
+        server = Server(key, txn, request, hop)
         self._servers[key] = server
         out = self._server_actions(server, txn.start(now))
         if request.method == "INVITE":
@@ -359,7 +276,7 @@ class SipProxy:
         request.compact()  # kept as long as its transaction
         return out
 
-    def _proxy(self, server: _Server, now: float) -> list[Send]:
+    def _proxy(self, server: Server, now: float) -> list[Send]:
         """§16.3-16.6 for a new request: validate, route, fork, forward."""
         request = server.request
         if request.method == "CANCEL":
@@ -374,7 +291,7 @@ class SipProxy:
             return self._respond_locally(server, now)
         return self._forward(server, dests, loop, now)
 
-    def _forward(self, server: _Server, dests: Sequence[Dest], loop: str,
+    def _forward(self, server: Server, dests: Sequence[Dest], loop: str,
                  now: float) -> list[Send]:
         """Locate the next hops of ``dests`` and send a branch to each; when DNS
         answers are missing, wait for them (``_park``). Raises Reject."""
@@ -387,7 +304,7 @@ class SipProxy:
             log.debug("%s %s waits for DNS: %s", request.method, request.uri, exc)
             return []
         server.parked = None
-        context = _Context(server, loop)
+        context = Context(server, loop)
         server.context = context
         offers = self._request_media(context, targets, now)
         out: list[Send] = []
@@ -400,7 +317,7 @@ class SipProxy:
             out += self._start_branch(context, target, body, now)
         return out
 
-    def _resume(self, server: _Server, dests: Sequence[Dest], loop: str,
+    def _resume(self, server: Server, dests: Sequence[Dest], loop: str,
                 now: float) -> list[Send]:
         """DNS answered for a request that waited: forward it (if it still wants to be:
         a CANCEL may have ended it meanwhile)."""
@@ -414,8 +331,8 @@ class SipProxy:
             return self._respond(server, exc.status, now, exc.reason, exc.headers)
 
     def _park(self, queries: frozenset[dns.Query],
-              resume: Callable[[float], list[Send]]) -> _Parked:
-        parked = _Parked(resume)
+              resume: Callable[[float], list[Send]]) -> Parked:
+        parked = Parked(resume)
         for query in queries:
             waiting = self._parked.get(query)
             if waiting is None:  # not asked yet (or asked and answered since)
@@ -424,7 +341,7 @@ class SipProxy:
             waiting.append(parked)
         return parked
 
-    def _respond_locally(self, server: _Server, now: float) -> list[Send]:
+    def _respond_locally(self, server: Server, now: float) -> list[Send]:
         """A request addressed to the gateway itself: REGISTER, or OPTIONS (keepalive)."""
         request = server.request
         if request.method == "REGISTER":
@@ -444,7 +361,7 @@ class SipProxy:
         raise Reject(404)
 
     def _request_media(
-        self, context: _Context, targets: Sequence[Target], now: float
+        self, context: Context, targets: Sequence[Target], now: float
     ) -> list[bytes | None] | None:
         """Tell the media layer what the request means: a BYE ends the call; an SDP
         offer (INVITE, UPDATE) gets relays facing the first target, and the offer each
@@ -482,7 +399,7 @@ class SipProxy:
         return offers
 
     def _start_branch(
-        self, context: _Context, target: Target, body: bytes | None, now: float
+        self, context: Context, target: Target, body: bytes | None, now: float
     ) -> list[Send]:
         incoming = context.server.request
         branch_id = f"{BRANCH_PREFIX}{context.loop}.{self._token()}"
@@ -497,7 +414,7 @@ class SipProxy:
             make_ack=functools.partial(_ack_for, out) if kind is Kind.INVITE_CLIENT else None,
         )
         out.compact()  # kept as long as its transaction
-        branch = _Branch((branch_id, out.method), txn, out, target.hop, context,
+        branch = Branch((branch_id, out.method), txn, out, target.hop, context,
                          target.alternatives)
         if out.method == "INVITE":
             branch.timer_c = now + self.config.timer_c
@@ -529,7 +446,7 @@ class SipProxy:
                    f"{format_host(local.host)}:{local.port};branch={branch_id};rport")
         return out
 
-    def _on_cancel(self, server: _Server, now: float) -> list[Send]:
+    def _on_cancel(self, server: Server, now: float) -> list[Send]:
         """§16.10: answer the CANCEL, cancel the INVITE's pending branches."""
         invite = self._servers.get(self._server_key(server.request, "INVITE"))
         if invite is None:
@@ -604,7 +521,7 @@ class SipProxy:
             branch, branch.txn.receive_response(response.status, response, now), now
         )
 
-    def _on_branch_response(self, branch: _Branch, response: SipResponse, now: float,
+    def _on_branch_response(self, branch: Branch, response: SipResponse, now: float,
                             local: bool = False) -> list[Send]:
         """§16.7: a response of one branch, passed up by its client transaction (or
         ``local``: the one we take it to have given)."""
@@ -630,34 +547,28 @@ class SipProxy:
                 return out + retried
         if status < 300:
             out += self._relay(context, response, now)
-            context.final_sent = True
+            context.step(Event.FINAL)
             if branch.request.method == "INVITE":
                 out += self._cancel_branches(context, now)
             return out
-        if context.best is None or _rank(response) < _rank(context.best):
-            context.best, context.best_local = response, local
+        context.consider(response, local)
         if status >= 600 and branch.request.method == "INVITE":
             out += self._cancel_branches(context, now)
         return out + self._final_if_done(context, now)
 
-    def _final_if_done(self, context: _Context, now: float) -> list[Send]:
+    def _final_if_done(self, context: Context, now: float) -> list[Send]:
         """When every branch has its final response and none was a 2xx, send the best
         one (§16.7 step 6) and release the call's media if it was a new call."""
         if context.final_sent or not all(b.done for b in context.branches):
             return []
-        context.final_sent = True
-        best = context.best
-        assert best is not None
-        if best.status == 503 and not context.best_local:
-            # §16.7 step 6: a downstream 503 would make the caller fail over; our own
-            # (no target could be reached, RFC 3263 §4.3) says just that
-            best = _with_status(best, 500)
+        context.step(Event.FINAL)
+        best = context.best_final()
         if context.initial_invite:
             request = context.server.request
             self.media.delete(request.call_id, request.from_.tag, now=now, delay=0)
         return self._relay(context, best, now)
 
-    def _relay(self, context: _Context, response: SipResponse, now: float) -> list[Send]:
+    def _relay(self, context: Context, response: SipResponse, now: float) -> list[Send]:
         """Forward a branch's response upstream through the server transaction."""
         server = context.server
         response.pop_top("Via")
@@ -674,7 +585,7 @@ class SipProxy:
             return [self._send(data, server.hop)] if 200 <= response.status < 300 else []
         return self._server_actions(server, actions)
 
-    def _response_media(self, context: _Context, response: SipResponse, now: float) -> None:
+    def _response_media(self, context: Context, response: SipResponse, now: float) -> None:
         """Rewrite the SDP of an 18x/2xx: the answer to the request's offer, or, for an
         INVITE without SDP, the offer in the 2xx (late offer)."""
         body = _sdp(response)
@@ -704,7 +615,7 @@ class SipProxy:
 
     # ---- branches and cancellation ----------------------------------------------------
 
-    def _branch_actions(self, branch: _Branch, actions: list[Action], now: float) -> list[Send]:
+    def _branch_actions(self, branch: Branch, actions: list[Action], now: float) -> list[Send]:
         out: list[Send] = []
         for action in actions:
             if isinstance(action, Transmit):
@@ -720,7 +631,7 @@ class SipProxy:
         self._track(branch)
         return out
 
-    def _branch_failed(self, branch: _Branch, status: int, now: float) -> list[Send]:
+    def _branch_failed(self, branch: Branch, status: int, now: float) -> list[Send]:
         """The branch's target did not answer (Timer B/F: ``status`` 408) or could not
         be reached (503): the next target, else the branch counts as ``status``."""
         self.failed_targets.failed(branch.hop.dest, branch.hop.transport, now)
@@ -730,13 +641,13 @@ class SipProxy:
         return self._on_branch_response(branch, self._local_final(branch, status), now,
                                         local=True)
 
-    def _failover(self, branch: _Branch, now: float) -> list[Send] | None:
+    def _failover(self, branch: Branch, now: float) -> list[Send] | None:
         """RFC 3263 §4.3: the request again, on a new branch, to the next target that
         can take it; None when there is none (or the request is being cancelled). An
         offer goes along as sent when the target is of the same family; to the other
         family it is made anew (a new call only, with no other branch pending)."""
         context = branch.context
-        if context is None or context.final_sent or context.cancelled or branch.cancel_wanted:
+        if context is None or context.phase is not Phase.FORWARDING or branch.cancel_wanted:
             return None
         branch.done, branch.timer_c = True, None
         for i, hop in enumerate(branch.alternatives):
@@ -761,7 +672,7 @@ class SipProxy:
             return self._start_branch(context, target, body, now)
         return None
 
-    def _branch_timer(self, branch: _Branch, now: float) -> list[Send]:
+    def _branch_timer(self, branch: Branch, now: float) -> list[Send]:
         out: list[Send] = []
         if branch.timer_c is not None and branch.timer_c <= now:
             branch.timer_c = None  # §16.8: Timer C fired: give up on the branch
@@ -772,13 +683,13 @@ class SipProxy:
                 out += self._on_branch_response(branch, self._local_final(branch, 408), now)
         return out + self._branch_actions(branch, branch.txn.handle_timer(now), now)
 
-    def _cancel_branches(self, context: _Context, now: float) -> list[Send]:
+    def _cancel_branches(self, context: Context, now: float) -> list[Send]:
         """§16.10: CANCEL every pending INVITE branch. One with no provisional response
         yet may not be cancelled (§9.1): it ends at once as if it had answered 487, so
         the caller is not kept waiting for Timer B (Kamailio's cancel_b_method 0), and
         gets its CANCEL if a provisional response still comes."""
         out: list[Send] = []
-        context.cancelled = True
+        context.step(Event.CANCEL)
         for branch in list(context.branches):
             if branch.done or branch.request.method != "INVITE":
                 continue
@@ -789,11 +700,11 @@ class SipProxy:
                 out += self._on_branch_response(branch, self._local_final(branch, 487), now)
         return out
 
-    def _local_final(self, branch: _Branch, status: int) -> SipResponse:
+    def _local_final(self, branch: Branch, status: int) -> SipResponse:
         """The final response a branch is taken to have given when it gave none."""
         return make_response(branch.request, status, to_tag=self._token())
 
-    def _send_cancel(self, branch: _Branch, now: float) -> list[Send]:
+    def _send_cancel(self, branch: Branch, now: float) -> list[Send]:
         """§9.1: a CANCEL for a branch that had a provisional response."""
         if branch.cancelled:
             return []
@@ -801,7 +712,7 @@ class SipProxy:
         cancel = derived_request(branch.request, "CANCEL")
         txn = Transaction(Kind.NON_INVITE_CLIENT, cancel.to_bytes(),
                           reliable=branch.hop.transport != "udp", timers=self.config.timers)
-        client = _Branch((branch.key[0], "CANCEL"), txn, cancel, branch.hop, None)
+        client = Branch((branch.key[0], "CANCEL"), txn, cancel, branch.hop, None)
         self._clients[client.key] = client
         return self._branch_actions(client, txn.start(now), now)
 
@@ -809,7 +720,7 @@ class SipProxy:
 
     def _respond(
         self,
-        server: _Server,
+        server: Server,
         status: int,
         now: float,
         reason: str | None = None,
@@ -822,7 +733,7 @@ class SipProxy:
         return self._server_actions(server, server.txn.send_response(status, response.to_bytes(),
                                                                      now))
 
-    def _server_actions(self, server: _Server, actions: list[Action]) -> list[Send]:
+    def _server_actions(self, server: Server, actions: list[Action]) -> list[Send]:
         out = [self._send(a.data, server.hop) for a in actions if isinstance(a, Transmit)]
         self._track(server)
         return out
@@ -899,18 +810,18 @@ class SipProxy:
     def _token(self) -> str:
         return f"{self._rng.getrandbits(64):016x}"
 
-    def _alive(self, entry: _Entry) -> bool:
-        if isinstance(entry, _Server):
+    def _alive(self, entry: Entry) -> bool:
+        if isinstance(entry, Server):
             return self._servers.get(entry.key) is entry
         return self._clients.get(entry.key) is entry
 
-    def _track(self, entry: _Entry) -> None:
+    def _track(self, entry: Entry) -> None:
         """Forget a finished transaction; (re)schedule a live one's next deadline."""
         if entry.txn.terminated:
             # Server, context and branches point at one another: cut this entry's edge
             # so refcounting frees them (no cycles left for the garbage collector).
             entry.context = None
-            if isinstance(entry, _Server):
+            if isinstance(entry, Server):
                 if self._servers.get(entry.key) is entry:
                     del self._servers[entry.key]
             elif self._clients.get(entry.key) is entry:
@@ -933,19 +844,6 @@ def _ack_for(invite: SipRequest, response: object) -> bytes:
     """§17.1.1.3: the ACK a client transaction sends for a failure response."""
     assert isinstance(response, SipResponse)
     return derived_request(invite, "ACK", response).to_bytes()
-
-
-def _with_status(response: SipResponse, status: int) -> SipResponse:
-    copy = response.copy()
-    copy.status, copy.reason = status, REASONS[status]
-    return copy
-
-
-def _rank(response: SipResponse) -> tuple[int, int, int]:
-    """§16.7 step 6: lower is better: any 6xx, then the lowest class; a timeout (408)
-    last within its class."""
-    status = response.status
-    return (0 if status >= 600 else 1, status // 100, 1 if status == 408 else 0)
 
 
 def _stamp(via: Via, source: Endpoint) -> bool:
