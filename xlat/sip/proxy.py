@@ -14,7 +14,7 @@ What it adds to a plain proxy, for calls that cross address families:
   and To when configured) becomes the gateway's own address of that party's family,
   with the original encoded in a ``;xlat=`` URI parameter and restored on the way
   back (a request whose Request-URI carries it goes to the original address);
-- SDP offers and answers go through the media layer (``SessionManager``), which
+- SDP offers and answers go through the media layer (``media/negotiate.py``), which
   allocates relay ports, and are rewritten so every party sees a media address of
   its own family;
 - NAT64 (RFC 6052): a request arriving over IPv4 whose top Via is IPv6 comes from an
@@ -23,6 +23,13 @@ What it adds to a plain proxy, for calls that cross address families:
   back through the NAT64 binding it came over (its registration, or the flow its
   last request came on); a target whose IPv6 address is NAT64-synthesised is
   reached directly on the IPv4 address it embeds.
+
+This module is the §16 core: transactions, forking, failover, cancellation. What it
+delegates, one concern per module: routing, RFC 3263 location, Digest checks and
+NAT64 flows to ``sip/routing.py``; what is ours and how each side is shown addresses
+to ``sip/mapping.py``; SDP in SIP messages to ``sip/media.py`` (which goes through
+``media/negotiate.py``); its records and the §16.7 phase table to ``sip/context.py``;
+the timer heap to ``sip/deadlines.py``; its settings to ``sip/settings.py``.
 """
 
 from __future__ import annotations
@@ -35,16 +42,14 @@ from collections.abc import Callable, Mapping, Sequence
 
 from xlat.addr import Endpoint, IPAddress
 from xlat.logs import CALL_ID, summarized
-from xlat.media import negotiate
-from xlat.media.negotiate import NegotiationError
 from xlat.media.session import SessionManager
-from xlat.sdp import is_sdp_type
 from xlat.sip import dns
 from xlat.sip.auth import DigestAuth
 from xlat.sip.context import Branch, Context, Entry, Event, Parked, Phase, Send, Server
 from xlat.sip.deadlines import DeadlineHeap
 from xlat.sip.errors import SipParseError
 from xlat.sip.mapping import DEFAULT_PORT, AddressMap, Hop
+from xlat.sip.media import SipMedia
 from xlat.sip.message import (
     SipRequest,
     SipResponse,
@@ -136,6 +141,8 @@ class SipProxy:
             nat64_prefixes=config.nat64_prefixes, map_contact=config.map_contact,
             map_from_to=config.map_from_to)
         self.router.reconfigure(config, self.addresses)
+        self.sdp = SipMedia(self.media, self.addresses, delete_delay=config.delete_delay,
+                            retry_after=config.retry_after)
 
     @property
     def on_change(self) -> Callable[[], None] | None:
@@ -360,42 +367,12 @@ class SipProxy:
             return self._respond(server, 200, now)
         raise Reject(404)
 
-    def _request_media(
-        self, context: Context, targets: Sequence[Target], now: float
-    ) -> list[bytes | None] | None:
-        """Tell the media layer what the request means: a BYE ends the call; an SDP
-        offer (INVITE, UPDATE) gets relays facing the first target, and the offer each
-        target is to get is returned (None for a target of another family: the media
-        layer has one answerer side per offer). None: no offer. Raises Reject with
-        nothing allocated."""
-        request = context.server.request
-        if request.method == "BYE":
-            self.media.delete(request.call_id, request.from_.tag, request.to.tag,
-                              now=now, delay=self.config.delete_delay)
-        body = _sdp(request)
-        if body is None or request.method not in ("INVITE", "UPDATE"):
-            return None
-        toward = targets[0].hop
-        same = [t for t in targets if t.hop.media_family == toward.media_family]
-        try:
-            written = iter(negotiate.offer(
-                self.media,
-                negotiate.parse(body),
-                call_id=request.call_id,
-                from_tag=request.from_.tag or "",
-                to_tag=request.to.tag,
-                toward=toward.media_family,
-                views=[self.addresses.view(t.hop) for t in same],
-                now=now,
-                offerer_family=context.server.hop.media_family,
-            ))
-        except NegotiationError as exc:
-            headers = [("Retry-After", str(self.config.retry_after))] \
-                if exc.ports_exhausted else []
-            raise Reject(exc.status, exc.reason, headers) from None
-        offers = [next(written) if t.hop.media_family == toward.media_family else None
-                  for t in targets]
-        context.offer = True
+    def _request_media(self, context: Context, targets: Sequence[Target],
+                       now: float) -> list[bytes | None] | None:
+        """The offer each target is to get (``SipMedia.request``); raises Reject."""
+        offers = self.sdp.request(context.server.request, context.server.hop,
+                                  [t.hop for t in targets], now)
+        context.offer = context.offer or offers is not None
         return offers
 
     def _start_branch(
@@ -490,24 +467,11 @@ class SipProxy:
         except Reject as exc:
             log.info("ACK %s not forwarded: %s", request.uri, exc)
             return []
-        body = self._ack_media(request, target.hop, now)
+        body = self.sdp.ack(request, target.hop, now)
         token = hashlib.sha1((request.vias[0].branch or request.call_id).encode()).hexdigest()
         branch_id = f"{BRANCH_PREFIX}{loop}.{token[:16]}"
         out = self._forwarded(request, target, hop, branch_id, False, body)
         return [self._send(out.to_bytes(), target.hop)]
-
-    def _ack_media(self, ack: SipRequest, hop: Hop, now: float) -> bytes | None:
-        """The answer to a late offer (offer in the 2xx, answer in the ACK)."""
-        body = _sdp(ack)
-        if body is None:
-            return None
-        try:
-            return negotiate.answer(self.media, negotiate.parse(body), call_id=ack.call_id,
-                                    from_tag=ack.to.tag or "", to_tag=ack.from_.tag or "",
-                                    view=self.addresses.view(hop), now=now)
-        except NegotiationError as exc:
-            log.warning("call %s: SDP in ACK left as is: %s", ack.call_id, exc)
-            return None
 
     # ---- responses ------------------------------------------------------------------
 
@@ -565,7 +529,7 @@ class SipProxy:
         best = context.best_final()
         if context.initial_invite:
             request = context.server.request
-            self.media.delete(request.call_id, request.from_.tag, now=now, delay=0)
+            self.sdp.release(request, now)
         return self._relay(context, best, now)
 
     def _relay(self, context: Context, response: SipResponse, now: float) -> list[Send]:
@@ -575,7 +539,7 @@ class SipProxy:
         if not response.get_all("Via"):
             return []
         self.addresses.map_addresses(response, server.hop)
-        self._response_media(context, response, now)
+        self.sdp.response(context.server.request, context.offer, response, server.hop, now)
         data = response.to_bytes()
         try:
             actions = server.txn.send_response(response.status, data, now)
@@ -584,34 +548,6 @@ class SipProxy:
             # every fork reaches the caller, RFC 6026 §7.1), anything else is dropped.
             return [self._send(data, server.hop)] if 200 <= response.status < 300 else []
         return self._server_actions(server, actions)
-
-    def _response_media(self, context: Context, response: SipResponse, now: float) -> None:
-        """Rewrite the SDP of an 18x/2xx: the answer to the request's offer, or, for an
-        INVITE without SDP, the offer in the 2xx (late offer)."""
-        body = _sdp(response)
-        request = context.server.request
-        hop = context.server.hop
-        if body is None or response.status < 101 or response.status >= 300:
-            return
-        to_tag = response.to.tag
-        if to_tag is None:
-            return
-        late_offer = request.method == "INVITE" and response.status >= 200
-        if not (context.offer or late_offer):
-            return
-        try:
-            sdp = negotiate.parse(body)
-            if context.offer:
-                response.body = negotiate.answer(
-                    self.media, sdp, call_id=request.call_id, from_tag=request.from_.tag or "",
-                    to_tag=to_tag, view=self.addresses.view(hop), now=now)
-            else:
-                (response.body,) = negotiate.offer(
-                    self.media, sdp, call_id=request.call_id, from_tag=to_tag,
-                    to_tag=request.from_.tag, toward=hop.media_family,
-                    views=[self.addresses.view(hop)], now=now)
-        except NegotiationError as exc:
-            log.warning("call %s: SDP in %d left as is: %s", request.call_id, response.status, exc)
 
     # ---- branches and cancellation ----------------------------------------------------
 
@@ -660,7 +596,7 @@ class SipProxy:
                 if not (alone and context.initial_invite):
                     continue
                 request = context.server.request
-                self.media.delete(request.call_id, request.from_.tag, now=now, delay=0)
+                self.sdp.release(request, now)
                 try:
                     offers = self._request_media(context, [target], now)
                 except Reject:
@@ -831,13 +767,6 @@ class SipProxy:
 
 
 # ---- message helpers -------------------------------------------------------------------
-
-
-def _sdp(message: SipRequest | SipResponse) -> bytes | None:
-    """The body if it is a non-empty SDP."""
-    if not is_sdp_type(message.content_type):
-        return None
-    return message.body if message.body.strip() else None
 
 
 def _ack_for(invite: SipRequest, response: object) -> bytes:
