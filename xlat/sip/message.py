@@ -1038,19 +1038,7 @@ def _parse_head(head: bytes, blank: bytes) -> SipRequest | SipResponse:
     msg._start_key = msg._start_line()[0]
     msg._blank = blank
     block = head[len(start_raw) :]
-    if _is_plain(block):
-        msg.headers = _plain_headers(block)
-        msg._validate()
-        return msg
-    groups: list[list[bytes]] = []
-    for line in _lines(block):
-        if line[:1] in (b" ", b"\t"):
-            if not groups:
-                raise SipParseError("continuation line before any header")
-            groups[-1].append(line)
-        else:
-            groups.append([line])
-    msg.headers = [_parse_header(group) for group in groups]
+    msg.headers = _parse_headers(block)
     msg._validate()
     return msg
 
@@ -1067,13 +1055,22 @@ def _is_plain(block: bytes) -> bool:
     )
 
 
-def _plain_headers(block: bytes) -> list[Header]:
-    """The header lines of a block `_is_plain` accepts (the fast path of
-    `_parse_header`)."""
+def _parse_headers(block: bytes) -> list[Header]:
+    """The header fields of a head's header lines: one ``Header`` per field, its value
+    unfolded (§7.3.1: each continuation line joins with one SP) and its raw bytes the
+    lines as they came. A block ``_is_plain`` accepts (the usual: no folding, ASCII)
+    is decoded once as a whole, one field per line; any other line by line, each
+    checked for control characters and joined with its continuation lines."""
+    if _is_plain(block):
+        fields: Iterable[tuple[bytes, str]] = zip(
+            block.splitlines(keepends=True), block.decode().splitlines(), strict=True)
+    else:
+        fields = [(b"".join(group), " ".join(part for line in group
+                                             if (part := _text(line, "header").strip(_WSP))))
+                  for group in _folded(block)]
     headers = []
     new = tuple.__new__
-    for raw, line in zip(block.splitlines(keepends=True), block.decode().splitlines(),
-                         strict=True):
+    for raw, line in fields:
         name, colon, value = line.partition(":")
         key = _field_key(name) if colon else None
         if key is None:
@@ -1083,22 +1080,26 @@ def _plain_headers(block: bytes) -> list[Header]:
     return headers
 
 
+def _folded(block: bytes) -> list[list[bytes]]:
+    """Header lines grouped by field: a line starting with SP or HTAB continues the
+    field above (§7.3.1)."""
+    groups: list[list[bytes]] = []
+    for line in _lines(block):
+        if line[:1] in (b" ", b"\t"):
+            if not groups:
+                raise SipParseError("continuation line before any header")
+            groups[-1].append(line)
+        else:
+            groups.append([line])
+    return groups
+
+
 @lru_cache(maxsize=512)  # bounded: names come from the network; a few dozen recur
 def _field_key(name: str) -> str | None:
     """canonical_name of a field name as written before the colon (trailing blanks
     allowed), None when it is not a token."""
     name = name.rstrip(_WSP)
     return canonical_name(name) if _TOKEN_RE.fullmatch(name) else None
-
-
-def _parse_header(lines: list[bytes]) -> Header:
-    parts = [_text(line, "header").strip(" \t") for line in lines]
-    unfolded = " ".join(p for p in parts if p)
-    name, colon, value = unfolded.partition(":")
-    name = name.rstrip(" \t")
-    if not colon or not _TOKEN_RE.fullmatch(name):
-        raise SipParseError(f"bad header line: {unfolded!r}")
-    return Header(name, value.strip(" \t"), b"".join(lines))
 
 
 _M = TypeVar("_M", bound=SipMessage)
