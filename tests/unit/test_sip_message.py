@@ -15,6 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from xlat.sip.headers import split_quoted as _split_quoted
 from xlat.sip.message import (
     MAX_MESSAGE_SIZE,
     Header,
@@ -24,7 +25,6 @@ from xlat.sip.message import (
     SipResponse,
     StreamFramer,
     Via,
-    _split_quoted,
     error_response,
     make_response,
     parse_message,
