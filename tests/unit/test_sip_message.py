@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from xlat.sip.headers import split_quoted as _split_quoted
+from xlat.sip.malformed import error_response
 from xlat.sip.message import (
     MAX_MESSAGE_SIZE,
     Header,
@@ -25,7 +26,6 @@ from xlat.sip.message import (
     SipResponse,
     StreamFramer,
     Via,
-    error_response,
     make_response,
     parse_message,
     split_list,

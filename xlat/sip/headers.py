@@ -19,7 +19,9 @@ from xlat.sip.errors import SipParseError
 from xlat.sip.uri import IPAddress, SipUri, format_host, host_ip, parse_host, parse_port, parse_uri
 
 __all__ = [
+    "CALL_ID_RE",
     "CRLF",
+    "CSEQ_RE",
     "LIST_HEADERS",
     "TOKEN",
     "TOKEN_RE",
@@ -29,6 +31,7 @@ __all__ = [
     "Via",
     "canonical_name",
     "check_wildcard",
+    "field_key",
     "has_control",
     "parse_name_addr",
     "parse_via",
@@ -94,6 +97,9 @@ LIST_HEADERS = frozenset(
 
 TOKEN = r"[A-Za-z0-9\-.!%*_+`'~]+"
 TOKEN_RE = re.compile(TOKEN)
+WORD_RE = re.compile(r"[A-Za-z0-9\-.!%*_+`'~()<>:\\\"/\[\]?{}]+")
+CALL_ID_RE = re.compile(rf"{WORD_RE.pattern}(?:@{WORD_RE.pattern})?")
+CSEQ_RE = re.compile(rf"(\d+)[ \t]+({TOKEN})")
 _QUOTED = r'"(?:[^"\\]|\\.)*"'
 _QUOTED_RE = re.compile(_QUOTED)
 # gen-value = token / host / quoted-string; ":" admits an unbracketed IPv6 received=
@@ -407,3 +413,11 @@ def check_wildcard(contacts: list[str]) -> None:
     """Contact values holding ``*``: it must be the only one (§10.2.2)."""
     if len(contacts) > 1:
         raise SipParseError("Contact: * mixed with other contacts")
+
+
+@lru_cache(maxsize=512)  # bounded: names come from the network; a few dozen recur
+def field_key(name: str) -> str | None:
+    """canonical_name of a field name as written before the colon (trailing blanks
+    allowed), None when it is not a token."""
+    name = name.rstrip(WSP)
+    return canonical_name(name) if TOKEN_RE.fullmatch(name) else None

@@ -41,15 +41,15 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Sequence
-from functools import lru_cache
+from collections.abc import Iterable, Sequence
 from typing import Literal, Self, TypeVar
 
 from xlat.sip.errors import SipParseError
 from xlat.sip.headers import (
+    CALL_ID_RE,
     CRLF,
+    CSEQ_RE,
     LIST_HEADERS,
-    TOKEN,
     TOKEN_RE,
     WSP,
     Header,
@@ -57,11 +57,13 @@ from xlat.sip.headers import (
     Via,
     canonical_name,
     check_wildcard,
+    field_key,
     has_control,
     parse_name_addr,
     parse_via,
     split_list,
 )
+from xlat.sip.status import REASONS
 from xlat.sip.uri import SipUri, parse_uri
 
 __all__ = [
@@ -77,7 +79,6 @@ __all__ = [
     "Via",
     "canonical_name",
     "derived_request",
-    "error_response",
     "make_response",
     "parse_message",
     "split_list",
@@ -89,11 +90,8 @@ __all__ = [
 # habit: every buffer has a cap).
 MAX_MESSAGE_SIZE = 65535
 
-_WORD_RE = re.compile(r"[A-Za-z0-9\-.!%*_+`'~()<>:\\\"/\[\]?{}]+")
-_CALL_ID_RE = re.compile(rf"{_WORD_RE.pattern}(?:@{_WORD_RE.pattern})?")
 _VERSION_RE = re.compile(r"SIP/(\d+)\.(\d+)", re.IGNORECASE)
-_CSEQ_RE = re.compile(rf"(\d+)[ \t]+({TOKEN})")
-_BLANK_LINE_RE = re.compile(rb"\n\r?\n")
+BLANK_LINE_RE = re.compile(rb"\n\r?\n")
 # The bytes header lines may hold and still go to the fast parser: printable ASCII, HT,
 # CR and LF (see _is_plain); any other (a control character, non-ASCII) needs the general
 # one.
@@ -114,60 +112,6 @@ _SPELLING = {
     "content-type": "Content-Type",
 }
 
-# Reason phrases of RFC 3261 §21 (and the few later codes a proxy emits).
-REASONS = {
-    100: "Trying",
-    180: "Ringing",
-    181: "Call Is Being Forwarded",
-    182: "Queued",
-    183: "Session Progress",
-    200: "OK",
-    202: "Accepted",
-    300: "Multiple Choices",
-    301: "Moved Permanently",
-    302: "Moved Temporarily",
-    305: "Use Proxy",
-    380: "Alternative Service",
-    400: "Bad Request",
-    401: "Unauthorized",
-    402: "Payment Required",
-    403: "Forbidden",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    406: "Not Acceptable",
-    407: "Proxy Authentication Required",
-    408: "Request Timeout",
-    410: "Gone",
-    413: "Request Entity Too Large",
-    414: "Request-URI Too Long",
-    415: "Unsupported Media Type",
-    416: "Unsupported URI Scheme",
-    420: "Bad Extension",
-    421: "Extension Required",
-    423: "Interval Too Brief",
-    480: "Temporarily Unavailable",
-    481: "Call/Transaction Does Not Exist",
-    482: "Loop Detected",
-    483: "Too Many Hops",
-    484: "Address Incomplete",
-    485: "Ambiguous",
-    486: "Busy Here",
-    487: "Request Terminated",
-    488: "Not Acceptable Here",
-    491: "Request Pending",
-    493: "Undecipherable",
-    500: "Server Internal Error",
-    501: "Not Implemented",
-    502: "Bad Gateway",
-    503: "Service Unavailable",
-    504: "Server Time-out",
-    505: "Version Not Supported",
-    513: "Message Too Large",
-    600: "Busy Everywhere",
-    603: "Decline",
-    604: "Does Not Exist Anywhere",
-    606: "Not Acceptable",
-}
 
 
 class SipMessage(ABC):
@@ -266,7 +210,7 @@ class SipMessage(ABC):
         cached = self._parsed.get("cseq")
         if cached is None:
             value = self._require("CSeq")
-            m = _CSEQ_RE.fullmatch(value)
+            m = CSEQ_RE.fullmatch(value)
             if not m or len(m.group(1)) > 10 or int(m.group(1)) >= 2**31:
                 raise SipParseError(f"bad CSeq: {value!r}")
             cached = self._parsed["cseq"] = (int(m.group(1)), m.group(2))
@@ -459,7 +403,7 @@ class SipMessage(ABC):
             if len(lines.get(name, ())) > 1:
                 raise SipParseError(f"more than one {_SPELLING[name]} header")
         call_id = lines["call-id"][0]
-        if not _CALL_ID_RE.fullmatch(call_id):
+        if not CALL_ID_RE.fullmatch(call_id):
             raise SipParseError(f"bad Call-ID: {call_id!r}")
         # Parsing each is the check. The parsers' shared templates are enough for it:
         # the message's own copies are made when a reader asks.
@@ -654,7 +598,7 @@ class StreamFramer:
 def _split_head(data: bytes | bytearray, start: int = 0) -> tuple[bytes, bytes, int] | None:
     """(start line + header lines, blank line, body offset), None without a blank line
     (searched from `start`)."""
-    m = _BLANK_LINE_RE.search(data, start)
+    m = BLANK_LINE_RE.search(data, start)
     if m is None:
         return None
     return bytes(data[: m.start() + 1]), bytes(data[m.start() + 1 : m.end()]), m.end()
@@ -715,7 +659,7 @@ def _parse_headers(block: bytes) -> list[Header]:
     new = tuple.__new__
     for raw, line in fields:
         name, colon, value = line.partition(":")
-        key = _field_key(name) if colon else None
+        key = field_key(name) if colon else None
         if key is None:
             raise SipParseError(f"bad header line: {line.rstrip(WSP)!r}")
         # Header(name, value, raw) without its checks, which only apply to new lines
@@ -735,14 +679,6 @@ def _folded(block: bytes) -> list[list[bytes]]:
         else:
             groups.append([line])
     return groups
-
-
-@lru_cache(maxsize=512)  # bounded: names come from the network; a few dozen recur
-def _field_key(name: str) -> str | None:
-    """canonical_name of a field name as written before the colon (trailing blanks
-    allowed), None when it is not a token."""
-    name = name.rstrip(WSP)
-    return canonical_name(name) if TOKEN_RE.fullmatch(name) else None
 
 
 _M = TypeVar("_M", bound=SipMessage)
@@ -851,106 +787,3 @@ def derived_request(invite: SipRequest, method: str, response: SipMessage | None
         ("Max-Forwards", "70"),
     ]
     return SipRequest(method, invite.uri, headers)
-
-
-# -- answering what did not parse (§8.2, §16.3) -------------------------------------------
-
-# RFC 2606 §2: ".invalid" names nothing; it stands in for a From or To the request
-# spoiled, so that the reply carries every mandatory header (§8.1.1) and parses.
-_PLACEHOLDER_URI = "<sip:anonymous@anonymous.invalid>"
-_PLACEHOLDER_CALL_ID = "invalid"
-
-
-def error_response(data: bytes, error: SipParseError, to_tag: str) -> SipResponse | None:
-    """The reply to a request that did not parse, built only from what did: the Via
-    values up to the first one that does not parse, and From, To, Call-ID and CSeq
-    when each is valid on its own. A spoiled From/To/Call-ID becomes a ``.invalid``
-    placeholder, a spoiled CSeq ``0 METHOD`` with the request line's method: the
-    client matches a reply by its top Via branch and CSeq method only (§17.1.3), so
-    it still stops retransmitting. The status is the error's hint (400, 413, 505).
-    None when there is nothing to answer: a response, an ACK (§17.2.1: never
-    answered), no request line with a method, or no valid top Via (no way back,
-    §18.2.2). The reply parses with `parse_message` whatever the input."""
-    head = data[:MAX_MESSAGE_SIZE]
-    blank = _BLANK_LINE_RE.search(head)
-    text = head[: blank.start() + 1 if blank else len(head)].decode("utf-8", "surrogateescape")
-    lines: list[str] = []
-    for line in text.splitlines():
-        if line[:1] in (" ", "\t") and lines:
-            lines[-1] += " " + line.strip(WSP)  # folding (§7.3.1)
-        else:
-            lines.append(line)
-    method = lines[0].split(" ", 1)[0] if lines else ""
-    if not TOKEN_RE.fullmatch(method) or method.upper().startswith("SIP/") or method == "ACK":
-        return None
-    vias: list[str] = []
-    found: dict[str, str] = {}
-    vias_done = False
-    for line in lines[1:]:
-        name, colon, raw_value = line.partition(":")
-        key = _field_key(name) if colon else None
-        value = raw_value.strip(WSP)
-        if key == "via" and not vias_done:
-            for element in _valid_list(value):
-                if not _valid(parse_via, element):
-                    vias_done = True  # below a broken Via the path back is unknown
-                    break
-                vias.append(element)
-        elif key in ("from", "to", "call-id", "cseq") and key not in found:
-            found[key] = value if _valid_copy(key, value) else ""
-    if not vias:
-        return None
-    to = found.get("to") or _PLACEHOLDER_URI
-    parsed_to = NameAddr.parse(to)
-    if parsed_to.tag is None:
-        parsed_to.params["tag"] = to_tag
-        to = str(parsed_to)
-    phrase = "".join(c if " " <= c <= "~" and c != '"' else "?" for c in error.reason)[:120]
-    headers = [Header("Via", v) for v in vias] + [
-        Header("From", found.get("from") or _PLACEHOLDER_URI),
-        Header("To", to),
-        Header("Call-ID", found.get("call-id") or _PLACEHOLDER_CALL_ID),
-        Header("CSeq", found.get("cseq") or f"0 {method}"),
-        Header("Content-Length", "0"),
-    ]
-    return SipResponse(error.status, phrase, headers)
-
-
-def _valid_list(value: str) -> list[str]:
-    """The elements of a list header value; [""] (one invalid element) when it does
-    not split (an unterminated quote or <) or holds a control character."""
-    if has_control(value):
-        return [""]
-    try:
-        return split_list(value)
-    except SipParseError:
-        return [""]
-
-
-def _valid(parse: Callable[[str], object], value: str) -> bool:
-    try:
-        parse(value)
-    except SipParseError:
-        return False
-    return True
-
-
-def _is_utf8(text: str) -> bool:
-    """No surrogate-escaped byte: the text was valid UTF-8 on the wire."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def _valid_copy(key: str, value: str) -> bool:
-    """A From, To, Call-ID or CSeq value that may be copied into a reply as it is."""
-    if has_control(value) or not _is_utf8(value):
-        return False
-    if key == "call-id":
-        return _CALL_ID_RE.fullmatch(value) is not None
-    if key == "cseq":
-        m = _CSEQ_RE.fullmatch(value)
-        return m is not None and len(m.group(1)) <= 10 and int(m.group(1)) < 2**31
-    return _valid(parse_name_addr, value)

@@ -48,6 +48,7 @@ from xlat.sip.auth import DigestAuth
 from xlat.sip.context import Branch, Context, Entry, Event, Parked, Phase, Send, Server
 from xlat.sip.deadlines import DeadlineHeap
 from xlat.sip.errors import SipParseError
+from xlat.sip.malformed import error_response
 from xlat.sip.mapping import DEFAULT_PORT, AddressMap, Hop
 from xlat.sip.media import SipMedia
 from xlat.sip.message import (
@@ -55,7 +56,6 @@ from xlat.sip.message import (
     SipResponse,
     Via,
     derived_request,
-    error_response,
     make_response,
     parse_message,
 )
