@@ -42,6 +42,7 @@ from xlat.media.ports import RelayPortPool
 from xlat.media.session import MediaSession, SessionManager
 
 if TYPE_CHECKING:
+    from xlat.media.nft import NftGuard
     from xlat.sip.proxy import SipProxy
 
 log = logging.getLogger("xlat")
@@ -57,7 +58,9 @@ JOURNAL_SYNC = 1.0  # seconds between fdatasyncs of the journal (for power loss)
 # What SIGHUP (``systemctl reload``) applies: where requests go and the limits new
 # calls get. Live calls keep their timers and caps; the rest needs a restart.
 RELOADABLE = ("domains", "routes", "nat64_prefixes", "idle_timeout", "delete_delay",
-              "latch", "rate_limit_pps", "log_level")
+              "latch", "rate_limit_pps", "log_level", "trusted", "sip_rate")
+# What the SIP rate limit in table inet xlat is built from (route targets are exempt)
+GUARD_CONFIG = ("routes", "trusted", "sip_rate")
 
 
 class ExitCode(enum.IntEnum):
@@ -170,6 +173,8 @@ class Daemon:
         # The nft guard learns each flow only when a userspace relay needs its relay
         # ports admitted; with eBPF alone the whole relay range stays closed to the stack.
         self.guard: Datapath | None = None
+        self.nft_guard: NftGuard | None = None  # table inet xlat, once started
+        self._reload_task: asyncio.Task[None] | None = None  # a reload still in progress
         self._guard_changes: dict[Endpoint, Flow | None] = {}  # None: remove
         self._guard_refresh: dict[Endpoint, Flow] = {}
         self._guard_timer: asyncio.TimerHandle | None = None
@@ -257,7 +262,26 @@ class Daemon:
             from xlat.sip.transport import proxy_config
 
             self.sip.proxy.reconfigure(proxy_config(cfg))
-        log.info("reloaded: %s", ", ".join(n for n in changed if n in RELOADABLE) or "no change")
+        applied = ", ".join(n for n in changed if n in RELOADABLE) or "no change"
+        if self.nft_guard is not None and set(changed) & set(GUARD_CONFIG):
+            self._reload_task = asyncio.create_task(self._reload_guard(cfg, applied))
+            return
+        log.info("reloaded: %s", applied)
+        systemd.notify("READY=1")
+
+    async def _reload_guard(self, cfg: Config, applied: str) -> None:
+        """The SIP rate limit's exempt sources (route targets are looked up again) and
+        rate, replaced in table inet xlat; then READY=1."""
+        assert self.nft_guard is not None
+        try:
+            trusted = await asyncio.to_thread(trusted_sources, cfg)
+            await asyncio.to_thread(self.nft_guard.reconfigure, cfg.sip_rate, trusted)
+        except Exception as e:  # the table keeps its previous limit
+            log.error("reload: SIP rate limit in table inet xlat not updated: %s", e)
+        else:
+            log.info("SIP rate limit %d packets/s per source; exempt: %s", cfg.sip_rate,
+                     ", ".join(map(str, trusted)) or "none")
+        log.info("reloaded: %s", applied)
         systemd.notify("READY=1")
 
     def _on_signal(self, sig: signal.Signals) -> None:
@@ -390,6 +414,7 @@ class Daemon:
                 await asyncio.to_thread(ebpf.close, True)
             raise StartupError(f"nftables table inet xlat: {e}; fix: `xlat check`") from None
         self.parts = [*self.forwarders, guard]
+        self.nft_guard = guard
         if ebpf is not None:
             await asyncio.to_thread(ebpf.attach)
             from xlat.media.netwatch import LinkWatcher

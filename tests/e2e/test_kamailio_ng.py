@@ -132,7 +132,8 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
             "--bpffs", str(lab.bpffs), "--sip-listen", "none", "--ng-listen", NG_LISTEN,
             "--media-v4", "203.0.113.1", "--media-v6", "2001:db8:6::1",
             "--interface", "gw6", "--interface", "gw4",
-            "--delete-delay", str(DELETE_DELAY), "--log-level", "info"])
+            "--delete-delay", str(DELETE_DELAY), "--log-level", "info",
+            "--state-dir", str(tmp / "state")])
         procs.append(xlat)
         _wait("xlat's control socket", lambda: gw.control.exists() or xlat.poll() is not None,
               120)

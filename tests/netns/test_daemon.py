@@ -45,6 +45,9 @@ class Gateway:
             raise AssertionError(f"xlat {' '.join(args)}: {r.stderr}\n{self.log.read_text()}")
         return r
 
+    def lines(self) -> list[str]:
+        return self.log.read_text().splitlines()
+
     def json(self, *args: str) -> object:
         return json.loads(self.cli(*args, "-j").stdout)
 
@@ -63,39 +66,33 @@ class Gateway:
                 self.proc.wait()
 
 
-def start_gateway(lab: Lab, tmp: Path, *extra: str, name: str = "xlat") -> Gateway:
-    control = tmp / f"{name}.sock"
-    log = tmp / f"{name}.log"
-    argv = [
-        *XLAT,
-        "--control",
-        str(control),
-        "run",
-        "--media-v4",
-        str(GW4),
-        "--media-v6",
-        str(GW6),
-        "--bpffs",
-        str(lab.bpffs),
-        "--state-dir",  # the crash journal: this test's own, not /var/lib/xlat
-        str(tmp / "state"),
-        "--sip-listen",
-        "none",
-        "--ports",
-        "30000-30099",
-        "--log-level",
-        "debug",
-        *extra,
-    ]
-    proc = lab.exec(lab.gw, argv, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+def launch(lab: Lab, argv: list[str], control: Path, log: Path, *, timeout: float = 60,
+           env: dict[str, str] | None = None) -> Gateway:
+    """Start ``argv`` (an ``xlat run``) in the gateway namespace, output to ``log``, and
+    wait until its control socket is there."""
+    proc = lab.exec(lab.gw, argv, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+                    env=None if env is None else {**os.environ, **env})
     gw = Gateway(lab, control, proc, log)
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + timeout
     while not control.exists():
         if proc.poll() is not None or time.monotonic() > deadline:
             gw.stop()
             raise AssertionError(f"daemon did not start:\n{log.read_text()}")
         time.sleep(0.05)
     return gw
+
+
+def start_gateway(lab: Lab, tmp: Path, *extra: str, name: str = "xlat",
+                  env: dict[str, str] | None = None) -> Gateway:
+    """``xlat run`` on the lab's media addresses and bpffs, with this test's own crash
+    journal and no SIP unless ``extra`` has --sip-listen."""
+    control = tmp / f"{name}.sock"
+    sip = () if "--sip-listen" in extra else ("--sip-listen", "none")
+    argv = [*XLAT, "--control", str(control), "run", "--media-v4", str(GW4),
+            "--media-v6", str(GW6), "--bpffs", str(lab.bpffs),
+            "--state-dir", str(tmp / "state"),  # the crash journal: not /var/lib/xlat
+            *sip, "--ports", "30000-30099", "--log-level", "debug", *extra]
+    return launch(lab, argv, control, tmp / f"{name}.log", env=env)
 
 
 @pytest.fixture(params=["ebpf", "userspace"])

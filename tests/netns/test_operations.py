@@ -5,10 +5,7 @@ the level changed at run time)."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import socket
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -16,9 +13,10 @@ from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from test_daemon import Gateway, start_gateway
 
 from xlat.addr import Endpoint
-from xlat.lab import GW4, GW6, V4_HOST, V6_HOST, Lab, in_netns
+from xlat.lab import GW4, V4_HOST, V6_HOST, Lab, in_netns
 
 pytestmark = pytest.mark.netns
 
@@ -29,45 +27,11 @@ A = Endpoint.parse(f"[{V6_HOST}]:40000")
 B = Endpoint.parse(f"{V4_HOST}:50000")
 
 
-class Daemon:
-    def __init__(self, lab: Lab, tmp: Path, *extra: str, env: dict[str, str] | None = None):
-        self.lab, self.control, self.log = lab, tmp / "xlat.sock", tmp / "xlat.log"
-        argv = [*XLAT, "--control", str(self.control), "run", "--media-v4", str(GW4),
-                "--media-v6", str(GW6), "--bpffs", str(lab.bpffs), "--ports", "30000-30099",
-                "--sip-listen", f"{GW4}:5060", *extra]
-        out = self.log.open("wb")
-        self.proc = lab.exec(lab.gw, argv, stdout=out, stderr=subprocess.STDOUT,
-                             env={**os.environ, **(env or {})})
-        deadline = time.monotonic() + 30
-        while not self.control.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise AssertionError(f"daemon did not start:\n{self.log.read_text()}")
-            time.sleep(0.05)
-
-    def cli(self, *args: str) -> str:
-        r = subprocess.run([*XLAT, "--control", str(self.control), *args],
-                           capture_output=True, text=True, timeout=30)
-        assert r.returncode == 0, r.stderr
-        return r.stdout
-
-    def lines(self) -> list[str]:
-        return self.log.read_text().splitlines()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
 @pytest.fixture
-def daemon(lab: Lab, tmp_path: Path) -> Iterator[Daemon]:
-    d = Daemon(lab, tmp_path, "--metrics-listen", str(METRICS), "--allow-remote-control",
-               "--ng-listen", str(NG), "--log-format", "json", "--log-level", "debug")
+def daemon(lab: Lab, tmp_path: Path) -> Iterator[Gateway]:
+    d = start_gateway(lab, tmp_path, "--sip-listen", f"{GW4}:5060",
+                      "--metrics-listen", str(METRICS), "--allow-remote-control",
+                      "--ng-listen", str(NG), "--log-format", "json", "--log-level", "debug")
     try:
         yield d
     finally:
@@ -110,14 +74,15 @@ def ng_ping(lab: Lab) -> bytes:
         return s.recv(4096)
 
 
-def test_metrics_move_with_a_relayed_call(daemon: Daemon) -> None:
+def test_metrics_move_with_a_relayed_call(daemon: Gateway) -> None:
     lab = daemon.lab
     before = scrape(lab)
     assert before["xlat_info", (("datapath", "ebpf+nft"), ("version", "0.1.0"))] == 1
     assert before["xlat_sessions", (("origin", "manual"), ("state", "active"))] == 0
     assert before["xlat_relay_port_pairs", (("family", "ipv4"),)] == 50
 
-    s = json.loads(daemon.cli("session", "add", "--peer-a", str(A), "--peer-b", str(B), "-j"))
+    s = json.loads(daemon.cli("session", "add", "--peer-a", str(A), "--peer-b", str(B),
+                               "-j").stdout)
     relay_a, relay_b = (Endpoint.parse(leg["relay"]) for leg in s["legs"])
     with udp(lab.v6, A) as a, udp(lab.v4, B) as b:
         for _ in range(3):
@@ -168,7 +133,7 @@ OPTIONS = (
 )
 
 
-def test_sip_counters_and_malformed_sip_summarised(daemon: Daemon) -> None:
+def test_sip_counters_and_malformed_sip_summarised(daemon: Gateway) -> None:
     lab = daemon.lab
     with udp(lab.v4, Endpoint(V4_HOST, 5062)) as phone:
         phone.sendto(OPTIONS.format(user="", gw=GW4, me=V4_HOST, n=1).encode(),
@@ -195,12 +160,13 @@ def test_sip_counters_and_malformed_sip_summarised(daemon: Daemon) -> None:
     assert rejected["call_id"] == f"ping-2@{V4_HOST}", rejected
 
 
-def test_log_level_changes_in_a_running_daemon(daemon: Daemon) -> None:
-    assert daemon.cli("log", "level") == "debug\n"
-    assert daemon.cli("log", "level", "warning") == "log level warning (was debug)\n"
-    assert json.loads(daemon.cli("-j", "log", "level")) == {"level": "warning"}
+def test_log_level_changes_in_a_running_daemon(daemon: Gateway) -> None:
+    assert daemon.cli("log", "level").stdout == "debug\n"
+    assert daemon.cli("log", "level", "warning").stdout == "log level warning (was debug)\n"
+    assert json.loads(daemon.cli("-j", "log", "level").stdout) == {"level": "warning"}
     mark = len(daemon.lines())
-    s = json.loads(daemon.cli("session", "add", "--peer-a", str(A), "--peer-b", str(B), "-j"))
+    s = json.loads(daemon.cli("session", "add", "--peer-a", str(A), "--peer-b", str(B),
+                               "-j").stdout)
     daemon.cli("session", "del", s["id"])
     assert not [line for line in daemon.lines()[mark:] if '"level": "info"' in line]
     daemon.cli("log", "level", "info")
@@ -214,8 +180,8 @@ def test_under_journald_lines_carry_priorities_and_no_timestamps(lab: Lab,
     log = tmp_path / "xlat.log"
     log.touch()
     st = log.stat()
-    d = Daemon(lab, tmp_path, "--log-level", "debug",
-               env={"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"})
+    d = start_gateway(lab, tmp_path, "--sip-listen", f"{GW4}:5060", "--log-level", "debug",
+                      env={"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"})
     try:
         d.cli("log", "level", "error")  # logged at priority 3: the new level's own
     finally:

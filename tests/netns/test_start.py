@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
-from test_daemon import XLAT, Gateway, recv_from, udp
+from test_daemon import XLAT, Gateway, launch, recv_from, udp
 
 from xlat.addr import Endpoint
 from xlat.lab import GW4, GW6, V4_HOST, V6_HOST, Lab
@@ -32,21 +32,13 @@ def argv(control: Path, *extra: str, prefix: Sequence[str] = ()) -> list[str]:
     SIP unless ``extra`` has --sip-listen."""
     sip = () if "--sip-listen" in extra else ("--sip-listen", "none")
     return [*prefix, *XLAT, "--control", str(control), "run", "--media-v4", str(GW4),
-            "--media-v6", str(GW6), *sip, "--ports", "30000-30099", *extra]
+            "--media-v6", str(GW6), *sip, "--ports", "30000-30099",
+            "--state-dir", str(control.parent / "state"), *extra]
 
 
 def start(lab: Lab, tmp: Path, *extra: str, name: str = "xlat") -> Gateway:
-    control, log = tmp / f"{name}.sock", tmp / f"{name}.log"
-    proc = lab.exec(lab.gw, argv(control, *extra), stdout=log.open("wb"),
-                    stderr=subprocess.STDOUT)
-    gw = Gateway(lab, control, proc, log)
-    deadline = time.monotonic() + 60
-    while not control.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            gw.stop()
-            raise AssertionError(f"daemon did not start:\n{log.read_text()}")
-        time.sleep(0.05)
-    return gw
+    control = tmp / f"{name}.sock"
+    return launch(lab, argv(control, *extra), control, tmp / f"{name}.log")
 
 
 def refused(lab: Lab, tmp: Path, *extra: str, prefix: Sequence[str] = ()) -> tuple[int, str]:

@@ -82,8 +82,19 @@ class NftGuard:
         self.grace = grace
         self._nft = nftables.Nftables()
         self._nft.set_json_output(True)
-        self._script = load_script(media, port_min, port_max, sip_listen, sip_rate, trusted)
+        self._layout = (tuple(media), port_min, port_max, tuple(sip_listen))
+        self._script = load_script(*self._layout, sip_rate, trusted)
         _run_text(self._nft, self._script)
+
+    def reconfigure(self, sip_rate: int, trusted: Sequence[IPNetwork]) -> None:
+        """A new SIP rate limit and set of exempt sources (``systemctl reload``): the
+        table's rules and configuration sets are replaced in one transaction, its relay
+        elements kept."""
+        if sip_rate <= 0:
+            raise ValueError(f"SIP rate must be positive, got {sip_rate}")
+        script = load_script(*self._layout, sip_rate, trusted)
+        _run_text(self._nft, script)
+        self._script = script
 
     def install(self, flows: Sequence[Flow]) -> None:
         """Admit each flow's ``match`` for ``idle_timeout + grace`` seconds."""
