@@ -33,7 +33,6 @@ from ipaddress import IPv4Address, IPv6Address
 from typing import NamedTuple
 
 from xlat.addr import Endpoint, IPAddress
-from xlat.media.session import StreamSpec
 
 SDP_CONTENT_TYPE = "application/sdp"
 
@@ -143,26 +142,6 @@ def parse_sdp(body: bytes) -> SdpInfo:
         )
     origin_address = parsed.origin.address if parsed.origin else None
     return SdpInfo(origin_address=origin_address, media=media)
-
-
-def stream_specs(info: SdpInfo) -> list[StreamSpec]:
-    """What the media layer needs per ``m=`` line: port 0 gives ``peer=None``.
-
-    An ``a=rtcp`` with a null address is no place to send RTCP: on a live stream it is
-    WebRTC's dummy (RFC 8829 §5.2.1: ``a=rtcp:9 IN IP4 0.0.0.0``), on a held one it adds
-    nothing to the null peer. It gives ``rtcp=None``.
-    """
-    specs = []
-    for media in info.media:
-        if media.port == 0 or media.address is None:
-            specs.append(StreamSpec(peer=None))
-            continue
-        rtcp = media.rtcp
-        if rtcp is not None and rtcp.host.is_unspecified:
-            rtcp = None
-        peer = Endpoint(media.address, media.port)
-        specs.append(StreamSpec(peer=peer, rtcp=rtcp, rtcp_mux=media.rtcp_mux))
-    return specs
 
 
 def rewrite_sdp(

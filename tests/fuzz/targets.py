@@ -25,12 +25,14 @@ from xlat.control import bencode
 from xlat.control.api import Registry
 from xlat.control.ng import NgCore
 from xlat.media.datapath import FakeDatapath
+from xlat.media.negotiate import stream_specs
 from xlat.media.ports import RelayPortPool
 from xlat.media.session import SessionManager
-from xlat.sdp import SdpError, parse_sdp, rewrite_sdp, stream_specs
+from xlat.sdp import SdpError, parse_sdp, rewrite_sdp
 from xlat.sip.auth import ALGORITHMS, Credentials, DigestAuth, ha1
 from xlat.sip.errors import SipParseError
-from xlat.sip.message import StreamFramer, error_response, parse_message
+from xlat.sip.malformed import error_response
+from xlat.sip.message import StreamFramer, parse_message
 from xlat.sip.proxy import ProxyConfig, SipProxy
 from xlat.sip.uri import SipUri
 

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from xlat.addr import Endpoint
+from xlat.media.negotiate import stream_specs
 from xlat.media.ports import RelayPortPool
 from xlat.media.session import SessionManager, StreamSpec
 from xlat.sdp import (
@@ -21,7 +22,6 @@ from xlat.sdp import (
     is_sdp_type,
     parse_sdp,
     rewrite_sdp,
-    stream_specs,
 )
 
 FIXTURES = Path(__file__).parent / "sdp_fixtures"

@@ -15,6 +15,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from xlat.sip.headers import split_quoted as _split_quoted
+from xlat.sip.malformed import error_response
 from xlat.sip.message import (
     MAX_MESSAGE_SIZE,
     Header,
@@ -24,8 +26,6 @@ from xlat.sip.message import (
     SipResponse,
     StreamFramer,
     Via,
-    _split_quoted,
-    error_response,
     make_response,
     parse_message,
     split_list,

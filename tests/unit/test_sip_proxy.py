@@ -24,8 +24,9 @@ from xlat.media.datapath import FakeDatapath
 from xlat.media.ports import RelayPortPool
 from xlat.media.session import SessionManager
 from xlat.sip.auth import ALGORITHMS, Credentials, digest_response, ha1
+from xlat.sip.context import Branch, Context, Server
 from xlat.sip.message import SipRequest, SipResponse, make_response, parse_message
-from xlat.sip.proxy import ProxyConfig, Send, SipProxy, _Branch, _Context, _Server
+from xlat.sip.proxy import ProxyConfig, Send, SipProxy
 from xlat.sip.transaction import Timers
 from xlat.sip.transport import SipServer, _endpoint, start_sip
 from xlat.sip.uri import SipUri, format_host
@@ -421,7 +422,7 @@ def test_finished_transactions_are_freed_without_the_cycle_collector() -> None:
     """At 1,000 calls/s tens of thousands of transactions are alive: the ones that end
     must go by refcounting alone, not wait for (and slow down) a full collection."""
     def alive() -> list[object]:
-        return [o for o in gc.get_objects() if isinstance(o, (_Server, _Branch, _Context))]
+        return [o for o in gc.get_objects() if isinstance(o, (Server, Branch, Context))]
 
     gc.collect()
     gc.disable()

@@ -31,18 +31,12 @@ from dataclasses import replace as dc_replace
 
 from xlat.addr import AddressError, Endpoint, IPAddress, parse_ip
 from xlat.control.bencode import BencodeError, Value, decode, encode
+from xlat.media import negotiate
 from xlat.media.datapath import FlowCounters
-from xlat.media.session import (
-    CountersLookup,
-    Leg,
-    MediaSession,
-    PortsExhausted,
-    SessionManager,
-    SessionNotFound,
-    StreamSpec,
-)
+from xlat.media.negotiate import Description, NegotiationError
+from xlat.media.session import CountersLookup, Leg, MediaSession, SessionManager, StreamSpec
 from xlat.metrics import LatencyHistogram
-from xlat.sdp import SdpError, SdpInfo, parse_sdp, rewrite_sdp, stream_specs
+from xlat.sdp import SdpInfo
 
 log = logging.getLogger(__name__)
 
@@ -326,25 +320,23 @@ class NgCore:
 
     def _offer(self, request: _Request, now: float) -> dict[str, object]:
         call_id, from_tag = request.need("call-id"), request.need("from-tag")
-        sdp = request.need_raw("sdp")
-        info, specs = self._streams(request, sdp)
-        self._check_rtcp_mux(request, info)
-        source_family, toward = self._families(request, specs, info)
+        sdp = self._streams(request, request.need_raw("sdp"))
+        self._check_rtcp_mux(request, sdp.info)
+        source_family, toward = self._families(request, sdp.specs, sdp.info)
         try:
-            relays = self.manager.offer(
-                call_id, from_tag, specs, toward=toward, now=now,
-                offerer_family=source_family, origin="ng",
-                to_tag=request.text("to-tag") or None,
+            (body,) = negotiate.offer(
+                self.manager, sdp, call_id=call_id, from_tag=from_tag,
+                to_tag=request.text("to-tag") or None, toward=toward, views=[None],
+                now=now, offerer_family=source_family, origin="ng",
             )
-        except PortsExhausted as e:
+        except NegotiationError as e:
             raise NgError(str(e)) from None
-        return _ok(request, sdp=self._rewrite(sdp, relays))
+        return _ok(request, sdp=body)
 
     def _answer(self, request: _Request, now: float) -> dict[str, object]:
         call_id, from_tag = request.need("call-id"), request.need("from-tag")
         to_tag = request.need("to-tag")
-        sdp = request.need_raw("sdp")
-        _, specs = self._streams(request, sdp)  # rtcp-mux: the offer passed as it was
+        sdp = self._streams(request, request.need_raw("sdp"))  # rtcp-mux: as the offer
         if "direction" in request.fields:
             request.warn("direction ignored in answer: the offer chose the interfaces")
         wanted = self._address_family(request)
@@ -353,14 +345,11 @@ class NgCore:
             raise NgError(f"address family IP{wanted} contradicts the offer, whose offerer "
                           f"is {_FAMILY_NAMES[offerer]}")
         try:
-            relays = self.manager.answer(call_id, from_tag, to_tag, specs, now=now)
-        except SessionNotFound as e:
+            body = negotiate.answer(self.manager, sdp, call_id=call_id, from_tag=from_tag,
+                                    to_tag=to_tag, view=None, now=now)
+        except NegotiationError as e:
             raise NgError(str(e)) from None
-        except PortsExhausted as e:
-            raise NgError(str(e)) from None
-        except ValueError as e:  # stream count differs from the offer's
-            raise NgError(str(e)) from None
-        return _ok(request, sdp=self._rewrite(sdp, relays))
+        return _ok(request, sdp=body)
 
     def _delete(self, request: _Request, now: float) -> dict[str, object]:
         request.warn_unknown(_DELETE_KEYS)
@@ -441,9 +430,9 @@ class NgCore:
 
     # ---- offer/answer helpers ---------------------------------------------------
 
-    def _streams(self, request: _Request, sdp: bytes) -> tuple[SdpInfo, list[StreamSpec]]:
-        """Validate the SDP-related keys and flags; the streams as the media layer
-        needs them, with media-address / SIP-source-address applied."""
+    def _streams(self, request: _Request, body: bytes) -> Description:
+        """Validate the SDP-related keys and flags; the SDP, its streams with
+        media-address / SIP-source-address applied."""
         request.warn_unknown(_SDP_KEYS | _REFUSED_KEYS.keys())
         for key, what in _REFUSED_KEYS.items():
             if key in request.fields:
@@ -460,18 +449,17 @@ class NgCore:
             request.warn("TOS ignored: packets keep their own TOS / traffic class")
         sip_source = self._flags(request)
         try:
-            info = parse_sdp(sdp)
-        except SdpError as e:
-            raise NgError(f"bad SDP: {e}") from None
-        specs = stream_specs(info)
+            sdp = negotiate.parse(body)
+        except NegotiationError as e:
+            raise NgError(str(e)) from None
         protocol = request.text("transport-protocol")
         if protocol is not None and any(
-            m.proto != protocol for m, s in zip(info.media, specs, strict=True) if s.peer
+            m.proto != protocol for m, s in zip(sdp.info.media, sdp.specs, strict=True) if s.peer
         ):
             raise NgError(f"transport protocol {protocol!r} differs from the SDP's: "
                           "xlat does not convert (no SRTP termination, no AVPF)")
         host = self._media_host(request, sip_source)
-        return info, specs if host is None else _with_host(specs, host)
+        return sdp if host is None else dc_replace(sdp, specs=_with_host(sdp.specs, host))
 
     def _flags(self, request: _Request) -> bool:
         """Check the ``flags`` list; True if SIP-source-address was asked for."""
@@ -563,12 +551,6 @@ class NgCore:
             if side is not None:
                 return session.families[side]
         return None
-
-    def _rewrite(self, sdp: bytes, relays: list[Endpoint | None]) -> bytes:
-        try:
-            return rewrite_sdp(sdp, relays, remove_ice=True)
-        except ValueError as e:  # SdpError included
-            raise NgError(f"cannot rewrite SDP: {e}") from None
 
     # ---- query helpers ------------------------------------------------------------
 

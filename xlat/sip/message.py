@@ -41,13 +41,30 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
-from functools import lru_cache
-from typing import Literal, NamedTuple, Self, TypeVar
+from collections.abc import Iterable, Sequence
+from typing import Literal, Self, TypeVar
 
 from xlat.sip.errors import SipParseError
-from xlat.sip.uri import IPAddress, SipUri, format_host, host_ip, parse_host, parse_port, parse_uri
+from xlat.sip.headers import (
+    CALL_ID_RE,
+    CRLF,
+    CSEQ_RE,
+    LIST_HEADERS,
+    TOKEN_RE,
+    WSP,
+    Header,
+    NameAddr,
+    Via,
+    canonical_name,
+    check_wildcard,
+    field_key,
+    has_control,
+    parse_name_addr,
+    parse_via,
+    split_list,
+)
+from xlat.sip.status import REASONS
+from xlat.sip.uri import SipUri, parse_uri
 
 __all__ = [
     "MAX_MESSAGE_SIZE",
@@ -61,7 +78,7 @@ __all__ = [
     "StreamFramer",
     "Via",
     "canonical_name",
-    "error_response",
+    "derived_request",
     "make_response",
     "parse_message",
     "split_list",
@@ -73,92 +90,13 @@ __all__ = [
 # habit: every buffer has a cap).
 MAX_MESSAGE_SIZE = 65535
 
-# Compact forms (RFC 3261 §7.3.3 and the RFCs defining each header) -> canonical name.
-_COMPACT = {
-    "a": "accept-contact",
-    "b": "referred-by",
-    "c": "content-type",
-    "d": "request-disposition",
-    "e": "content-encoding",
-    "f": "from",
-    "i": "call-id",
-    "j": "reject-contact",
-    "k": "supported",
-    "l": "content-length",
-    "m": "contact",
-    "o": "event",
-    "r": "refer-to",
-    "s": "subject",
-    "t": "to",
-    "u": "allow-events",
-    "v": "via",
-    "x": "session-expires",
-    "y": "identity",
-}
-
-# Headers whose grammar is a comma-separated list (RFC 3261 §7.3.1: only these may be
-# split or combined). Others may hold commas that are not separators (Date,
-# Authorization, Subject, ...), so get_all() never splits them.
-_LIST_HEADERS = frozenset(
-    {
-        "accept",
-        "accept-encoding",
-        "accept-language",
-        "alert-info",
-        "allow",
-        "allow-events",
-        "call-info",
-        "contact",
-        "content-encoding",
-        "content-language",
-        "error-info",
-        "history-info",
-        "in-reply-to",
-        "p-asserted-identity",
-        "path",
-        "proxy-require",
-        "reason",
-        "record-route",
-        "require",
-        "route",
-        "service-route",
-        "supported",
-        "unsupported",
-        "via",
-        "warning",
-    }
-)
-
-_TOKEN = r"[A-Za-z0-9\-.!%*_+`'~]+"
-_TOKEN_RE = re.compile(_TOKEN)
-_WORD_RE = re.compile(r"[A-Za-z0-9\-.!%*_+`'~()<>:\\\"/\[\]?{}]+")
-_CALL_ID_RE = re.compile(rf"{_WORD_RE.pattern}(?:@{_WORD_RE.pattern})?")
 _VERSION_RE = re.compile(r"SIP/(\d+)\.(\d+)", re.IGNORECASE)
-_CSEQ_RE = re.compile(rf"(\d+)[ \t]+({_TOKEN})")
-_QUOTED = r'"(?:[^"\\]|\\.)*"'
-_QUOTED_RE = re.compile(_QUOTED)
-# gen-value = token / host / quoted-string; ":" admits an unbracketed IPv6 received=
-# (RFC 5118 §4.5) and a bracketed one is a host.
-_GEN_VALUE = rf"(?:[A-Za-z0-9\-.!%*_+`'~:]+|\[[0-9A-Fa-f:.]+\]|{_QUOTED})"
-_PARAM_RE = re.compile(rf"[ \t]*;[ \t]*({_TOKEN})(?:[ \t]*=[ \t]*({_GEN_VALUE}))?[ \t]*")
-_VIA_RE = re.compile(
-    rf"({_TOKEN})[ \t]*/[ \t]*({_TOKEN})[ \t]*/[ \t]*({_TOKEN})[ \t]+"
-    r"(\[[^\]]*\]|[^\s:;\[]+)(?:[ \t]*:[ \t]*([^\s;]+))?"
-)
-_CONTROL_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
-_QUOTED_PAIR_RE = re.compile(r"\\[\x00-\x09\x0b\x0c\x0e-\x7f]")
-# A list value whose only brackets are <...> pairs, none nested, and a comma outside
-# them (followed by no ">" before the next "<"): split_list's fast path.
-_ANGLES_RE = re.compile(r"[^<>]*(?:<[^<>]*>[^<>]*)*")
-_OUTSIDE_ANGLES_COMMA_RE = re.compile(r",(?=[^>]*(?:<|\Z))")
-_BLANK_LINE_RE = re.compile(rb"\n\r?\n")
+BLANK_LINE_RE = re.compile(rb"\n\r?\n")
 # The bytes header lines may hold and still go to the fast parser: printable ASCII, HT,
 # CR and LF (see _is_plain); any other (a control character, non-ASCII) needs the general
 # one.
 _PLAIN_BYTES = bytes([9, 10, 13, *range(0x20, 0x7F)])
 _EOL_RE = re.compile(rb"\r?\n\Z")
-_CRLF = "\r\n"
-_WSP = " \t"
 
 # Mandatory in every request and response (§8.1.1; Max-Forwards may be absent, §16.6).
 _REQUIRED = ("via", "from", "to", "call-id", "cseq")
@@ -174,356 +112,6 @@ _SPELLING = {
     "content-type": "Content-Type",
 }
 
-# Reason phrases of RFC 3261 §21 (and the few later codes a proxy emits).
-REASONS = {
-    100: "Trying",
-    180: "Ringing",
-    181: "Call Is Being Forwarded",
-    182: "Queued",
-    183: "Session Progress",
-    200: "OK",
-    202: "Accepted",
-    300: "Multiple Choices",
-    301: "Moved Permanently",
-    302: "Moved Temporarily",
-    305: "Use Proxy",
-    380: "Alternative Service",
-    400: "Bad Request",
-    401: "Unauthorized",
-    402: "Payment Required",
-    403: "Forbidden",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    406: "Not Acceptable",
-    407: "Proxy Authentication Required",
-    408: "Request Timeout",
-    410: "Gone",
-    413: "Request Entity Too Large",
-    414: "Request-URI Too Long",
-    415: "Unsupported Media Type",
-    416: "Unsupported URI Scheme",
-    420: "Bad Extension",
-    421: "Extension Required",
-    423: "Interval Too Brief",
-    480: "Temporarily Unavailable",
-    481: "Call/Transaction Does Not Exist",
-    482: "Loop Detected",
-    483: "Too Many Hops",
-    484: "Address Incomplete",
-    485: "Ambiguous",
-    486: "Busy Here",
-    487: "Request Terminated",
-    488: "Not Acceptable Here",
-    491: "Request Pending",
-    493: "Undecipherable",
-    500: "Server Internal Error",
-    501: "Not Implemented",
-    502: "Bad Gateway",
-    503: "Service Unavailable",
-    504: "Server Time-out",
-    505: "Version Not Supported",
-    513: "Message Too Large",
-    600: "Busy Everywhere",
-    603: "Decline",
-    604: "Does Not Exist Anywhere",
-    606: "Not Acceptable",
-}
-
-
-def _has_control(text: str) -> bool:
-    """A control character other than HT, except as a quoted-pair (RFC 4475 §3.1.1.4:
-    ``\\`` may escape any but CR and LF)."""
-    return bool(_CONTROL_RE.search(text) and _CONTROL_RE.search(_QUOTED_PAIR_RE.sub("", text)))
-
-
-@lru_cache(maxsize=512)  # bounded: names come from the network
-def canonical_name(name: str) -> str:
-    """The lower-case long form of a header name (compact forms expanded)."""
-    lower = name.lower()
-    return _COMPACT.get(lower, lower)
-
-
-class _HeaderLine(NamedTuple):
-    name: str
-    value: str
-    raw: bytes | None
-    key: str  # canonical_name(name)
-
-
-class Header(_HeaderLine):
-    """One header line: `name` as written, `value` unfolded and stripped, `raw` the
-    original line(s) including folding and line ending (None for a new line), `key` the
-    canonical name. Immutable (a tuple, cheap to make) so a value cannot change under
-    its raw bytes: edits replace the line (SipMessage.set)."""
-
-    __slots__ = ()
-
-    def __new__(cls, name: str, value: str, raw: bytes | None = None) -> Header:
-        """A new line must be one well-formed line: no header injection through a value."""
-        if raw is None and (not _TOKEN_RE.fullmatch(name) or _has_control(value)):
-            raise ValueError(f"not a valid header line: {name!r}: {value!r}")
-        return tuple.__new__(cls, (name, value, raw, canonical_name(name)))
-
-    def __repr__(self) -> str:
-        return f"Header({self.name!r}, {self.value!r}, {self.raw!r})"
-
-    def to_bytes(self, eol: str = _CRLF) -> bytes:
-        """The line as it goes out: raw if untouched, else ``name: value`` + eol."""
-        if self.raw is not None:
-            return self.raw
-        return f"{self.name}: {self.value}{eol}".encode("utf-8", "surrogateescape")
-
-
-def split_list(value: str) -> list[str]:
-    """Split a comma-separated header value at commas outside quoted strings and <...>;
-    elements are stripped, empty ones dropped. Raises SipParseError on an unterminated
-    quote or angle bracket."""
-    if '"' in value or ("<" in value and not _ANGLES_RE.fullmatch(value)):
-        parts = _split_quoted(value)
-    elif "," not in value:  # one element
-        value = value.strip(_WSP)
-        return [value] if value else []
-    elif "<" in value:  # <...> pairs, none nested: split at commas outside them
-        parts = _OUTSIDE_ANGLES_COMMA_RE.split(value)
-    else:
-        parts = value.split(",")
-    return [p for p in (part.strip(_WSP) for part in parts) if p]
-
-
-def _split_quoted(value: str) -> list[str]:
-    """The slow path of split_list: walk the characters, tracking quotes and <>."""
-    parts = []
-    start = 0
-    in_quote = in_angle = False
-    i = 0
-    while i < len(value):
-        ch = value[i]
-        if in_quote:
-            if ch == "\\":
-                i += 1
-            elif ch == '"':
-                in_quote = False
-        elif ch == '"':
-            in_quote = True
-        elif ch == "<":
-            in_angle = True
-        elif ch == ">":
-            in_angle = False
-        elif ch == "," and not in_angle:
-            parts.append(value[start:i])
-            start = i + 1
-        i += 1
-    if in_quote:
-        raise SipParseError(f"unterminated quoted string: {value!r}")
-    if in_angle:
-        raise SipParseError(f"unterminated <: {value!r}")
-    parts.append(value[start:])
-    return parts
-
-
-def _parse_params(text: str, what: str) -> dict[str, str | None]:
-    """``*( SEMI generic-param )`` -> ordered dict, names lower-cased."""
-    params: dict[str, str | None] = {}
-    pos = 0
-    while pos < len(text):
-        m = _PARAM_RE.match(text, pos)
-        if not m:
-            raise SipParseError(f"bad {what} parameter: {text[pos:]!r}")
-        params[m.group(1).lower()] = m.group(2)
-        pos = m.end()
-    return params
-
-
-def _find_or_len(text: str, sub: str) -> int:
-    at = text.find(sub)
-    return len(text) if at < 0 else at
-
-
-def _format_params(params: dict[str, str | None]) -> str:
-    return "".join(f";{k}" if v is None else f";{k}={v}" for k, v in params.items())
-
-
-@dataclass(slots=True)
-class Via:
-    """One via-parm. `host` keeps IPv6 brackets (RFC 5118); `params` are ordered, names
-    lower-cased. ``str()`` gives the parsed text back until a field changes."""
-
-    transport: str
-    host: str
-    port: int | None = None
-    params: dict[str, str | None] = field(default_factory=dict)
-    _text: str | None = field(default=None, init=False, repr=False, compare=False)
-    _snapshot: tuple[object, ...] | None = field(
-        default=None, init=False, repr=False, compare=False
-    )
-
-    def __post_init__(self) -> None:
-        self.host = format_host(self.host)
-
-    @classmethod
-    def parse(cls, value: str) -> Via:
-        """Parse one via-parm (not a comma list). Raises SipParseError."""
-        return _parse_via(value).copy()
-
-    def copy(self) -> Via:
-        """An independent copy (its own params), still writing the parsed text back."""
-        clone = Via.__new__(Via)
-        clone.transport, clone.host, clone.port = self.transport, self.host, self.port
-        clone.params = dict(self.params)
-        clone._text, clone._snapshot = self._text, self._snapshot
-        return clone
-
-    @staticmethod
-    def _parse(value: str) -> Via:
-        text = value.strip(" \t")
-        m = _VIA_RE.match(text)
-        if not m:
-            raise SipParseError(f"bad Via: {value!r}")
-        name, version, transport, host, port = m.groups()
-        if port is not None and ":" in port:
-            raise SipParseError(f"IPv6 address must be bracketed: {value!r}")
-        if name.upper() != "SIP" or version != "2.0":
-            raise SipParseError(f"bad Via protocol: {value!r}")
-        via = Via(
-            transport=transport,
-            host=parse_host(host),
-            port=None if port is None else parse_port(port),
-            params=_parse_params(text[m.end() :], "Via"),
-        )
-        if via.received is not None and host_ip(via.received) is None:
-            raise SipParseError(f"bad Via received: {value!r}")
-        via._text = text
-        via._snapshot = via._key()
-        return via
-
-    @property
-    def branch(self) -> str | None:
-        return self.params.get("branch")
-
-    @property
-    def received(self) -> str | None:
-        """The received= value as written (IPv6 with or without brackets, RFC 5118 §4.5)."""
-        return self.params.get("received")
-
-    @property
-    def rport(self) -> int | None:
-        """The rport= value (RFC 3581); None when absent or present without a value."""
-        value = self.params.get("rport")
-        return int(value) if value and value.isdigit() else None
-
-    @property
-    def host_ip(self) -> IPAddress | None:
-        """The sent-by host as an IP address; None for a domain name."""
-        return host_ip(self.host)
-
-    def _key(self) -> tuple[object, ...]:
-        return (self.transport, self.host, self.port, tuple(self.params.items()))
-
-    def __str__(self) -> str:
-        if self._text is not None and self._key() == self._snapshot:
-            return self._text
-        port = "" if self.port is None else f":{self.port}"
-        host = format_host(self.host)
-        return f"SIP/2.0/{self.transport} {host}{port}{_format_params(self.params)}"
-
-
-@dataclass(slots=True)
-class NameAddr:
-    """``[display] <uri>;params`` or ``uri;params`` (From, To, Contact, Route, ...).
-    `display` is as written (quotes kept); `uri` is a SipUri for sip:/sips: and the raw
-    text for other schemes (tel:, ...); `angle` says whether <> were used. ``str()`` gives
-    the parsed text back until a field changes."""
-
-    uri: SipUri | str
-    display: str | None = None
-    params: dict[str, str | None] = field(default_factory=dict)
-    angle: bool = True
-    _text: str | None = field(default=None, init=False, repr=False, compare=False)
-    _snapshot: tuple[object, ...] | None = field(
-        default=None, init=False, repr=False, compare=False
-    )
-
-    @classmethod
-    def parse(cls, value: str) -> NameAddr:
-        """Parse one name-addr or addr-spec with its header parameters."""
-        return _parse_name_addr(value).copy()
-
-    def copy(self) -> NameAddr:
-        """An independent copy (its own uri and params), still writing the parsed text
-        back."""
-        clone = NameAddr.__new__(NameAddr)
-        clone.uri = self.uri.copy() if isinstance(self.uri, SipUri) else self.uri
-        clone.display, clone.params, clone.angle = self.display, dict(self.params), self.angle
-        clone._text, clone._snapshot = self._text, self._snapshot
-        return clone
-
-    @staticmethod
-    def _parse(value: str) -> NameAddr:
-        text = value.strip(" \t")
-        display: str | None = None
-        rest = text
-        if text.startswith('"'):
-            m = _QUOTED_RE.match(text)
-            if not m:
-                raise SipParseError(f"unterminated quoted string: {value!r}")
-            display, rest = m.group(0), text[m.end() :].lstrip(" \t")
-            if not rest.startswith("<"):
-                raise SipParseError(f"quoted display name without <uri>: {value!r}")
-        elif 0 <= (lt := text.find("<")) < _find_or_len(text, ";"):
-            # a "<" after the first ";" belongs to a parameter of an addr-spec
-            words = text[:lt].split()
-            if not all(_TOKEN_RE.fullmatch(w) or not w.isascii() for w in words):
-                raise SipParseError(f"bad display name: {value!r}")
-            display, rest = text[:lt].strip(" \t") or None, text[lt:]
-        if rest.startswith("<"):
-            gt = rest.find(">")
-            if gt < 0:
-                raise SipParseError(f"unterminated <: {value!r}")
-            uri_text, params_text, angle = rest[1:gt], rest[gt + 1 :], True
-        else:
-            uri_text, semi, params_text = rest.partition(";")
-            uri_text, params_text, angle = uri_text.rstrip(" \t"), semi + params_text, False
-            if any(c in uri_text for c in ' \t,?"'):
-                raise SipParseError(f"bad addr-spec: {value!r}")
-        addr = NameAddr(
-            uri=parse_uri(uri_text),
-            display=display,
-            params=_parse_params(params_text, "header"),
-            angle=angle,
-        )
-        addr._text = text
-        # addr._key(), knowing that a parsed URI writes uri_text back
-        addr._snapshot = (display, uri_text, tuple(addr.params.items()), angle)
-        return addr
-
-    @property
-    def tag(self) -> str | None:
-        return self.params.get("tag")
-
-    def _key(self) -> tuple[object, ...]:
-        return (self.display, str(self.uri), tuple(self.params.items()), self.angle)
-
-    def __str__(self) -> str:
-        if self._text is not None and self._key() == self._snapshot:
-            return self._text
-        uri = str(self.uri)
-        # An addr-spec cannot hold ",", ";" or "?" (§20.10): such a URI needs <>.
-        if self.angle or self.display or any(c in uri for c in ",;?"):
-            uri = f"<{uri}>" if not self.display else f"{self.display} <{uri}>"
-        return uri + _format_params(self.params)
-
-
-# Parsed Via and name-addr values by their text: a call's From, To and Vias come back in
-# every message of it, the gateway's own Record-Route in every call. The cached objects
-# are templates: callers get copies. Bounded: the texts come from the network.
-_parse_via = lru_cache(maxsize=4096)(Via._parse)
-_parse_name_addr = lru_cache(maxsize=4096)(NameAddr._parse)
-
-
-def _check_wildcard(contacts: list[str]) -> None:
-    """Contact values holding ``*``: it must be the only one (§10.2.2)."""
-    if len(contacts) > 1:
-        raise SipParseError("Contact: * mixed with other contacts")
 
 
 class SipMessage(ABC):
@@ -540,7 +128,7 @@ class SipMessage(ABC):
 
     def __init__(self, headers: Iterable[Header | tuple[str, str]] = (), body: bytes = b"") -> None:
         self.headers = [h if isinstance(h, Header) else Header(*h) for h in headers]
-        self.eol = _CRLF
+        self.eol = CRLF
         self._body = body
         self._blank: bytes | None = None
         self._start_raw: bytes | None = None
@@ -598,7 +186,7 @@ class SipMessage(ABC):
         ...) split at commas outside quotes and <>."""
         key = canonical_name(name)
         values: list[str] = []
-        if key in _LIST_HEADERS:
+        if key in LIST_HEADERS:
             for h in self.headers:
                 if h.key == key:
                     values += split_list(h.value)
@@ -622,7 +210,7 @@ class SipMessage(ABC):
         cached = self._parsed.get("cseq")
         if cached is None:
             value = self._require("CSeq")
-            m = _CSEQ_RE.fullmatch(value)
+            m = CSEQ_RE.fullmatch(value)
             if not m or len(m.group(1)) > 10 or int(m.group(1)) >= 2**31:
                 raise SipParseError(f"bad CSeq: {value!r}")
             cached = self._parsed["cseq"] = (int(m.group(1)), m.group(2))
@@ -675,7 +263,7 @@ class SipMessage(ABC):
         if cached is None:
             values = self.get_all("Contact")
             if "*" in values:
-                _check_wildcard(values)
+                check_wildcard(values)
                 values = []
             cached = self._parsed["contact"] = [NameAddr.parse(v) for v in values]
         return cached  # type: ignore[return-value]
@@ -792,7 +380,7 @@ class SipMessage(ABC):
         if self._start_raw is not None and key == self._start_key:
             out = [self._start_raw]
         else:
-            if _has_control(text):
+            if has_control(text):
                 raise ValueError(f"not a valid start line: {text!r}")
             out = [(text + self.eol).encode("utf-8", "surrogateescape")]
         out += [h.to_bytes(self.eol) for h in self.headers]
@@ -815,27 +403,27 @@ class SipMessage(ABC):
             if len(lines.get(name, ())) > 1:
                 raise SipParseError(f"more than one {_SPELLING[name]} header")
         call_id = lines["call-id"][0]
-        if not _CALL_ID_RE.fullmatch(call_id):
+        if not CALL_ID_RE.fullmatch(call_id):
             raise SipParseError(f"bad Call-ID: {call_id!r}")
         # Parsing each is the check. The parsers' shared templates are enough for it:
         # the message's own copies are made when a reader asks.
         _ = self.cseq
-        _parse_name_addr(lines["from"][0])
-        _parse_name_addr(lines["to"][0])
+        parse_name_addr(lines["from"][0])
+        parse_name_addr(lines["to"][0])
         _ = self.max_forwards
         contacts = _split_lines(lines.get("contact"))
         if "*" in contacts:
-            _check_wildcard(contacts)
+            check_wildcard(contacts)
             contacts = []
         for name in ("route", "record-route"):
             contacts += _split_lines(lines.get(name))
         for value in contacts:
-            _parse_name_addr(value)
+            parse_name_addr(value)
         vias = _split_lines(lines["via"])
         if not vias:
             raise SipParseError("empty Via")
         for value in vias:
-            _parse_via(value)
+            parse_via(value)
         expires = lines.get("expires", (None,))[0]
         if expires is not None and not (
             expires.isascii() and expires.isdigit() and int(expires) < 2**32
@@ -1010,7 +598,7 @@ class StreamFramer:
 def _split_head(data: bytes | bytearray, start: int = 0) -> tuple[bytes, bytes, int] | None:
     """(start line + header lines, blank line, body offset), None without a blank line
     (searched from `start`)."""
-    m = _BLANK_LINE_RE.search(data, start)
+    m = BLANK_LINE_RE.search(data, start)
     if m is None:
         return None
     return bytes(data[: m.start() + 1]), bytes(data[m.start() + 1 : m.end()]), m.end()
@@ -1024,7 +612,7 @@ def _lines(head: bytes) -> list[bytes]:
 def _text(raw: bytes, what: str) -> str:
     text = raw.decode("utf-8", "surrogateescape")
     text = text[: -2 if text.endswith("\r\n") else -1]
-    if _has_control(text):
+    if has_control(text):
         raise SipParseError(f"control character in {what}: {text!r}")
     return text
 
@@ -1037,19 +625,7 @@ def _parse_head(head: bytes, blank: bytes) -> SipRequest | SipResponse:
     msg._start_key = msg._start_line()[0]
     msg._blank = blank
     block = head[len(start_raw) :]
-    if _is_plain(block):
-        msg.headers = _plain_headers(block)
-        msg._validate()
-        return msg
-    groups: list[list[bytes]] = []
-    for line in _lines(block):
-        if line[:1] in (b" ", b"\t"):
-            if not groups:
-                raise SipParseError("continuation line before any header")
-            groups[-1].append(line)
-        else:
-            groups.append([line])
-    msg.headers = [_parse_header(group) for group in groups]
+    msg.headers = _parse_headers(block)
     msg._validate()
     return msg
 
@@ -1066,38 +642,43 @@ def _is_plain(block: bytes) -> bool:
     )
 
 
-def _plain_headers(block: bytes) -> list[Header]:
-    """The header lines of a block `_is_plain` accepts (the fast path of
-    `_parse_header`)."""
+def _parse_headers(block: bytes) -> list[Header]:
+    """The header fields of a head's header lines: one ``Header`` per field, its value
+    unfolded (§7.3.1: each continuation line joins with one SP) and its raw bytes the
+    lines as they came. A block ``_is_plain`` accepts (the usual: no folding, ASCII)
+    is decoded once as a whole, one field per line; any other line by line, each
+    checked for control characters and joined with its continuation lines."""
+    if _is_plain(block):
+        fields: Iterable[tuple[bytes, str]] = zip(
+            block.splitlines(keepends=True), block.decode().splitlines(), strict=True)
+    else:
+        fields = [(b"".join(group), " ".join(part for line in group
+                                             if (part := _text(line, "header").strip(WSP))))
+                  for group in _folded(block)]
     headers = []
     new = tuple.__new__
-    for raw, line in zip(block.splitlines(keepends=True), block.decode().splitlines(),
-                         strict=True):
+    for raw, line in fields:
         name, colon, value = line.partition(":")
-        key = _field_key(name) if colon else None
+        key = field_key(name) if colon else None
         if key is None:
-            raise SipParseError(f"bad header line: {line.rstrip(_WSP)!r}")
+            raise SipParseError(f"bad header line: {line.rstrip(WSP)!r}")
         # Header(name, value, raw) without its checks, which only apply to new lines
-        headers.append(new(Header, (name.rstrip(_WSP), value.strip(_WSP), raw, key)))
+        headers.append(new(Header, (name.rstrip(WSP), value.strip(WSP), raw, key)))
     return headers
 
 
-@lru_cache(maxsize=512)  # bounded: names come from the network; a few dozen recur
-def _field_key(name: str) -> str | None:
-    """canonical_name of a field name as written before the colon (trailing blanks
-    allowed), None when it is not a token."""
-    name = name.rstrip(_WSP)
-    return canonical_name(name) if _TOKEN_RE.fullmatch(name) else None
-
-
-def _parse_header(lines: list[bytes]) -> Header:
-    parts = [_text(line, "header").strip(" \t") for line in lines]
-    unfolded = " ".join(p for p in parts if p)
-    name, colon, value = unfolded.partition(":")
-    name = name.rstrip(" \t")
-    if not colon or not _TOKEN_RE.fullmatch(name):
-        raise SipParseError(f"bad header line: {unfolded!r}")
-    return Header(name, value.strip(" \t"), b"".join(lines))
+def _folded(block: bytes) -> list[list[bytes]]:
+    """Header lines grouped by field: a line starting with SP or HTAB continues the
+    field above (§7.3.1)."""
+    groups: list[list[bytes]] = []
+    for line in _lines(block):
+        if line[:1] in (b" ", b"\t"):
+            if not groups:
+                raise SipParseError("continuation line before any header")
+            groups[-1].append(line)
+        else:
+            groups.append([line])
+    return groups
 
 
 _M = TypeVar("_M", bound=SipMessage)
@@ -1115,7 +696,7 @@ def _parse_start_line(line: str) -> SipRequest | SipResponse:
             raise SipParseError(f"bad status code: {line!r}")
         return _empty(SipResponse, status=int(code), reason=reason, version=version)
     method, uri_text, version = parts
-    if not _TOKEN_RE.fullmatch(method) or not uri_text or " " in version:
+    if not TOKEN_RE.fullmatch(method) or not uri_text or " " in version:
         raise SipParseError(f"bad request line: {line!r}")
     _check_version(version)
     uri = parse_uri(uri_text)
@@ -1137,7 +718,7 @@ def _empty(cls: type[_M], **fields: object) -> _M:
     for name, value in fields.items():
         setattr(msg, name, value)
     msg.headers = []
-    msg.eol = _CRLF
+    msg.eol = CRLF
     msg._body = b""
     msg._blank = None
     msg._start_raw = None
@@ -1189,104 +770,20 @@ def make_response(
     return response
 
 
-# -- answering what did not parse (§8.2, §16.3) -------------------------------------------
-
-# RFC 2606 §2: ".invalid" names nothing; it stands in for a From or To the request
-# spoiled, so that the reply carries every mandatory header (§8.1.1) and parses.
-_PLACEHOLDER_URI = "<sip:anonymous@anonymous.invalid>"
-_PLACEHOLDER_CALL_ID = "invalid"
-
-
-def error_response(data: bytes, error: SipParseError, to_tag: str) -> SipResponse | None:
-    """The reply to a request that did not parse, built only from what did: the Via
-    values up to the first one that does not parse, and From, To, Call-ID and CSeq
-    when each is valid on its own. A spoiled From/To/Call-ID becomes a ``.invalid``
-    placeholder, a spoiled CSeq ``0 METHOD`` with the request line's method: the
-    client matches a reply by its top Via branch and CSeq method only (§17.1.3), so
-    it still stops retransmitting. The status is the error's hint (400, 413, 505).
-    None when there is nothing to answer: a response, an ACK (§17.2.1: never
-    answered), no request line with a method, or no valid top Via (no way back,
-    §18.2.2). The reply parses with `parse_message` whatever the input."""
-    head = data[:MAX_MESSAGE_SIZE]
-    blank = _BLANK_LINE_RE.search(head)
-    text = head[: blank.start() + 1 if blank else len(head)].decode("utf-8", "surrogateescape")
-    lines: list[str] = []
-    for line in text.splitlines():
-        if line[:1] in (" ", "\t") and lines:
-            lines[-1] += " " + line.strip(_WSP)  # folding (§7.3.1)
-        else:
-            lines.append(line)
-    method = lines[0].split(" ", 1)[0] if lines else ""
-    if not _TOKEN_RE.fullmatch(method) or method.upper().startswith("SIP/") or method == "ACK":
-        return None
-    vias: list[str] = []
-    found: dict[str, str] = {}
-    vias_done = False
-    for line in lines[1:]:
-        name, colon, raw_value = line.partition(":")
-        key = _field_key(name) if colon else None
-        value = raw_value.strip(_WSP)
-        if key == "via" and not vias_done:
-            for element in _valid_list(value):
-                if not _valid(_parse_via, element):
-                    vias_done = True  # below a broken Via the path back is unknown
-                    break
-                vias.append(element)
-        elif key in ("from", "to", "call-id", "cseq") and key not in found:
-            found[key] = value if _valid_copy(key, value) else ""
-    if not vias:
-        return None
-    to = found.get("to") or _PLACEHOLDER_URI
-    parsed_to = NameAddr.parse(to)
-    if parsed_to.tag is None:
-        parsed_to.params["tag"] = to_tag
-        to = str(parsed_to)
-    phrase = "".join(c if " " <= c <= "~" and c != '"' else "?" for c in error.reason)[:120]
-    headers = [Header("Via", v) for v in vias] + [
-        Header("From", found.get("from") or _PLACEHOLDER_URI),
-        Header("To", to),
-        Header("Call-ID", found.get("call-id") or _PLACEHOLDER_CALL_ID),
-        Header("CSeq", found.get("cseq") or f"0 {method}"),
-        Header("Content-Length", "0"),
+def derived_request(invite: SipRequest, method: str, response: SipMessage | None = None
+                    ) -> SipRequest:
+    """A request of the INVITE's own client transaction: the CANCEL (§9.1) or the ACK
+    of a failure response (§17.1.1.3). Request-URI, top Via, Route set, From, Call-ID
+    and CSeq number are the INVITE's; To is ``response``'s when given (the ACK's: it
+    carries the to-tag), else the INVITE's."""
+    to = invite if response is None else response
+    headers = [("Via", str(invite.vias[0]))]
+    headers += [("Route", value) for value in invite.get_all("Route")]
+    headers += [
+        ("From", invite.get("From") or ""),
+        ("To", to.get("To") or ""),
+        ("Call-ID", invite.call_id),
+        ("CSeq", f"{invite.cseq[0]} {method}"),
+        ("Max-Forwards", "70"),
     ]
-    return SipResponse(error.status, phrase, headers)
-
-
-def _valid_list(value: str) -> list[str]:
-    """The elements of a list header value; [""] (one invalid element) when it does
-    not split (an unterminated quote or <) or holds a control character."""
-    if _has_control(value):
-        return [""]
-    try:
-        return split_list(value)
-    except SipParseError:
-        return [""]
-
-
-def _valid(parse: Callable[[str], object], value: str) -> bool:
-    try:
-        parse(value)
-    except SipParseError:
-        return False
-    return True
-
-
-def _is_utf8(text: str) -> bool:
-    """No surrogate-escaped byte: the text was valid UTF-8 on the wire."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def _valid_copy(key: str, value: str) -> bool:
-    """A From, To, Call-ID or CSeq value that may be copied into a reply as it is."""
-    if _has_control(value) or not _is_utf8(value):
-        return False
-    if key == "call-id":
-        return _CALL_ID_RE.fullmatch(value) is not None
-    if key == "cseq":
-        m = _CSEQ_RE.fullmatch(value)
-        return m is not None and len(m.group(1)) <= 10 and int(m.group(1)) < 2**31
-    return _valid(_parse_name_addr, value)
+    return SipRequest(method, invite.uri, headers)

@@ -14,7 +14,7 @@ What it adds to a plain proxy, for calls that cross address families:
   and To when configured) becomes the gateway's own address of that party's family,
   with the original encoded in a ``;xlat=`` URI parameter and restored on the way
   back (a request whose Request-URI carries it goes to the original address);
-- SDP offers and answers go through the media layer (``SessionManager``), which
+- SDP offers and answers go through the media layer (``media/negotiate.py``), which
   allocates relay ports, and are rewritten so every party sees a media address of
   its own family;
 - NAT64 (RFC 6052): a request arriving over IPv4 whose top Via is IPv6 comes from an
@@ -23,325 +23,73 @@ What it adds to a plain proxy, for calls that cross address families:
   back through the NAT64 binding it came over (its registration, or the flow its
   last request came on); a target whose IPv6 address is NAT64-synthesised is
   reached directly on the IPv4 address it embeds.
+
+This module is the §16 core: transactions, forking, failover, cancellation. What it
+delegates, one concern per module: routing, RFC 3263 location, Digest checks and
+NAT64 flows to ``sip/routing.py``; what is ours and how each side is shown addresses
+to ``sip/mapping.py``; SDP in SIP messages to ``sip/media.py`` (which goes through
+``media/negotiate.py``); its records and the §16.7 phase table to ``sip/context.py``;
+the timer heap to ``sip/deadlines.py``; its settings to ``sip/settings.py``.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import functools
 import hashlib
-import heapq
-import ipaddress
-import itertools
 import logging
-import os
 import random
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-
-from netaddr import IPNetwork
+from collections.abc import Callable, Mapping, Sequence
 
 from xlat.addr import Endpoint, IPAddress
 from xlat.logs import CALL_ID, summarized
-from xlat.media.session import PortsExhausted, SessionManager, SessionNotFound
-from xlat.sdp import SdpError, is_sdp_type, parse_sdp, rewrite_sdp, stream_specs
+from xlat.media.session import SessionManager
 from xlat.sip import dns
-from xlat.sip.auth import Credentials, DigestAuth, Verdict
+from xlat.sip.auth import DigestAuth
+from xlat.sip.context import Branch, Context, Entry, Event, Parked, Phase, Send, Server
+from xlat.sip.deadlines import DeadlineHeap
 from xlat.sip.errors import SipParseError
+from xlat.sip.malformed import error_response
+from xlat.sip.mapping import DEFAULT_PORT, AddressMap, Hop
+from xlat.sip.media import SipMedia
 from xlat.sip.message import (
-    REASONS,
-    NameAddr,
     SipRequest,
     SipResponse,
     Via,
-    error_response,
+    derived_request,
     make_response,
     parse_message,
 )
-from xlat.sip.registrar import Binding, Registrar
+from xlat.sip.registrar import Registrar
+from xlat.sip.routing import Dest, Reject, Router, Target, Unresolved
+from xlat.sip.settings import ProxyConfig
 from xlat.sip.transaction import (
     Action,
     Deliver,
     Kind,
     State,
     Timeout,
-    Timers,
     Transaction,
     TransactionError,
     Transmit,
     TransportFailure,
 )
-from xlat.sip.uri import SipUri, format_host, host_ip
+from xlat.sip.uri import format_host
 
 log = logging.getLogger(__name__)
 MALFORMED = summarized("malformed SIP")  # outside input: one line per window, not per packet
 
-__all__ = ["ProxyConfig", "Send", "SipProxy", "nat64_embedded", "nat64_synthesize"]
+__all__ = ["ProxyConfig", "Send", "SipProxy"]
 
 MAGIC = "z9hG4bK"  # RFC 3261 §8.1.1.7 branch cookie
 BRANCH_PREFIX = MAGIC + "X"  # ours: z9hG4bKX<loop hash>.<token>
-XLAT_PARAM = "xlat"  # URI parameter holding the address we mapped away (base32)
-DEFAULT_PORT = 5060
-TRANSPORTS = ("udp", "tcp")  # what the gateway listens with by default
-KNOWN_TRANSPORTS = ("udp", "tcp", "tls")
 # Methods that never get a Record-Route: REGISTER makes no dialog (RFC 3261 §10.2),
 # CANCEL and ACK are not forwarded as new requests.
 _NO_RECORD_ROUTE = frozenset({"REGISTER", "CANCEL", "ACK"})
-# How long the NAT64 flow of a phone that is not registered (a caller behind NAT64) is
-# remembered after its last request: longer than any call between two requests.
-NAT64_FLOW_LIFETIME = 4 * 3600.0
-# A flow learnt again on the same hop is journaled again only this much later (its
-# lifetime runs from the last time seen; the journal need not follow every request).
-FLOW_JOURNAL_AGE = 600.0
-# Hosts as written (Via, URIs) whose classification is kept: the few peers of a gateway
-# repeat in every message; bounded, since any host can be written.
-_HOST_CACHE_SIZE = 1024
-
-
-# ---- RFC 6052 address embedding -------------------------------------------------------
-
-
-def _v4_bit_positions(prefix_len: int) -> Iterator[int]:
-    """Where the 32 IPv4 bits go in an RFC 6052 §2.2 address: from the end of the
-    prefix on, skipping bits 64-71 (the "u" octet, zero)."""
-    pos = prefix_len
-    for _ in range(32):
-        if 64 <= pos < 72:
-            pos = 72
-        yield pos
-        pos += 1
-
-
-def nat64_synthesize(prefix: IPNetwork, v4: ipaddress.IPv4Address) -> ipaddress.IPv6Address:
-    """The IPv4-embedded IPv6 address of ``v4`` under ``prefix`` (RFC 6052 §2.2;
-    prefix lengths 32, 40, 48, 56, 64, 96)."""
-    value = int(prefix.network)
-    for i, pos in enumerate(_v4_bit_positions(prefix.prefixlen)):
-        if int(v4) >> (31 - i) & 1:
-            value |= 1 << (127 - pos)
-    return ipaddress.IPv6Address(value)
-
-
-def nat64_embedded(
-    prefixes: Sequence[IPNetwork], v6: ipaddress.IPv6Address
-) -> ipaddress.IPv4Address | None:
-    """The IPv4 address embedded in ``v6`` if it lies in one of ``prefixes``, else None."""
-    for prefix in prefixes:
-        if prefix.version == 6 and prefix.first <= int(v6) <= prefix.last:
-            bits = 0
-            for pos in _v4_bit_positions(prefix.prefixlen):
-                bits = bits << 1 | (int(v6) >> (127 - pos) & 1)
-            return ipaddress.IPv4Address(bits)
-    return None
 
 
 # ---- configuration and output -----------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Send:
-    """Send ``data`` to ``dest`` over ``transport`` ("udp" | "tcp" | "tls") from
-    ``local`` (our SIP endpoint to send from; for TCP and TLS, the connection to
-    ``dest`` is reused if one exists). ``server_name``: for a TLS connection we open,
-    the name the server's certificate must show (RFC 5922 §4)."""
-
-    data: bytes
-    dest: Endpoint
-    transport: str
-    local: Endpoint | None
-    server_name: str | None = None
-
-
-@dataclass(frozen=True)
-class ProxyConfig:
-    """What the proxy needs to know about the gateway.
-
-    ``sip``: the gateway's own SIP endpoint per family (4, 6), used in Via,
-    Record-Route and mapped URIs and listened on with every transport of
-    ``transports`` but TLS; ``tls``: its TLS endpoint per family (RFC 3261 §26: a
-    port of its own, 5061 by default), when it has one. ``aliases``: further
-    addresses that are ours (the media addresses). ``domains``: host names that are
-    ours. ``routes``: (domain or "*", next-hop URI), see ``SipProxy``.
-    ``prefer_family``: of a name with both AAAA and A records, the family tried
-    first. ``delete_delay``: passed to the media layer when a BYE ends a call (None:
-    its default). ``register_expires``: the registrar's default, minimum and maximum
-    binding lifetimes (seconds). The registrar is off unless one of two is given:
-    ``users`` (the current `Credentials`, e.g. a `UsersFile`): REGISTER is
-    authenticated with Digest and bound here, and requests for a user of our domains
-    from a source that is not a route's next hop are challenged (407) before anything
-    tells whether that user exists; ``registrar_upstream``: REGISTER is forwarded
-    there with a Path header (RFC 3327) and nothing is bound here. ``auth_secret``
-    keys the Digest nonces."""
-
-    sip: Mapping[int, Endpoint]
-    transports: tuple[str, ...] = TRANSPORTS
-    tls: Mapping[int, Endpoint] = field(default_factory=dict)
-    prefer_family: int = 6
-    aliases: tuple[IPAddress, ...] = ()
-    domains: tuple[str, ...] = ()
-    routes: tuple[tuple[str, SipUri], ...] = ()
-    nat64_prefixes: tuple[IPNetwork, ...] = (IPNetwork("64:ff9b::/96"),)
-    map_contact: bool = True
-    map_from_to: bool = False
-    delete_delay: float | None = None
-    timers: Timers = field(default_factory=Timers)
-    timer_c: float = 180.0  # §16.8: proxy INVITE timer, > 3 minutes
-    retry_after: int = 5  # seconds, in 503 when no relay ports are free
-    register_expires: tuple[int, int, int] = (3600, 60, 86400)  # default, minimum, maximum
-    users: Callable[[], Credentials] | None = None
-    registrar_upstream: SipUri | None = None
-    auth_secret: bytes = field(default_factory=lambda: os.urandom(32), repr=False)
-
-    def __post_init__(self) -> None:
-        for family, ep in self.sip.items():
-            if ep.family != family:
-                raise ValueError(f"sip[{family}] is {ep}, not an IPv{family} endpoint")
-        for family, ep in self.tls.items():
-            if ep.family != family:
-                raise ValueError(f"tls[{family}] is {ep}, not an IPv{family} endpoint")
-        for transport in self.transports:
-            if transport not in KNOWN_TRANSPORTS:
-                raise ValueError(f"unsupported SIP transport {transport!r}")
-        if self.prefer_family not in (4, 6):
-            raise ValueError(f"prefer_family must be 4 or 6, not {self.prefer_family!r}")
-        if self.users is not None and self.registrar_upstream is not None:
-            raise ValueError("a local registrar (users) or an upstream one, not both")
-
-    @property
-    def usable_transports(self) -> tuple[str, ...]:
-        """What requests may be sent with: TLS needs a TLS endpoint of ours (its
-        Record-Route names it)."""
-        return (*(t for t in self.transports if t != "tls"), *(("tls",) if self.tls else ()))
-
-    def listen(self) -> list[tuple[str, Endpoint]]:
-        """Every (transport, endpoint) the proxy expects to receive on."""
-        out = [(t, ep) for ep in self.sip.values() for t in self.transports if t != "tls"]
-        return out + [("tls", ep) for ep in self.tls.values()]
-
-
-class _Reject(Exception):
-    """Answer the request with this status instead of forwarding it."""
-
-    def __init__(
-        self, status: int, reason: str | None = None, headers: Sequence[tuple[str, str]] = ()
-    ) -> None:
-        super().__init__(reason or REASONS.get(status, ""))
-        self.status, self.reason, self.headers = status, reason, tuple(headers)
-
-
-@dataclass(frozen=True, slots=True)
-class _Hop:
-    """One side of a message: where it goes (transport level) and how that party sees
-    addresses: ``family`` is the family it uses in SIP and SDP; ``nat64`` the prefix
-    through which it reaches IPv4 hosts when it sits behind NAT64."""
-
-    dest: Endpoint
-    transport: str
-    local: Endpoint | None
-    family: int
-    nat64: IPNetwork | None = None
-    server_name: str | None = None  # TLS: the name its certificate must show
-
-    @property
-    def media_family(self) -> int:
-        """The family of our relay leg facing it (NAT64: our IPv4 side)."""
-        return 4 if self.nat64 is not None else self.family
-
-
-@dataclass(frozen=True, slots=True)
-class _Dest:
-    """Where routing sends a request: the Request-URI of the branch, and either the
-    hop (a registered contact's flow) or the URI of the next hop, located per RFC 3263."""
-
-    uri: SipUri | str
-    hop: _Hop | None = None
-    next_hop: SipUri | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class _Target:
-    uri: SipUri | str  # Request-URI of the branch
-    hop: _Hop
-    alternatives: tuple[_Hop, ...] = ()  # RFC 3263 §4.3: tried in turn if ``hop`` fails
-
-
-class _Unresolved(Exception):
-    """Routing needs DNS answers first."""
-
-    def __init__(self, queries: frozenset[dns.Query]) -> None:
-        super().__init__(", ".join(sorted(f"{q.name}/{q.rdtype}" for q in queries)))
-        self.queries = queries
-
-
-@dataclass(eq=False, slots=True)
-class _Parked:
-    """A request waiting for DNS answers: ``resume(now)`` carries on with it."""
-
-    resume: Callable[[float], list[Send]]
-    done: bool = False
-
-
-@dataclass(eq=False, slots=True)
-class _Server:
-    """A server transaction with the request it received (Via stamped, Routes naming
-    us popped) and, once proxied, its response context (§16.7)."""
-
-    key: tuple[str, ...]
-    txn: Transaction
-    request: SipRequest
-    hop: _Hop
-    context: _Context | None = None
-    pushed: float | None = None
-    parked: _Parked | None = None  # routing waits for DNS
-
-    def deadline(self) -> float | None:
-        return self.txn.next_deadline()
-
-
-@dataclass(eq=False, slots=True)
-class _Context:
-    server: _Server
-    loop: str  # loop-detection hash of the request as received (§16.3 item 4)
-    branches: list[_Branch] = field(default_factory=list)
-    offer: bool = False  # the request carried an SDP offer: responses carry the answer
-    best: SipResponse | None = None
-    best_local: bool = False  # ``best`` is our own verdict (no target reachable)
-    final_sent: bool = False
-    cancelled: bool = False  # CANCELled, or a fork's 2xx/6xx ended the others: no failover
-
-    @property
-    def initial_invite(self) -> bool:
-        request = self.server.request
-        return request.method == "INVITE" and request.to.tag is None
-
-
-@dataclass(eq=False, slots=True)
-class _Branch:
-    """A client transaction: one forwarded request (``context``), or a CANCEL we sent
-    (no context)."""
-
-    key: tuple[str, str]
-    txn: Transaction
-    request: SipRequest  # as sent
-    hop: _Hop
-    context: _Context | None
-    alternatives: tuple[_Hop, ...] = ()
-    timer_c: float | None = None
-    provisional: bool = False
-    done: bool = False  # final response received (or timed out)
-    cancel_wanted: bool = False  # CANCEL once a provisional arrives (§9.1)
-    cancelled: bool = False
-    pushed: float | None = None
-
-    def deadline(self) -> float | None:
-        when = self.txn.next_deadline()
-        if self.timer_c is None:
-            return when
-        return self.timer_c if when is None else min(when, self.timer_c)
-
-
-_Entry = _Server | _Branch
 
 
 class SipProxy:
@@ -369,17 +117,13 @@ class SipProxy:
         self.auth = None if config.users is None else DigestAuth(
             config.users, config.auth_secret, rng)
         self._rng = rng
-        self._servers: dict[tuple[str, ...], _Server] = {}
-        self._clients: dict[tuple[str, str], _Branch] = {}
-        self._timers: list[tuple[float, int, _Entry]] = []
-        self._seq = itertools.count()
-        self._flows: dict[str, tuple[_Hop, float]] = {}  # NAT64 phone's Contact -> its flow
-        self.dns = dns.DnsCache()
-        self.failed_targets = dns.FailedTargets()
-        self._parked: dict[dns.Query, list[_Parked]] = {}  # requests waiting for an answer
+        self.router = Router(self.registrar, self.auth, rng)
+        self.dns, self.failed_targets = self.router.dns, self.router.failed_targets
+        self._servers: dict[tuple[str, ...], Server] = {}
+        self._clients: dict[tuple[str, str], Branch] = {}
+        self._timers: DeadlineHeap[Entry] = DeadlineHeap(self._alive, self._track)
+        self._parked: dict[dns.Query, list[Parked]] = {}  # requests waiting for an answer
         self._queries: list[dns.Query] = []  # asked for, not yet handed to the edge
-        self._flows_changed: set[str] = set()  # since drain_records() (the crash journal)
-        self.on_change: Callable[[], None] | None = None  # a flow to journal
         # what was received and what the proxy answered itself, for metrics
         self.requests_received: dict[str, int] = {}  # method ->
         self.responses_received: dict[tuple[str, int], int] = {}  # (CSeq method, status) ->
@@ -392,16 +136,31 @@ class SipProxy:
         domains, routes and NAT64 prefixes; transactions, dialogs and registrations in
         progress keep going. The registrar's lifetimes stay as they were."""
         self.config = config
-        self._our_ips = self._own_addresses()
-        self._our_ports = frozenset(ep.port for ep in (*config.sip.values(),
-                                                       *config.tls.values()))
-        self._our_domains = frozenset(_host_key(d) for d in config.domains)
-        self._routes = [(_host_key(domain), uri) for domain, uri in config.routes
-                        if domain != "*"]
-        self._default_route = next((uri for domain, uri in config.routes if domain == "*"),
-                                   None)
-        self._ours: dict[str, bool] = {}  # _is_ours by host as written
-        self._contacts: dict[tuple[str, int, IPNetwork | None], str] = {}  # _mapped_contact
+        self.addresses = AddressMap(
+            config.sip, config.tls, aliases=config.aliases, domains=config.domains,
+            nat64_prefixes=config.nat64_prefixes, map_contact=config.map_contact,
+            map_from_to=config.map_from_to)
+        self.router.reconfigure(config, self.addresses)
+        self.sdp = SipMedia(self.media, self.addresses, delete_delay=config.delete_delay,
+                            retry_after=config.retry_after)
+
+    @property
+    def on_change(self) -> Callable[[], None] | None:
+        """Called when a NAT64 flow is learnt or forgotten (for the crash journal)."""
+        return self.router.on_change
+
+    @on_change.setter
+    def on_change(self, callback: Callable[[], None] | None) -> None:
+        self.router.on_change = callback
+
+    def drain_records(self) -> list[tuple[str, dict[str, object] | None]]:
+        """The NAT64 flows to journal (``Router.drain_records``)."""
+        return self.router.drain_records()
+
+    def restore(self, items: Mapping[str, Mapping[str, object]], *, now: float,
+                shift: float = 0.0) -> int:
+        """Take back journaled NAT64 flows (``Router.restore``)."""
+        return self.router.restore(items, now=now, shift=shift)
 
     # ---- public API -----------------------------------------------------------------
 
@@ -443,16 +202,8 @@ class SipProxy:
     def handle_timer(self, now: float) -> list[Send]:
         """Run every transaction timer due at ``now``."""
         out: list[Send] = []
-        while self._timers and self._timers[0][0] <= now:
-            when, _, entry = heapq.heappop(self._timers)
-            if entry.pushed == when:
-                entry.pushed = None
-            if not self._alive(entry):
-                continue
-            if entry.deadline() != when:
-                self._track(entry)
-                continue
-            if isinstance(entry, _Server):
+        for entry in self._timers.due(now):
+            if isinstance(entry, Server):
                 out += self._server_actions(entry, entry.txn.handle_timer(now))
             else:
                 out += self._branch_timer(entry, now)
@@ -495,16 +246,7 @@ class SipProxy:
 
     def next_deadline(self) -> float | None:
         """When ``handle_timer`` must run next; None when nothing is pending."""
-        while self._timers:
-            when, _, entry = self._timers[0]
-            if self._alive(entry) and entry.deadline() == when:
-                return when
-            heapq.heappop(self._timers)
-            if entry.pushed == when:
-                entry.pushed = None
-            if self._alive(entry):
-                self._track(entry)
-        return None
+        return self._timers.next_deadline()
 
     @property
     def transactions(self) -> int:
@@ -519,7 +261,7 @@ class SipProxy:
         self._stamp_via(request, source)
         hop = self._incoming_hop(request.vias[0], source, local, transport)
         if hop.nat64 is not None:
-            self._learn_flow(request, hop, now)
+            self.router.learn_flow(request, hop, now)
         if request.method == "ACK":
             return self._on_ack(request, hop, now)
         key = self._server_key(request, request.method)
@@ -528,48 +270,48 @@ class SipProxy:
             return self._server_actions(server, server.txn.receive_request(False, request, now))
         kind = Kind.INVITE_SERVER if request.method == "INVITE" else Kind.NON_INVITE_SERVER
         txn = Transaction(kind, b"", reliable=transport != "udp", timers=self.config.timers)
-        server = _Server(key, txn, request, hop)
+        server = Server(key, txn, request, hop)
         self._servers[key] = server
         out = self._server_actions(server, txn.start(now))
         if request.method == "INVITE":
             out += self._respond(server, 100, now)
         try:
             out += self._proxy(server, now)
-        except _Reject as exc:
+        except Reject as exc:
             log.info("%s %s from %s: %d %s", request.method, request.uri, source, exc.status, exc)
             out += self._respond(server, exc.status, now, exc.reason, exc.headers)
         request.compact()  # kept as long as its transaction
         return out
 
-    def _proxy(self, server: _Server, now: float) -> list[Send]:
+    def _proxy(self, server: Server, now: float) -> list[Send]:
         """§16.3-16.6 for a new request: validate, route, fork, forward."""
         request = server.request
         if request.method == "CANCEL":
             return self._on_cancel(server, now)
         if request.max_forwards == 0:
-            raise _Reject(483)
+            raise Reject(483)
         loop = self._loop_hash(request)
         if self._looped(request, loop):
-            raise _Reject(482)
-        dests = self._route(request, now)
+            raise Reject(482)
+        dests = self.router.route(request, now)
         if dests is None:
             return self._respond_locally(server, now)
         return self._forward(server, dests, loop, now)
 
-    def _forward(self, server: _Server, dests: Sequence[_Dest], loop: str,
+    def _forward(self, server: Server, dests: Sequence[Dest], loop: str,
                  now: float) -> list[Send]:
         """Locate the next hops of ``dests`` and send a branch to each; when DNS
-        answers are missing, wait for them (``_park``). Raises _Reject."""
+        answers are missing, wait for them (``_park``). Raises Reject."""
         request = server.request
         try:
-            targets = self._locate(dests, now)
-        except _Unresolved as exc:
+            targets = self.router.locate(dests, now)
+        except Unresolved as exc:
             server.parked = self._park(exc.queries, functools.partial(
                 self._resume, server, dests, loop))
             log.debug("%s %s waits for DNS: %s", request.method, request.uri, exc)
             return []
         server.parked = None
-        context = _Context(server, loop)
+        context = Context(server, loop)
         server.context = context
         offers = self._request_media(context, targets, now)
         out: list[Send] = []
@@ -582,7 +324,7 @@ class SipProxy:
             out += self._start_branch(context, target, body, now)
         return out
 
-    def _resume(self, server: _Server, dests: Sequence[_Dest], loop: str,
+    def _resume(self, server: Server, dests: Sequence[Dest], loop: str,
                 now: float) -> list[Send]:
         """DNS answered for a request that waited: forward it (if it still wants to be:
         a CANCEL may have ended it meanwhile)."""
@@ -590,14 +332,14 @@ class SipProxy:
             return []
         try:
             return self._forward(server, dests, loop, now)
-        except _Reject as exc:
+        except Reject as exc:
             request = server.request
             log.info("%s %s: %d %s", request.method, request.uri, exc.status, exc)
             return self._respond(server, exc.status, now, exc.reason, exc.headers)
 
     def _park(self, queries: frozenset[dns.Query],
-              resume: Callable[[float], list[Send]]) -> _Parked:
-        parked = _Parked(resume)
+              resume: Callable[[float], list[Send]]) -> Parked:
+        parked = Parked(resume)
         for query in queries:
             waiting = self._parked.get(query)
             if waiting is None:  # not asked yet (or asked and answered since)
@@ -606,11 +348,11 @@ class SipProxy:
             waiting.append(parked)
         return parked
 
-    def _respond_locally(self, server: _Server, now: float) -> list[Send]:
+    def _respond_locally(self, server: Server, now: float) -> list[Send]:
         """A request addressed to the gateway itself: REGISTER, or OPTIONS (keepalive)."""
         request = server.request
         if request.method == "REGISTER":
-            self._authorize_register(request, now)
+            self.router.authorize_register(request, now)
             response = self.registrar.register(
                 request,
                 source=server.hop.dest,
@@ -623,61 +365,18 @@ class SipProxy:
             )
         if request.method == "OPTIONS":
             return self._respond(server, 200, now)
-        raise _Reject(404)
+        raise Reject(404)
 
-    def _request_media(
-        self, context: _Context, targets: Sequence[_Target], now: float
-    ) -> list[bytes | None] | None:
-        """Tell the media layer what the request means: a BYE ends the call; an SDP
-        offer (INVITE, UPDATE) gets relays facing the first target, and the offer each
-        target is to get is returned (None for a target of another family: the media
-        layer has one answerer side per offer). None: no offer. Raises _Reject with
-        nothing allocated."""
-        request = context.server.request
-        if request.method == "BYE":
-            self.media.delete(request.call_id, request.from_.tag, request.to.tag,
-                              now=now, delay=self.config.delete_delay)
-        body = _sdp(request)
-        if body is None or request.method not in ("INVITE", "UPDATE"):
-            return None
-        toward = targets[0].hop
-        try:
-            specs = stream_specs(parse_sdp(body))
-            relays = self.media.offer(
-                request.call_id,
-                request.from_.tag or "",
-                specs,
-                toward=toward.media_family,
-                now=now,
-                offerer_family=context.server.hop.media_family,
-                to_tag=request.to.tag,
-            )
-        except SdpError as exc:
-            raise _Reject(488, f"Bad SDP: {exc}"[:100]) from None
-        except PortsExhausted:
-            raise _Reject(503, "No Media Ports", [("Retry-After", str(self.config.retry_after))]) \
-                from None
-        offers: list[bytes | None] = []
-        written: dict[tuple[Endpoint | None, ...], bytes] = {}  # one rewrite per view
-        try:
-            for target in targets:
-                if target.hop.media_family != toward.media_family:
-                    offers.append(None)
-                    continue
-                shown = tuple(self._present(relays, target.hop))
-                if shown not in written:
-                    written[shown] = rewrite_sdp(body, shown)
-                offers.append(written[shown])
-        except ValueError as exc:  # relays on several addresses of one family
-            log.error("call %s: cannot write the relays into the SDP: %s", request.call_id, exc)
-            if request.to.tag is None:
-                self.media.delete(request.call_id, request.from_.tag, now=now, delay=0)
-            raise _Reject(500) from None
-        context.offer = True
+    def _request_media(self, context: Context, targets: Sequence[Target],
+                       now: float) -> list[bytes | None] | None:
+        """The offer each target is to get (``SipMedia.request``); raises Reject."""
+        offers = self.sdp.request(context.server.request, context.server.hop,
+                                  [t.hop for t in targets], now)
+        context.offer = context.offer or offers is not None
         return offers
 
     def _start_branch(
-        self, context: _Context, target: _Target, body: bytes | None, now: float
+        self, context: Context, target: Target, body: bytes | None, now: float
     ) -> list[Send]:
         incoming = context.server.request
         branch_id = f"{BRANCH_PREFIX}{context.loop}.{self._token()}"
@@ -692,7 +391,7 @@ class SipProxy:
             make_ack=functools.partial(_ack_for, out) if kind is Kind.INVITE_CLIENT else None,
         )
         out.compact()  # kept as long as its transaction
-        branch = _Branch((branch_id, out.method), txn, out, target.hop, context,
+        branch = Branch((branch_id, out.method), txn, out, target.hop, context,
                          target.alternatives)
         if out.method == "INVITE":
             branch.timer_c = now + self.config.timer_c
@@ -703,8 +402,8 @@ class SipProxy:
     def _forwarded(
         self,
         request: SipRequest,
-        target: _Target,
-        incoming: _Hop,
+        target: Target,
+        incoming: Hop,
         branch_id: str,
         record_route: bool,
         body: bytes | None,
@@ -715,20 +414,20 @@ class SipProxy:
             out.uri = target.uri
         out.set("Max-Forwards", str(request.max_forwards - 1))
         if record_route:
-            self._record_route(out, incoming, target.hop)
-        self._map_addresses(out, target.hop)
+            self.addresses.record_route(out, incoming, target.hop)
+        self.addresses.map_addresses(out, target.hop)
         if body is not None:
             out.body = body
-        local = self._our_endpoint(target.hop, transport=True)
+        local = self.addresses.our_endpoint(target.hop, transport=True)
         out.insert("top", "Via", f"SIP/2.0/{target.hop.transport.upper()} "
                    f"{format_host(local.host)}:{local.port};branch={branch_id};rport")
         return out
 
-    def _on_cancel(self, server: _Server, now: float) -> list[Send]:
+    def _on_cancel(self, server: Server, now: float) -> list[Send]:
         """§16.10: answer the CANCEL, cancel the INVITE's pending branches."""
         invite = self._servers.get(self._server_key(server.request, "INVITE"))
         if invite is None:
-            raise _Reject(481)
+            raise Reject(481)
         out = self._respond(server, 200, now)
         if invite.parked is not None:  # still waiting for DNS: nothing was forwarded
             invite.parked.done, invite.parked = True, None
@@ -738,7 +437,7 @@ class SipProxy:
             out += self._cancel_branches(context, now)
         return out
 
-    def _on_ack(self, request: SipRequest, hop: _Hop, now: float) -> list[Send]:
+    def _on_ack(self, request: SipRequest, hop: Hop, now: float) -> list[Send]:
         """An ACK for a failure ends its server transaction (hop by hop); an ACK for a
         2xx is forwarded statelessly along its route (end to end), carrying the
         answer to an offer made in the 2xx."""
@@ -749,44 +448,30 @@ class SipProxy:
         if request.max_forwards == 0 or self._looped(request, loop):
             return []
         try:
-            dests = self._route(request, now)
-        except _Reject as exc:
+            dests = self.router.route(request, now)
+        except Reject as exc:
             log.info("ACK %s not forwarded: %s", request.uri, exc)
             return []
         if not dests:
             return []
         return self._forward_ack(request, hop, dests[0], loop, now)
 
-    def _forward_ack(self, request: SipRequest, hop: _Hop, dest: _Dest, loop: str,
+    def _forward_ack(self, request: SipRequest, hop: Hop, dest: Dest, loop: str,
                      now: float) -> list[Send]:
         try:
-            target = self._locate([dest], now)[0]
-        except _Unresolved as exc:
+            target = self.router.locate([dest], now)[0]
+        except Unresolved as exc:
             self._park(exc.queries, functools.partial(self._forward_ack, request, hop, dest,
                                                       loop))
             return []
-        except _Reject as exc:
+        except Reject as exc:
             log.info("ACK %s not forwarded: %s", request.uri, exc)
             return []
-        body = self._ack_media(request, target.hop, now)
+        body = self.sdp.ack(request, target.hop, now)
         token = hashlib.sha1((request.vias[0].branch or request.call_id).encode()).hexdigest()
         branch_id = f"{BRANCH_PREFIX}{loop}.{token[:16]}"
         out = self._forwarded(request, target, hop, branch_id, False, body)
         return [self._send(out.to_bytes(), target.hop)]
-
-    def _ack_media(self, ack: SipRequest, hop: _Hop, now: float) -> bytes | None:
-        """The answer to a late offer (offer in the 2xx, answer in the ACK)."""
-        body = _sdp(ack)
-        if body is None:
-            return None
-        try:
-            specs = stream_specs(parse_sdp(body))
-            relays = self.media.answer(ack.call_id, ack.to.tag or "", ack.from_.tag or "", specs,
-                                       now=now)
-            return rewrite_sdp(body, self._present(relays, hop))
-        except (ValueError, SessionNotFound, PortsExhausted) as exc:  # SdpError, StreamMismatch
-            log.warning("call %s: SDP in ACK left as is: %s", ack.call_id, exc)
-            return None
 
     # ---- responses ------------------------------------------------------------------
 
@@ -800,7 +485,7 @@ class SipProxy:
             branch, branch.txn.receive_response(response.status, response, now), now
         )
 
-    def _on_branch_response(self, branch: _Branch, response: SipResponse, now: float,
+    def _on_branch_response(self, branch: Branch, response: SipResponse, now: float,
                             local: bool = False) -> list[Send]:
         """§16.7: a response of one branch, passed up by its client transaction (or
         ``local``: the one we take it to have given)."""
@@ -826,41 +511,35 @@ class SipProxy:
                 return out + retried
         if status < 300:
             out += self._relay(context, response, now)
-            context.final_sent = True
+            context.step(Event.FINAL)
             if branch.request.method == "INVITE":
                 out += self._cancel_branches(context, now)
             return out
-        if context.best is None or _rank(response) < _rank(context.best):
-            context.best, context.best_local = response, local
+        context.consider(response, local)
         if status >= 600 and branch.request.method == "INVITE":
             out += self._cancel_branches(context, now)
         return out + self._final_if_done(context, now)
 
-    def _final_if_done(self, context: _Context, now: float) -> list[Send]:
+    def _final_if_done(self, context: Context, now: float) -> list[Send]:
         """When every branch has its final response and none was a 2xx, send the best
         one (§16.7 step 6) and release the call's media if it was a new call."""
         if context.final_sent or not all(b.done for b in context.branches):
             return []
-        context.final_sent = True
-        best = context.best
-        assert best is not None
-        if best.status == 503 and not context.best_local:
-            # §16.7 step 6: a downstream 503 would make the caller fail over; our own
-            # (no target could be reached, RFC 3263 §4.3) says just that
-            best = _with_status(best, 500)
+        context.step(Event.FINAL)
+        best = context.best_final()
         if context.initial_invite:
             request = context.server.request
-            self.media.delete(request.call_id, request.from_.tag, now=now, delay=0)
+            self.sdp.release(request, now)
         return self._relay(context, best, now)
 
-    def _relay(self, context: _Context, response: SipResponse, now: float) -> list[Send]:
+    def _relay(self, context: Context, response: SipResponse, now: float) -> list[Send]:
         """Forward a branch's response upstream through the server transaction."""
         server = context.server
         response.pop_top("Via")
         if not response.get_all("Via"):
             return []
-        self._map_addresses(response, server.hop)
-        self._response_media(context, response, now)
+        self.addresses.map_addresses(response, server.hop)
+        self.sdp.response(context.server.request, context.offer, response, server.hop, now)
         data = response.to_bytes()
         try:
             actions = server.txn.send_response(response.status, data, now)
@@ -870,35 +549,9 @@ class SipProxy:
             return [self._send(data, server.hop)] if 200 <= response.status < 300 else []
         return self._server_actions(server, actions)
 
-    def _response_media(self, context: _Context, response: SipResponse, now: float) -> None:
-        """Rewrite the SDP of an 18x/2xx: the answer to the request's offer, or, for an
-        INVITE without SDP, the offer in the 2xx (late offer)."""
-        body = _sdp(response)
-        request = context.server.request
-        hop = context.server.hop
-        if body is None or response.status < 101 or response.status >= 300:
-            return
-        to_tag = response.to.tag
-        if to_tag is None:
-            return
-        try:
-            specs = stream_specs(parse_sdp(body))
-            if context.offer:
-                relays = self.media.answer(request.call_id, request.from_.tag or "", to_tag,
-                                           specs, now=now)
-            elif request.method == "INVITE" and response.status >= 200:
-                relays = self.media.offer(request.call_id, to_tag, specs,
-                                          toward=hop.media_family, now=now,
-                                          to_tag=request.from_.tag)
-            else:
-                return
-            response.body = rewrite_sdp(body, self._present(relays, hop))
-        except (ValueError, SessionNotFound, PortsExhausted) as exc:  # SdpError, StreamMismatch
-            log.warning("call %s: SDP in %d left as is: %s", request.call_id, response.status, exc)
-
     # ---- branches and cancellation ----------------------------------------------------
 
-    def _branch_actions(self, branch: _Branch, actions: list[Action], now: float) -> list[Send]:
+    def _branch_actions(self, branch: Branch, actions: list[Action], now: float) -> list[Send]:
         out: list[Send] = []
         for action in actions:
             if isinstance(action, Transmit):
@@ -914,7 +567,7 @@ class SipProxy:
         self._track(branch)
         return out
 
-    def _branch_failed(self, branch: _Branch, status: int, now: float) -> list[Send]:
+    def _branch_failed(self, branch: Branch, status: int, now: float) -> list[Send]:
         """The branch's target did not answer (Timer B/F: ``status`` 408) or could not
         be reached (503): the next target, else the branch counts as ``status``."""
         self.failed_targets.failed(branch.hop.dest, branch.hop.transport, now)
@@ -924,18 +577,18 @@ class SipProxy:
         return self._on_branch_response(branch, self._local_final(branch, status), now,
                                         local=True)
 
-    def _failover(self, branch: _Branch, now: float) -> list[Send] | None:
+    def _failover(self, branch: Branch, now: float) -> list[Send] | None:
         """RFC 3263 §4.3: the request again, on a new branch, to the next target that
         can take it; None when there is none (or the request is being cancelled). An
         offer goes along as sent when the target is of the same family; to the other
         family it is made anew (a new call only, with no other branch pending)."""
         context = branch.context
-        if context is None or context.final_sent or context.cancelled or branch.cancel_wanted:
+        if context is None or context.phase is not Phase.FORWARDING or branch.cancel_wanted:
             return None
         branch.done, branch.timer_c = True, None
         for i, hop in enumerate(branch.alternatives):
             body: bytes | None = None
-            target = _Target(branch.request.uri, hop, branch.alternatives[i + 1:])
+            target = Target(branch.request.uri, hop, branch.alternatives[i + 1:])
             if context.offer and hop.media_family == branch.hop.media_family:
                 body = branch.request.body
             elif context.offer:
@@ -943,10 +596,10 @@ class SipProxy:
                 if not (alone and context.initial_invite):
                     continue
                 request = context.server.request
-                self.media.delete(request.call_id, request.from_.tag, now=now, delay=0)
+                self.sdp.release(request, now)
                 try:
                     offers = self._request_media(context, [target], now)
-                except _Reject:
+                except Reject:
                     return None
                 body = None if offers is None else offers[0]
             log.info("%s %s: %s/%s failed, trying %s/%s", branch.request.method,
@@ -955,7 +608,7 @@ class SipProxy:
             return self._start_branch(context, target, body, now)
         return None
 
-    def _branch_timer(self, branch: _Branch, now: float) -> list[Send]:
+    def _branch_timer(self, branch: Branch, now: float) -> list[Send]:
         out: list[Send] = []
         if branch.timer_c is not None and branch.timer_c <= now:
             branch.timer_c = None  # §16.8: Timer C fired: give up on the branch
@@ -966,13 +619,13 @@ class SipProxy:
                 out += self._on_branch_response(branch, self._local_final(branch, 408), now)
         return out + self._branch_actions(branch, branch.txn.handle_timer(now), now)
 
-    def _cancel_branches(self, context: _Context, now: float) -> list[Send]:
+    def _cancel_branches(self, context: Context, now: float) -> list[Send]:
         """§16.10: CANCEL every pending INVITE branch. One with no provisional response
         yet may not be cancelled (§9.1): it ends at once as if it had answered 487, so
         the caller is not kept waiting for Timer B (Kamailio's cancel_b_method 0), and
         gets its CANCEL if a provisional response still comes."""
         out: list[Send] = []
-        context.cancelled = True
+        context.step(Event.CANCEL)
         for branch in list(context.branches):
             if branch.done or branch.request.method != "INVITE":
                 continue
@@ -983,29 +636,19 @@ class SipProxy:
                 out += self._on_branch_response(branch, self._local_final(branch, 487), now)
         return out
 
-    def _local_final(self, branch: _Branch, status: int) -> SipResponse:
+    def _local_final(self, branch: Branch, status: int) -> SipResponse:
         """The final response a branch is taken to have given when it gave none."""
         return make_response(branch.request, status, to_tag=self._token())
 
-    def _send_cancel(self, branch: _Branch, now: float) -> list[Send]:
+    def _send_cancel(self, branch: Branch, now: float) -> list[Send]:
         """§9.1: a CANCEL for a branch that had a provisional response."""
         if branch.cancelled:
             return []
         branch.cancelled = True
-        invite = branch.request
-        headers = [("Via", str(invite.vias[0]))]
-        headers += [("Route", value) for value in invite.get_all("Route")]
-        headers += [
-            ("From", invite.get("From") or ""),
-            ("To", invite.get("To") or ""),
-            ("Call-ID", invite.call_id),
-            ("CSeq", f"{invite.cseq[0]} CANCEL"),
-            ("Max-Forwards", "70"),
-        ]
-        cancel = SipRequest("CANCEL", invite.uri, headers)
+        cancel = derived_request(branch.request, "CANCEL")
         txn = Transaction(Kind.NON_INVITE_CLIENT, cancel.to_bytes(),
                           reliable=branch.hop.transport != "udp", timers=self.config.timers)
-        client = _Branch((branch.key[0], "CANCEL"), txn, cancel, branch.hop, None)
+        client = Branch((branch.key[0], "CANCEL"), txn, cancel, branch.hop, None)
         self._clients[client.key] = client
         return self._branch_actions(client, txn.start(now), now)
 
@@ -1013,7 +656,7 @@ class SipProxy:
 
     def _respond(
         self,
-        server: _Server,
+        server: Server,
         status: int,
         now: float,
         reason: str | None = None,
@@ -1026,7 +669,7 @@ class SipProxy:
         return self._server_actions(server, server.txn.send_response(status, response.to_bytes(),
                                                                      now))
 
-    def _server_actions(self, server: _Server, actions: list[Action]) -> list[Send]:
+    def _server_actions(self, server: Server, actions: list[Action]) -> list[Send]:
         out = [self._send(a.data, server.hop) for a in actions if isinstance(a, Transmit)]
         self._track(server)
         return out
@@ -1056,7 +699,7 @@ class SipProxy:
         if _stamp(vias[0], source):
             request.replace_values("Via", [str(v) for v in vias])
 
-    def _incoming_hop(self, via: Via, source: Endpoint, local: Endpoint, transport: str) -> _Hop:
+    def _incoming_hop(self, via: Via, source: Endpoint, local: Endpoint, transport: str) -> Hop:
         """Where responses to a request go (§18.2.2: the connection for TCP; received
         + rport or sent-by port for UDP) and how its sender sees addresses."""
         if transport == "udp":
@@ -1067,8 +710,8 @@ class SipProxy:
         sent_by = via.host_ip
         if source.family == 4 and sent_by is not None and sent_by.version == 6:
             # behind NAT64, hence behind a NAT: answer where it came from (RFC 3581 §4)
-            return _Hop(source, transport, local, 6, self._nat64_prefix())
-        return _Hop(dest, transport, local, source.family)
+            return Hop(source, transport, local, 6, self.addresses.nat64_prefix)
+        return Hop(dest, transport, local, source.family)
 
     def _server_key(self, request: SipRequest, method: str) -> tuple[str, ...]:
         """§17.2.3: branch + sent-by + method (ACK matches INVITE, CANCEL its own)."""
@@ -1078,239 +721,11 @@ class SipProxy:
             branch = f"{request.call_id}|{request.cseq[0]}|{request.from_.tag}|{branch}"
         return (branch, via.host.lower(), str(via.port or DEFAULT_PORT), method)
 
-    # ---- routing --------------------------------------------------------------------
-
-    def _route(self, request: SipRequest, now: float) -> list[_Dest] | None:
-        """§16.4-16.5: pop Route entries naming us, then pick where the request goes
-        (see the class docstring). None: the request is for the gateway itself.
-        Raises _Reject."""
-        routes = request.routes
-        if routes and isinstance(request.uri, SipUri) and "lr" in request.uri.params \
-                and self._names_us(request.uri):
-            # §16.4: a strict router put our Record-Route URI in the Request-URI
-            request.uri = routes[-1].uri
-            request.replace_values("Route", request.get_all("Route")[:-1])
-            routes = request.routes
-        ours = 0
-        while ours < len(routes) and self._names_us(routes[ours].uri):
-            ours += 1
-        if ours:
-            request.replace_values("Route", request.get_all("Route")[ours:])
-            routes = routes[ours:]
-        mapped = False
-        if isinstance(request.uri, SipUri):
-            original = self._unmapped(request.uri)
-            if original is not None:
-                request.uri, mapped = original, True
-        uri = request.uri
-        if routes:  # (1)
-            first = routes[0].uri
-            if not isinstance(first, SipUri):
-                raise _Reject(416, "Route is not a SIP URI")
-            return [_Dest(uri, next_hop=first)]
-        if not isinstance(uri, SipUri):  # tel:, urn:, ...: only a default route knows
-            if self._default_route is None:
-                raise _Reject(416)
-            return [_Dest(uri, next_hop=self._default_route)]
-        own = not mapped and self._is_ours(uri.host) and uri.port in (None, *self._our_ports)
-        key = Registrar.key(uri) if own else None
-        if own:  # (2)
-            if request.method == "REGISTER":
-                return self._register_targets(request)
-            if request.method == "OPTIONS" and uri.user is None:
-                return None
-            self._authorize_call(request, now)
-            bindings = self.registrar.lookup(key, now=now) if key else []
-            if bindings:
-                return [_Dest(b.uri, hop=self._binding_hop(b, now)) for b in bindings]
-        else:
-            flow = self._flow(uri, now)
-            if flow is not None:  # a registered phone or one behind NAT64: use its flow
-                return [_Dest(uri, hop=flow)]
-            if mapped:
-                return [_Dest(uri, next_hop=uri)]
-        route = self._match_route(uri.host)  # (3), (4)
-        if route is not None:
-            return [_Dest(uri, next_hop=route)]
-        if own:
-            raise _Reject(480 if key and self.registrar.lapsed(key, now=now) else 404)
-        return [_Dest(uri, next_hop=uri)]  # its own host (RFC 3263)
-
-    def _learn_flow(self, request: SipRequest, hop: _Hop, now: float) -> None:
-        """Remember how to reach a phone behind NAT64 at the Contact it gave: through
-        the NAT64 binding its request came over (the way a registration is used)."""
-        if request.get("Contact") is None or request.wildcard_contact:
-            return
-        for contact in request.contacts:
-            key = str(contact.uri)
-            old = self._flows.pop(key, None)
-            self._flows[key] = (hop, now)
-            if old is None or old[0] != hop or now - old[1] > FLOW_JOURNAL_AGE:
-                self._flows_changed.add(key)
-        while self._flows:
-            key, (_, seen) = next(iter(self._flows.items()))
-            if seen + NAT64_FLOW_LIFETIME > now:
-                break
-            del self._flows[key]
-            self._flows_changed.add(key)
-        if self._flows_changed and self.on_change is not None:
-            self.on_change()
-
-    # ---- crash journal: the NAT64 flows in-dialog requests are sent over ---------------
-
-    def drain_records(self) -> list[tuple[str, dict[str, object] | None]]:
-        """(Contact, record) of every NAT64 flow learnt or changed since the last call;
-        None for one forgotten. A BYE to a phone behind NAT64 that did not register
-        needs its flow after a daemon restart too."""
-        changed, self._flows_changed = self._flows_changed, set()
-        out: list[tuple[str, dict[str, object] | None]] = []
-        for key in changed:
-            learnt = self._flows.get(key)
-            if learnt is None:
-                out.append((key, None))
-                continue
-            hop, seen = learnt
-            out.append((key, {"dest": str(hop.dest), "transport": hop.transport,
-                              "local": None if hop.local is None else str(hop.local),
-                              "family": hop.family, "seen": seen,
-                              "nat64": None if hop.nat64 is None else str(hop.nat64)}))
-        return out
-
-    def restore(self, items: Mapping[str, Mapping[str, object]], *, now: float,
-                shift: float = 0.0) -> int:
-        """Take back journaled NAT64 flows (times moved by ``shift``); expired ones and
-        records that do not decode are left out. Returns how many are live."""
-        for key, d in items.items():  # in journal order, which is about the order seen
-            try:
-                local = d["local"]
-                hop = _Hop(Endpoint.parse(str(d["dest"])), str(d["transport"]),
-                           None if local is None else Endpoint.parse(str(local)),
-                           int(str(d["family"])),
-                           None if d["nat64"] is None else IPNetwork(str(d["nat64"])))
-                seen = float(str(d["seen"])) + shift
-            except (KeyError, TypeError, ValueError) as exc:
-                log.warning("journaled NAT64 flow of %r not restored: %s", key, exc)
-                continue
-            if seen + NAT64_FLOW_LIFETIME > now:
-                self._flows[key] = (hop, seen)
-            self._flows_changed.add(key)
-        return len(self._flows)
-
-    def _flow(self, uri: SipUri, now: float) -> _Hop | None:
-        """How to reach a Contact that registered here, or of a phone behind NAT64."""
-        binding = self.registrar.binding(uri, now=now)
-        if binding is not None:
-            return self._binding_hop(binding, now)
-        learnt = self._flows.get(str(uri))
-        if learnt is not None and learnt[1] + NAT64_FLOW_LIFETIME > now:
-            return learnt[0]
-        return None
-
-    def _binding_hop(self, binding: Binding, now: float) -> _Hop:
-        """How to reach a registered contact: over the connection it registered on
-        (TCP), through the NAT64 it registered through (an IPv6 contact registered
-        from an IPv4 source: RFC 5626-style flow reuse), else at its address."""
-        contact = binding.uri.host_ip
-        local4 = self.config.sip.get(4)
-        prefix = self._nat64_prefix()
-        behind_nat64 = (binding.source.family == 4 and contact is not None
-                        and contact.version == 6 and prefix is not None and local4 is not None
-                        and nat64_embedded(self.config.nat64_prefixes, contact) is None)
-        if behind_nat64:
-            return _Hop(binding.source, binding.transport, local4, 6, prefix)
-        return self._contact_hop(binding, now)
-
-    def _match_route(self, host: str) -> SipUri | None:
-        """The route whose domain is ``host``, else the ``*`` route (None: neither)."""
-        wanted = _host_key(host)
-        for key, uri in self._routes:
-            if key == wanted:
-                return uri
-        return self._default_route
-
-    def _locate(self, dests: Sequence[_Dest], now: float) -> list[_Target]:
-        """The transport targets of ``dests`` (RFC 3263 from ``self.dns``), each with
-        its alternatives. Raises _Unresolved (answers missing), _Reject (none)."""
-        targets: list[_Target] = []
-        missing: set[dns.Query] = set()
-        for dest in dests:
-            if dest.hop is not None:
-                targets.append(_Target(dest.uri, dest.hop))
-                continue
-            assert dest.next_hop is not None
-            hops = self._hops_to(dest.next_hop, now)
-            if isinstance(hops, dns.Lookup):
-                missing |= hops.queries
-            else:
-                targets.append(_Target(dest.uri, hops[0], tuple(hops[1:])))
-        if missing:
-            raise _Unresolved(frozenset(missing))
-        return targets
-
-    def _hops_to(self, uri: SipUri, now: float) -> list[_Hop] | dns.Lookup:
-        """Where a request for ``uri`` may go, in the order to try (RFC 3263 §4: maddr,
-        else host; port; transport; sips: needs TLS). Targets that failed lately come
-        only when nothing else is left. Raises _Reject when there is none."""
-        transport = uri.transport
-        secure = uri.scheme == "sips"
-        if secure and transport == "tcp":
-            transport = "tls"  # RFC 3261 §26.2.2: sips: over TCP is TLS
-        if transport is not None and transport not in KNOWN_TRANSPORTS:
-            raise _Reject(503, f"Unsupported transport {transport}"[:100])
-        if (secure or transport == "tls") and "tls" not in self.config.usable_transports:
-            raise _Reject(416 if secure else 503, "TLS is not configured here")
-        host = uri.params.get("maddr") or uri.host
-        where = dns.Destination(host, uri.port, transport, secure)
-        result = dns.locate(where, self.dns, now, rng=self._rng,
-                            transports=self.config.usable_transports,
-                            prefer=self.config.prefer_family)
-        if isinstance(result, dns.Lookup):
-            return result
-        if isinstance(result, dns.Unresolvable):
-            raise _Reject(503 if result.failed else 404, result.reason[:100])
-        hops = [hop for target in self.failed_targets.order(result, now)
-                if (hop := self._target_hop(target)) is not None]
-        if not hops:
-            families = sorted({t.endpoint.family for t in result})
-            raise _Reject(503, "No " + "/".join(f"IPv{f}" for f in families) + " SIP address")
-        return hops
-
-    def _target_hop(self, target: dns.Target) -> _Hop | None:
-        """The hop to a located target; a NAT64-synthesised IPv6 address is reached on
-        its IPv4 address. None when we have no SIP address of its family."""
-        ip = target.endpoint.host
-        dest = target.endpoint
-        if ip.version == 6:
-            embedded = nat64_embedded(self.config.nat64_prefixes, ip)
-            if embedded is not None:
-                dest = Endpoint(embedded, dest.port)
-        local = self._local_for(dest.family, target.transport)
-        if local is None:
-            return None
-        return _Hop(dest, target.transport, local, dest.family, server_name=target.server_name)
-
-    def _local_for(self, family: int, transport: str) -> Endpoint | None:
-        return (self.config.tls if transport == "tls" else self.config.sip).get(family)
-
-    def _contact_hop(self, binding: Binding, now: float) -> _Hop:
-        """The hop to a registered contact: over the connection it registered on (TCP,
-        TLS), else at its address (an IP literal: RFC 3263 §4.2 defaults)."""
-        if binding.transport in ("tcp", "tls"):
-            source = binding.source
-            local = self._local_for(source.family, binding.transport)
-            return _Hop(source, binding.transport, local, source.family)
-        uri = binding.uri
-        if uri.host_ip is None:
-            raise _Reject(404, f"Cannot resolve {uri.host}"[:100])
-        hops = self._hops_to(uri, now)
-        assert isinstance(hops, list)  # a literal needs no lookup
-        return hops[0]
-
     def _looped(self, request: SipRequest, loop: str) -> bool:
         """§16.3 item 4: one of our Vias carries this very request's loop hash."""
         for via in request.vias:
             branch = via.branch or ""
-            ours = branch.startswith(BRANCH_PREFIX) and self._names_us_via(via)
+            ours = branch.startswith(BRANCH_PREFIX) and self.addresses.names_us_via(via)
             if ours and branch[len(BRANCH_PREFIX):].split(".", 1)[0] == loop:
                 return True
         return False
@@ -1323,281 +738,41 @@ class SipProxy:
                  request.call_id, str(request.cseq[0]), routes[0] if routes else ""]
         return hashlib.sha1("\x00".join(parts).encode("utf-8", "surrogateescape")).hexdigest()[:10]
 
-    # ---- registrar and authentication --------------------------------------------------
-
-    def _register_targets(self, request: SipRequest) -> list[_Dest] | None:
-        """Where a REGISTER for our domains goes: None to the local registrar; the
-        upstream registrar with our Path (RFC 3327 §5.1: so that requests for the
-        contact come back through us; it names us in the upstream's family). Raises
-        _Reject: 403 with no registrar, or a Contact that names the gateway itself
-        (it would make every call to that user loop back to us: a takeover)."""
-        upstream = self.config.registrar_upstream
-        if upstream is None and self.auth is None:
-            raise _Reject(403, "Registrar disabled")
-        if not request.wildcard_contact and request.get("Contact") is not None:
-            for contact in request.contacts:
-                if self._names_us(contact.uri) or (
-                        isinstance(contact.uri, SipUri) and self._is_ours(contact.uri.host)):
-                    raise _Reject(403, "Contact names this gateway")
-        if upstream is None:
-            return None
-        family = upstream.host_ip.version if upstream.host_ip is not None else 4
-        ours = self.config.sip.get(family)
-        if ours is None:
-            raise _Reject(503, f"No IPv{family} SIP address")
-        transport = ";transport=tcp" if upstream.transport == "tcp" else ""
-        request.insert("top", "Path", f"<sip:{format_host(ours.host)}:{ours.port}{transport};lr>")
-        return [_Dest(request.uri, next_hop=upstream)]
-
-    def _authorize_register(self, request: SipRequest, now: float) -> None:
-        """RFC 3261 §22.4 / §10.3 step 3: a REGISTER binds only with credentials of
-        the very user it registers. Unknown user, wrong password, no credentials:
-        the same fresh 401 (Asterisk's ``alwaysauthreject``), so a REGISTER scan
-        tells no user from another. Raises _Reject."""
-        assert self.auth is not None  # _register_targets sent it here
-        result = self.auth.check(request.get_all("Authorization"), "REGISTER", now)
-        if result.verdict is not Verdict.OK:
-            raise _Reject(401, None, [("WWW-Authenticate", c) for c in self.auth.challenge(
-                now, stale=result.verdict is Verdict.STALE)])
-        if result.user != Registrar.key(request.to.uri):
-            raise _Reject(403, "Credentials are for another user")
-
-    def _authorize_call(self, request: SipRequest, now: float) -> None:
-        """Before a request for a user of our domains learns anything (the registrar
-        is asked only after this), its sender must be a route's next hop or prove it
-        is one of our users (407, §22.3). Without this an INVITE or OPTIONS scan
-        tells a registered user (the phone answers) from an unknown one (404): what
-        Kamailio's ``auth_check`` before ``lookup`` and Asterisk's ``allowguest=no``
-        prevent. Only with a local registrar: an upstream one answers for itself.
-        Our own credentials are removed before forwarding (§22.3, Kamailio's
-        ``consume_credentials``). Raises _Reject."""
-        if self.auth is None or request.to.tag is not None:
-            return
-        via = request.vias[0]
-        source = host_ip(via.received) if via.received else via.host_ip
-        if source is not None and source in self._trusted:
-            return
-        values = request.get_all("Proxy-Authorization")
-        result = self.auth.check(values, request.method, now)
-        if result.verdict is not Verdict.OK:
-            raise _Reject(407, None, [("Proxy-Authenticate", c) for c in self.auth.challenge(
-                now, stale=result.verdict is Verdict.STALE)])
-        realm = f'realm="{self.auth.realm}"'
-        request.headers = [h for h in request.headers
-                           if h.key != "proxy-authorization" or realm not in h.value]
-
-    @functools.cached_property
-    def _trusted(self) -> frozenset[IPAddress]:
-        """The next hops of our routes: a PBX or trunk that sends us calls."""
-        uris = [uri for _, uri in self.config.routes]
-        return frozenset(ip for uri in uris if (ip := uri.host_ip) is not None)
-
-    # ---- what is ours, address mapping ------------------------------------------------
-
-    def _own_addresses(self) -> frozenset[IPAddress]:
-        mine: set[IPAddress] = {ep.host for ep in (*self.config.sip.values(),
-                                                   *self.config.tls.values())}
-        mine |= set(self.config.aliases)
-        for prefix in self.config.nat64_prefixes:
-            mine |= {nat64_synthesize(prefix, ip) for ip in list(mine)
-                     if isinstance(ip, ipaddress.IPv4Address)}
-        return frozenset(mine)
-
-    def _is_ours(self, host: str) -> bool:
-        ours = self._ours.get(host)
-        if ours is None:
-            ip = host_ip(host)
-            ours = ip in self._our_ips if ip is not None else \
-                _host_key(host) in self._our_domains
-            if len(self._ours) >= _HOST_CACHE_SIZE:  # hosts come from the network
-                self._ours.clear()
-            self._ours[host] = ours
-        return ours
-
-    def _names_us(self, uri: SipUri | str) -> bool:
-        """A Route/Record-Route URI naming this gateway (host and port)."""
-        if not isinstance(uri, SipUri) or not self._is_ours(uri.host):
-            return False
-        return (uri.port or DEFAULT_PORT) in self._our_ports
-
-    def _names_us_via(self, via: Via) -> bool:
-        return self._is_ours(via.host) and (via.port or DEFAULT_PORT) in self._our_ports
-
-    def _nat64_prefix(self) -> IPNetwork | None:
-        return self.config.nat64_prefixes[0] if self.config.nat64_prefixes else None
-
-    def _our_endpoint(self, hop: _Hop, *, transport: bool = False) -> Endpoint:
-        """The gateway's SIP endpoint as ``hop``'s party must address it; with
-        ``transport``, the one of the hop's transport (Via, Record-Route: TLS has its
-        own port), else the UDP/TCP one (mapped URIs, which carry no transport)."""
-        if transport and hop.transport == "tls" and hop.family in self.config.tls:
-            return self.config.tls[hop.family]
-        if hop.nat64 is not None:
-            v4 = self.config.sip[4]
-            assert isinstance(v4.host, ipaddress.IPv4Address)
-            return Endpoint(nat64_synthesize(hop.nat64, v4.host), v4.port)
-        return self.config.sip[hop.family]
-
-    def _record_route(self, request: SipRequest, incoming: _Hop, outgoing: _Hop) -> None:
-        """§16.6 item 4, RFC 5658: one entry, or two when the two sides address the
-        gateway differently (family, NAT64 or transport). The top entry faces the
-        next hop, the one below faces the previous hop."""
-        facing_in = self._rr_uri(incoming)
-        facing_out = self._rr_uri(outgoing)
-        if facing_in == facing_out:
-            request.insert("top", "Record-Route", f"<{facing_out}>")
-            return
-        request.insert("top", "Record-Route", f"<{facing_in};r2=on>")
-        request.insert("top", "Record-Route", f"<{facing_out};r2=on>")
-
-    def _rr_uri(self, hop: _Hop) -> str:
-        ep = self._our_endpoint(hop, transport=True)
-        transport = f";transport={hop.transport}" if hop.transport != "udp" else ""
-        return f"sip:{format_host(ep.host)}:{ep.port}{transport};lr"
-
-    def _map_addresses(self, message: SipRequest | SipResponse, hop: _Hop) -> None:
-        """Contact (and From/To when configured) as ``hop``'s party must see them."""
-        if self.config.map_contact:
-            values = message.get_all("Contact")
-            if values and values != ["*"]:
-                shown = [self._mapped_contact(value, hop) for value in values]
-                if shown != values:
-                    message.replace_values("Contact", shown)
-        if self.config.map_from_to:
-            for name, addr in (("From", message.from_), ("To", message.to)):
-                mapped = self._mapped(addr.uri, hop)
-                if mapped is not None:
-                    addr.uri = mapped
-                    message.set(name, str(addr))
-
-    def _mapped_contact(self, value: str, hop: _Hop) -> str:
-        """A Contact value as ``hop``'s party must see it. A phone writes the same
-        Contact in every message: the result is kept per (value, how the party sees
-        addresses)."""
-        key = (value, hop.family, hop.nat64)
-        mapped = self._contacts.get(key)
-        if mapped is None:
-            contact = NameAddr.parse(value)
-            uri = self._mapped(contact.uri, hop)
-            if uri is not None:
-                contact.uri = uri
-            mapped = str(contact)
-            if len(self._contacts) >= _HOST_CACHE_SIZE:  # values come from the network
-                self._contacts.clear()
-            self._contacts[key] = mapped
-        return mapped
-
-    def _mapped(self, uri: SipUri | str, hop: _Hop) -> SipUri | None:
-        """``uri`` as ``hop``'s party must see it, or None when it can use it as is."""
-        if not isinstance(uri, SipUri):
-            return None
-        original = self._unmapped(uri)
-        if original is not None:
-            ip = original.host_ip
-            return original if ip is None or _usable(ip, hop) else None
-        ip = uri.host_ip
-        if ip is None or _usable(ip, hop) or ip in self._our_ips:
-            return None
-        ours = self._our_endpoint(hop)
-        mapped = uri.with_host(ours.host, ours.port)
-        hostport = uri.host if uri.port is None else f"{uri.host}:{uri.port}"
-        mapped.params[XLAT_PARAM] = _encode_hostport(hostport)
-        return mapped
-
-    def _unmapped(self, uri: SipUri) -> SipUri | None:
-        """The original of a URI we mapped (host ours, ``;xlat=`` present), else None."""
-        encoded = uri.params.get(XLAT_PARAM)
-        if not encoded or not self._is_ours(uri.host):
-            return None
-        try:
-            host, port = _decode_hostport(encoded)
-        except (binascii.Error, UnicodeDecodeError, ValueError):
-            log.info("bad %s parameter in %s", XLAT_PARAM, uri)
-            return None
-        original = uri.with_host(host, port)
-        del original.params[XLAT_PARAM]
-        return original
-
-    def _present(self, relays: Sequence[Endpoint | None], hop: _Hop) -> list[Endpoint | None]:
-        """Relays as ``hop``'s party must see them: an IPv4 relay shown to an IPv6 party
-        (behind NAT64) becomes its synthetic IPv6 address."""
-        prefix = hop.nat64 or self._nat64_prefix()
-        out: list[Endpoint | None] = []
-        for relay in relays:
-            v4 = relay is not None and isinstance(relay.host, ipaddress.IPv4Address)
-            if relay is not None and v4 and hop.family == 6 and prefix is not None:
-                assert isinstance(relay.host, ipaddress.IPv4Address)
-                relay = Endpoint(nat64_synthesize(prefix, relay.host), relay.port)
-            out.append(relay)
-        return out
-
     # ---- bookkeeping ------------------------------------------------------------------
 
-    def _send(self, data: bytes, hop: _Hop) -> Send:
+    def _send(self, data: bytes, hop: Hop) -> Send:
         return Send(data, hop.dest, hop.transport, hop.local, hop.server_name)
 
     def _token(self) -> str:
         return f"{self._rng.getrandbits(64):016x}"
 
-    def _alive(self, entry: _Entry) -> bool:
-        if isinstance(entry, _Server):
+    def _alive(self, entry: Entry) -> bool:
+        if isinstance(entry, Server):
             return self._servers.get(entry.key) is entry
         return self._clients.get(entry.key) is entry
 
-    def _track(self, entry: _Entry) -> None:
+    def _track(self, entry: Entry) -> None:
         """Forget a finished transaction; (re)schedule a live one's next deadline."""
         if entry.txn.terminated:
             # Server, context and branches point at one another: cut this entry's edge
             # so refcounting frees them (no cycles left for the garbage collector).
             entry.context = None
-            if isinstance(entry, _Server):
+            if isinstance(entry, Server):
                 if self._servers.get(entry.key) is entry:
                     del self._servers[entry.key]
             elif self._clients.get(entry.key) is entry:
                 del self._clients[entry.key]
             return
-        when = entry.deadline()
-        if when is not None and when != entry.pushed:
-            entry.pushed = when
-            heapq.heappush(self._timers, (when, next(self._seq), entry))
+        self._timers.push(entry)
 
 
 # ---- message helpers -------------------------------------------------------------------
 
 
-def _sdp(message: SipRequest | SipResponse) -> bytes | None:
-    """The body if it is a non-empty SDP."""
-    if not is_sdp_type(message.content_type):
-        return None
-    return message.body if message.body.strip() else None
-
-
 def _ack_for(invite: SipRequest, response: object) -> bytes:
     """§17.1.1.3: the ACK a client transaction sends for a failure response."""
     assert isinstance(response, SipResponse)
-    headers = [("Via", str(invite.vias[0]))]
-    headers += [("Route", value) for value in invite.get_all("Route")]
-    headers += [
-        ("From", invite.get("From") or ""),
-        ("To", response.get("To") or ""),
-        ("Call-ID", invite.call_id),
-        ("CSeq", f"{invite.cseq[0]} ACK"),
-        ("Max-Forwards", "70"),
-    ]
-    return SipRequest("ACK", invite.uri, headers).to_bytes()
-
-
-def _with_status(response: SipResponse, status: int) -> SipResponse:
-    copy = response.copy()
-    copy.status, copy.reason = status, REASONS[status]
-    return copy
-
-
-def _rank(response: SipResponse) -> tuple[int, int, int]:
-    """§16.7 step 6: lower is better: any 6xx, then the lowest class; a timeout (408)
-    last within its class."""
-    status = response.status
-    return (0 if status >= 600 else 1, status // 100, 1 if status == 408 else 0)
+    return derived_request(invite, "ACK", response).to_bytes()
 
 
 def _stamp(via: Via, source: Endpoint) -> bool:
@@ -1616,43 +791,4 @@ def _stamp(via: Via, source: Endpoint) -> bool:
 @functools.lru_cache(maxsize=4096)  # peers repeat; str() of an IPv6 address is slow
 def _ip_text(ip: IPAddress) -> str:
     return str(ip)
-
-
-def _usable(ip: IPAddress, hop: _Hop) -> bool:
-    return ip.version == hop.family
-
-
-@functools.lru_cache(maxsize=_HOST_CACHE_SIZE)
-def _host_key(host: str) -> str:
-    ip = host_ip(host)
-    return str(ip) if ip is not None else host.lower().rstrip(".")
-
-
-# The few addresses a gateway maps come back in every message of every call.
-@functools.lru_cache(maxsize=1024)
-def _encode_hostport(hostport: str) -> str:
-    """An address as the ``;xlat=`` value: base32, lower case, no padding."""
-    return base64.b32encode(hostport.encode()).decode().rstrip("=").lower()
-
-
-@functools.lru_cache(maxsize=1024)
-def _decode_hostport(encoded: str) -> tuple[str, int | None]:
-    """(host, port) from an ``;xlat=`` value. Raises ValueError (binascii.Error,
-    UnicodeDecodeError) when it is not one of ours."""
-    padded = encoded.upper() + "=" * (-len(encoded) % 8)
-    return _split_hostport(base64.b32decode(padded).decode())
-
-
-def _split_hostport(text: str) -> tuple[str, int | None]:
-    if text.startswith("["):
-        host, _, rest = text.partition("]")
-        host += "]"
-        port = rest[1:] if rest.startswith(":") else None
-    elif text.count(":") == 1:
-        host, port = text.split(":")
-    else:
-        host, port = text, None
-    if host_ip(host) is None:
-        raise ValueError(f"not an IP literal: {host!r}")
-    return host, int(port) if port else None
 
