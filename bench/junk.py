@@ -108,12 +108,14 @@ class Phones:
 
 
 def flood_with_calls(lab: Lab, gw: Gateway, phones: Phones, *, rate: float, seconds: float,
-                     sources: list[str], cps: float, name: str) -> dict[str, Any]:
-    """One variant: junk from ``sources`` while good calls go on; the figure's record."""
+                     sources: list[str], cps: float, name: str,
+                     metrics_at: str = METRICS) -> dict[str, Any]:
+    """One variant: junk from ``sources`` while good calls go on; the figure's record.
+    ``metrics_at``: the daemon's --metrics-listen."""
     pid = gw.pid()
     assert pid is not None
     before = gw.json("stats")["drops"].get("sip_rate_limited", {}).get("packets", 0)
-    malformed0 = metrics(lab, METRICS).get("xlat_sip_malformed_total", 0.0)
+    malformed0 = metrics(lab, metrics_at).get("xlat_sip_malformed_total", 0.0)
     cpu0, rss0 = task_cpu_ns(pid), rss_kib(pid)
     junk = start_junk(lab, rate, seconds, sources)
     placed, ok = phones.calls(cps, seconds, name)
@@ -126,7 +128,7 @@ def flood_with_calls(lab: Lab, gw: Gateway, phones: Phones, *, rate: float, seco
         "send_errors": sent["send_errors"], "sender_cpu_s": round(sent["cpu_ns"] / 1e9, 2),
         "calls": placed, "calls_ok": ok, "ok_pct": round(100 * ok / placed, 2),
         "sip_rate_limited": limited,
-        "malformed": int(metrics(lab, METRICS).get("xlat_sip_malformed_total", 0.0)
+        "malformed": int(metrics(lab, metrics_at).get("xlat_sip_malformed_total", 0.0)
                          - malformed0),
         "daemon_cpu_s": round((task_cpu_ns(pid) - cpu0) / 1e9, 2),
         "rss_kib_before": rss0, "rss_kib_after": rss_kib(pid),

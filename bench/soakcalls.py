@@ -36,7 +36,7 @@ from xlat.lab import V4_HOST, V6_HOST, Lab, in_netns
 
 METRICS = "127.0.0.1:9108"  # --metrics-listen, in the gateway namespace
 CALL_MS = 1000  # each call streams media for this long
-SETTLE_S = 50.0  # after the last call: delete delay (10 s) + Timer L/M (32 s) + slack
+SETTLE_S = 120.0  # after the last call: idle timeout of failed calls (60 s) + Timer L/M (32 s) + slack
 _SAMPLE = re.compile(r"^(xlat_[a-z_]+)(?:\{([^}]*)\})? (\S+)$", re.MULTILINE)
 
 
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--calls", type=int, default=100_000)
     parser.add_argument("--rate", type=float, default=50.0, help="calls/s")
-    parser.add_argument("--warmup", type=int, default=1000)
+    parser.add_argument("--warmup", type=int, default=5000)
     parser.add_argument("--every", type=float, default=60.0, help="seconds between lines")
     args = parser.parse_args(argv)
     lab = Lab(f"xsk-{os.urandom(3).hex()}")
