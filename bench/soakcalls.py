@@ -36,7 +36,7 @@ from xlat.lab import V4_HOST, V6_HOST, Lab, in_netns
 
 METRICS = "127.0.0.1:9108"  # --metrics-listen, in the gateway namespace
 CALL_MS = 1000  # each call streams media for this long
-SETTLE_S = 120.0  # after the last call: idle timeout of failed calls (60 s) + Timer L/M (32 s) + slack
+SETTLE_S = 120.0  # after the last call: idle timeout (60 s) + Timer L/M (32 s) + slack
 _SAMPLE = re.compile(r"^(xlat_[a-z_]+)(?:\{([^}]*)\})? (\S+)$", re.MULTILINE)
 
 
