@@ -212,14 +212,19 @@ class BenchLab:
 
 def build_udpblast() -> Path:
     """Compile bench/udpblast.c into bench/build/ (again only when the source is newer)."""
-    src = Path(__file__).resolve().parent / "udpblast.c"
-    exe = BUILD / "udpblast"
+    return build_c("udpblast")
+
+
+def build_c(name: str) -> Path:
+    """Compile bench/NAME.c into bench/build/NAME (again only when the source is newer)."""
+    src = Path(__file__).resolve().parent / f"{name}.c"
+    exe = BUILD / name
     if not exe.exists() or exe.stat().st_mtime < src.stat().st_mtime:
         BUILD.mkdir(exist_ok=True)
         done = subprocess.run(["gcc", "-O2", "-Wall", "-o", str(exe), str(src)],
                               capture_output=True, text=True)
         if done.returncode != 0:
-            raise BenchError(f"gcc udpblast.c: {done.stderr.strip()[-300:]}")
+            raise BenchError(f"gcc {name}.c: {done.stderr.strip()[-300:]}")
     return exe
 
 

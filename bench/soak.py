@@ -28,6 +28,15 @@ def rss_kib() -> int:
     return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1))  # type: ignore[union-attr]
 
 
+def drain(bench: Bench) -> None:
+    """What the daemon does once per event-loop turn: hand the changes since the last
+    turn to the crash journal (xlat/state.py). Without it the cores keep every changed
+    session id and flow for a journal nobody reads: the growth a soak must not see."""
+    bench.media.drain_records()
+    bench.proxy.drain_records()
+    bench.proxy.registrar.drain_records()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -37,10 +46,12 @@ def main(argv: list[str] | None = None) -> int:
     bench = Bench()
     for n in range(WARMUP):
         bench.call(n)
+        drain(bench)
     rss0 = 0
     started = last = time.monotonic()
     for n in range(WARMUP, WARMUP + args.calls):
         bench.call(n)
+        drain(bench)
         done = n - WARMUP + 1
         if done % args.every == 0:
             now = time.monotonic()
@@ -52,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.monotonic() - started
     bench.advance(300.0)  # past Timer K/J/H (32 s), the delete delay and the idle timer
     bench.advance(1.0)
+    drain(bench)
     gc.collect()
     rss1 = rss_kib()
     ports = sum(p.in_use for pools in bench.media.pools.values() for p in pools)
