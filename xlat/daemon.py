@@ -37,7 +37,7 @@ from xlat import eventloop, state, systemd
 from xlat.addr import Endpoint
 from xlat.config import Config, ConfigError
 from xlat.control.api import ControlError, ControlServer, Registry, listening
-from xlat.media.datapath import Datapath, DropCounter, Flow, FlowCounters, Forwarder
+from xlat.media.datapath import CompositeDatapath, Flow, FlowCounters, Forwarder
 from xlat.media.ports import RelayPortPool
 from xlat.media.session import MediaSession, SessionManager
 
@@ -48,9 +48,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("xlat")
 
 LOCK_DIR = Path("/run/xlat/locks")
-GUARD_DELAY = 0.02  # seconds the nft guard's changes wait to be batched
 TABLE_CHECK = 1.0  # seconds between checks that table inet xlat is still there
-TICK = 0.5  # longest sleep of the timer loop: idle expiry lands within 1 s of its deadline
 # Sessions one expiry pass looks at before the loop serves signalling again: a mass
 # expiry (10k calls idle at once) becomes many short passes, not one long stall.
 EXPIRY_BATCH = 100
@@ -153,8 +151,7 @@ class Daemon:
         self._loader = loader  # reads the configuration again, for SIGHUP
         self.keep_datapath = config.keep_datapath
         self.started = time.monotonic()
-        self.forwarders: list[Forwarder] = []  # ebpf and/or userspace: they move packets
-        self.parts: list[Datapath] = []  # forwarders + the nft guard
+        self.datapath = CompositeDatapath([])  # forwarders + nft guard, once attached
         self.manager = SessionManager(
             {
                 4: [RelayPortPool(a, config.port_min, config.port_max) for a in config.media_v4],
@@ -170,14 +167,8 @@ class Daemon:
         # media of ended calls by family direction ("v6->v4"): [packets, bytes]
         self.ended_media: dict[str, list[int]] = {}
         self._flush_pending = False
-        # The nft guard learns each flow only when a userspace relay needs its relay
-        # ports admitted; with eBPF alone the whole relay range stays closed to the stack.
-        self.guard: Datapath | None = None
         self.nft_guard: NftGuard | None = None  # table inet xlat, once started
         self._reload_task: asyncio.Task[None] | None = None  # a reload still in progress
-        self._guard_changes: dict[Endpoint, Flow | None] = {}  # None: remove
-        self._guard_refresh: dict[Endpoint, Flow] = {}
-        self._guard_timer: asyncio.TimerHandle | None = None
         self._closers: list[Any] = []  # async-closable servers, closed in reverse
         self.sip: Any = None  # the SipServer, the NgServer: read by metrics
         self.ng: Any = None
@@ -190,7 +181,9 @@ class Daemon:
         self._table_task: asyncio.Task[None] | None = None
         self.table_restored = 0  # times table inet xlat was re-created after a flush
         self._should_exit = asyncio.Event()
-        self._timer: asyncio.Task[None] | None = None
+        self._syncer: asyncio.Task[None] | None = None
+        self._expiry: asyncio.TimerHandle | None = None  # fires at _expiry_at
+        self._expiry_at = 0.0  # uvloop's call_at handles have no when()
         self._ready = False  # start() completed
         self.journal = state.Journal()
         self._journal_files = state.JournalFiles(config.state_dir,
@@ -319,7 +312,8 @@ class Daemon:
         self._adopt()
         await self._start_signalling()
         self._start_journal()
-        self._timer = asyncio.create_task(self._timers())
+        self._syncer = asyncio.create_task(self._sync_journal())
+        self._arm_expiry()
         self._control = ControlServer(self._registry(), cfg.control)
         await self._control.start()
         # Start-up objects never die: keep them out of every collection, and collect
@@ -333,10 +327,12 @@ class Daemon:
         keep = self.keep_datapath or (not self._ready and bool(self.manager.sessions()))
         if self._control is not None:
             await self._control.close()
-        if self._timer is not None:
-            self._timer.cancel()
+        if self._syncer is not None:
+            self._syncer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._timer
+                await self._syncer
+        if self._expiry is not None:
+            self._expiry.cancel()
         for server in reversed(self._closers):
             try:
                 result = server.close()
@@ -350,21 +346,12 @@ class Daemon:
                 await self._table_task
         if self._links is not None:
             await asyncio.to_thread(self._links.close)
-        if self._guard_timer is not None:
-            self._guard_timer.cancel()
-            self._flush_guard()
+        self.datapath.flush_guard()
         if self._compaction is not None:
             with contextlib.suppress(Exception):
                 await asyncio.shield(self._compaction)
         self._close_journal(keep)
-        for part in reversed(self.parts):
-            try:
-                if part.name == "ebpf":  # detaching uses pyroute2, which runs its own loop
-                    await asyncio.to_thread(part.close, keep)
-                else:
-                    part.close(keep)
-            except Exception:
-                log.exception("closing the %s datapath failed", part.name)
+        await self.datapath.close(keep)
         if self._reserved is not None:
             try:
                 self._reserved.close()
@@ -395,12 +382,11 @@ class Daemon:
         if problem is not None:
             log.warning("!!! --datapath auto: the eBPF datapath is unavailable (%s): the "
                         "userspace relay moves every media packet through Python !!!", problem)
-        if ebpf is not None:
-            self.forwarders.append(ebpf)
+        forwarders: list[Forwarder] = [] if ebpf is None else [ebpf]
         if ebpf is None or cfg.fallback_relay:
             from xlat.media.userspace import UserspaceRelay
 
-            self.forwarders.append(UserspaceRelay())
+            forwarders.append(UserspaceRelay())
         trusted = await asyncio.to_thread(trusted_sources, cfg)
         log.info("SIP rate limit %d packets/s per source on %s; exempt: %s", cfg.sip_rate,
                  ", ".join(map(str, cfg.sip_endpoints())) or "no listener",
@@ -413,7 +399,8 @@ class Daemon:
             if ebpf is not None:  # nothing attached yet; pins left as they were
                 await asyncio.to_thread(ebpf.close, True)
             raise StartupError(f"nftables table inet xlat: {e}; fix: `xlat check`") from None
-        self.parts = [*self.forwarders, guard]
+        self.datapath = CompositeDatapath(forwarders, guard,
+                                          asyncio.get_running_loop().call_later)
         self.nft_guard = guard
         if ebpf is not None:
             await asyncio.to_thread(ebpf.attach)
@@ -422,8 +409,6 @@ class Daemon:
             self._links = LinkWatcher(ebpf, cfg.interfaces or None)
             self._links.start()
         self._table_task = asyncio.create_task(self._watch_table(guard))
-        if any(p.name == "userspace" for p in self.forwarders):
-            self.guard = guard  # it admits the relay ports the sockets serve
         log.info("datapath attached to %s: media relayed by %s", ", ".join(interfaces),
                  self.media_relay)
         from xlat.media.ephemeral import ReservedPorts
@@ -445,7 +430,7 @@ class Daemon:
             try:
                 if guard.present():
                     continue
-                admitted = [] if self.guard is None else [
+                admitted = [] if not self.datapath.admits else [
                     f for s in self.manager.sessions() for f in self.manager.flows(s)]
                 guard.restore(admitted)
             except Exception:
@@ -471,7 +456,7 @@ class Daemon:
     def media_relay(self) -> str:
         """Which datapath relays media: ``ebpf`` (the kernel), ``userspace`` (Python), or
         ``ebpf+userspace`` (the kernel, sockets for what it passes up)."""
-        return "+".join(p.name for p in self.forwarders)
+        return self.datapath.name
 
     # ---- crash journal and adoption --------------------------------------------------
 
@@ -495,21 +480,9 @@ class Daemon:
         flows. A flow a session explains is left as it is (no reinstall: its counters
         and what latching learnt survive); one it lacks is installed; the rest is stale
         and removed."""
-        flows = self.manager.restore(self._saved.table("session").values(), time.monotonic(),
+        flows = self.manager.restore(self._saved.table("session").values(), self._now(),
                                      self._clock_shift)
-        wanted = {f.match for f in flows}
-        stale: list[Endpoint] = []
-        for part in self.forwarders:
-            present = part.counters()
-            drop = [m for m in present if m not in wanted]
-            missing = [f for f in flows if f.match not in present]
-            _apply([part], drop, missing, [])
-            stale += drop
-            if present or missing:
-                log.info("%s: %d flow(s) adopted as they are, %d installed, %d stale removed",
-                         part.name, len(present) - len(drop), len(missing), len(drop))
-        if self.guard is not None:  # it admits what the relay sockets serve
-            _apply([self.guard], stale, flows, [])
+        self.datapath.adopt(flows)
         if self.manager.sessions():
             log.info("adopted %d session(s) from the journal", len(self.manager.sessions()))
 
@@ -518,7 +491,7 @@ class Daemon:
         served."""
         self._proxy = proxy
         proxy.on_change = proxy.registrar.on_change = self._schedule_flush
-        now = time.monotonic()
+        now = self._now()
         bindings = proxy.registrar.restore(self._saved.table("binding"), now=now,
                                            shift=self._clock_shift)
         flows = proxy.restore(self._saved.table("nat64_flow"), now=now, shift=self._clock_shift)
@@ -590,66 +563,19 @@ class Daemon:
             asyncio.get_running_loop().call_soon(self._flush)
 
     def _flush(self) -> None:
-        """Hand the changes queued during this loop turn to the forwarders at once, and
-        to the nft guard within GUARD_DELAY, batched: an nft transaction costs ~0.3 ms,
-        and the guard only sees what the kernel passes up (eBPF redirects before
-        netfilter), so the kernel path never waits for it."""
+        """Hand the changes queued during this loop turn to the datapath (the forwarders
+        at once, the nft guard batched: CompositeDatapath) and re-arm media expiry."""
         self._flush_pending = False
         self._write_journal()  # first: the journal never knows less than the kernel
-        batch = self.manager.drain()
-        _apply(self.forwarders, batch.remove, batch.install, batch.refresh)
-        if self.guard is None:
-            return
-        for match in batch.remove:
-            self._guard_changes[match] = None
-        for flow in batch.install:
-            self._guard_changes[flow.match] = flow
-        for flow in batch.refresh:
-            self._guard_refresh[flow.match] = flow
-        if self._guard_timer is None and (
-            self._guard_changes or self._guard_refresh
-        ):
-            # without eBPF, relay traffic needs the guard's admission first: no delay
-            delay = GUARD_DELAY if any(p.name == "ebpf" for p in self.forwarders) else 0.0
-            self._guard_timer = asyncio.get_running_loop().call_later(delay, self._flush_guard)
-
-    def _flush_guard(self) -> None:
-        self._guard_timer = None
-        changes, self._guard_changes = self._guard_changes, {}
-        refresh, self._guard_refresh = self._guard_refresh, {}
-        if self.guard is None:
-            return
-        remove = [m for m, f in changes.items() if f is None]
-        install = [f for f in changes.values() if f is not None]
-        _apply([self.guard], remove, install, [f for m, f in refresh.items() if m not in changes])
-
-    def counters(self, matches: Sequence[Endpoint] | None = None) -> dict[Endpoint, FlowCounters]:
-        """Per-flow counters summed over the forwarders (the kernel and the relay
-        sockets for what the kernel passed up); the latest last_seen wins."""
-        merged: dict[Endpoint, FlowCounters] = {}
-        for part in self.forwarders:
-            for match, c in part.counters(matches).items():
-                m = merged.setdefault(match, FlowCounters())
-                m.packets += c.packets
-                m.bytes += c.bytes
-                if c.last_seen >= m.last_seen:
-                    m.last_seen, m.to = c.last_seen, c.to or m.to
-        return merged
-
-    def drops(self) -> dict[str, DropCounter]:
-        total: dict[str, DropCounter] = {}
-        for part in self.parts:
-            for reason, d in part.drops().items():
-                t = total.setdefault(reason, DropCounter())
-                t.packets += d.packets
-                t.bytes += d.bytes
-        return total
+        self.datapath.apply(self.manager.drain())
+        self._arm_expiry()
 
     def _summarize(self, session: MediaSession, reason: str, now: float) -> None:
         """One line per ended session (its flows still hold their counters): how long it
         lasted, packets and bytes each way (A = the offerer or peer A), why it ended."""
         try:
-            ways = _media_each_way(session, self.manager.flows(session), self.counters)
+            ways = _media_each_way(session, self.manager.flows(session),
+                                   self.datapath.counters)
         except Exception:  # a datapath that cannot be read must not keep a call alive
             log.exception("counters of session %s unreadable", session.id)
             ways = {}
@@ -668,24 +594,44 @@ class Daemon:
                  *a, *b, extra={"call_id": session.call_id, "session": session.id,
                                 "call": summary})
 
-    async def _timers(self) -> None:
-        synced = time.monotonic()
+    def _now(self) -> float:
+        """The one clock of signalling and media: the loop's (SIP timers run on it; it is
+        CLOCK_MONOTONIC, the clock the kernel's last_seen is in)."""
+        return asyncio.get_running_loop().time()
+
+    def _arm_expiry(self) -> None:
+        """Make the loop call ``_expire`` at the manager's next deadline, as the SIP edge
+        arms its timers. One armed at or before it stays (firing early finds nothing
+        due, and re-arms)."""
+        deadline = self.manager.next_deadline()
+        if deadline is None:
+            return
+        if self._expiry is not None:
+            if self._expiry_at <= deadline:
+                return
+            self._expiry.cancel()
+        self._expiry = asyncio.get_running_loop().call_at(deadline, self._expire, deadline)
+        self._expiry_at = deadline
+
+    def _expire(self, scheduled: float) -> None:
+        """End what is due, EXPIRY_BATCH at a time: with more due the next deadline is
+        past, and the loop serves what waits before the next pass."""
+        self._expiry = None
+        try:
+            self.manager.expire(max(scheduled, self._now()), self.datapath.counters,
+                                limit=EXPIRY_BATCH)
+        except Exception:  # a bug here must not stop every later expiry
+            log.exception("expiry sweep failed")
+        self._arm_expiry()
+
+    async def _sync_journal(self) -> None:
+        """fdatasync the journal every JOURNAL_SYNC (for power loss)."""
         while True:
-            now = time.monotonic()
-            if now - synced >= JOURNAL_SYNC:
-                synced = now
-                try:
-                    await asyncio.to_thread(self._journal_files.sync)
-                except OSError as e:
-                    log.error("journal %s not synced: %s", self._journal_files.log_path, e)
+            await asyncio.sleep(JOURNAL_SYNC)
             try:
-                self.manager.expire(now, self.counters, limit=EXPIRY_BATCH)
-            except Exception:  # a bug here must not stop every later expiry
-                log.exception("expiry sweep failed")
-            deadline = self.manager.next_deadline()
-            # more already due: only yield, so requests waiting in the loop go first
-            wait = TICK if deadline is None else min(TICK, max(0.0, deadline - now))
-            await asyncio.sleep(wait)
+                await asyncio.to_thread(self._journal_files.sync)
+            except OSError as e:
+                log.error("journal %s not synced: %s", self._journal_files.log_path, e)
 
     # ---- signalling -----------------------------------------------------------------
 
@@ -694,7 +640,8 @@ class Daemon:
         if cfg.ng_listen is not None:
             from xlat.control.ng import NgCore, start_ng
 
-            core = NgCore(self.manager, interfaces=cfg.ng_interfaces, counters=self.counters)
+            core = NgCore(self.manager, interfaces=cfg.ng_interfaces,
+                          counters=self.datapath.counters)
             self.ng = await start_ng(core, cfg.ng_listen)
             self._closers.append(self.ng)
             log.info("NG control listening on udp %s", cfg.ng_listen)
@@ -740,17 +687,17 @@ class Daemon:
     def _describe(self, session: Any, now: float) -> dict[str, Any]:
         d = self.manager.describe(session, now)
         flows = self.manager.flows(session)
-        counts = self.counters([f.match for f in flows])
+        counts = self.datapath.counters([f.match for f in flows])
         d["packets"] = sum(c.packets for c in counts.values())
         d["bytes"] = sum(c.bytes for c in counts.values())
         return d
 
     def _session_list(self) -> list[dict[str, Any]]:
-        now = time.monotonic()
+        now = self._now()
         return [self._describe(s, now) for s in self.manager.sessions()]
 
     def _session_show(self, id: str) -> dict[str, Any]:
-        now = time.monotonic()
+        now = self._now()
         session = self.manager.get(id)
         d = self._describe(session, now)
         d["flows"] = self._flows_of([session], now)
@@ -763,18 +710,18 @@ class Daemon:
             raise ControlError("timeout must be positive")
         if lifetime is not None and lifetime <= 0:
             raise ControlError("lifetime must be positive")
-        now = time.monotonic()
+        now = self._now()
         session = self.manager.add(a, b, now=now, idle_timeout=timeout, lifetime=lifetime)
         self._flush()  # the kernel has the flows before the caller hears of the relays
         return self._describe(session, now)
 
     def _session_del(self, id: str) -> dict[str, Any]:
-        session = self.manager.remove(id, now=time.monotonic())
+        session = self.manager.remove(id, now=self._now())
         self._flush()  # forwarding has stopped when the caller hears of it
         return {"id": session.id, "deleted": True}
 
     def _session_flush(self) -> dict[str, int]:
-        return {"deleted": self.manager.flush(now=time.monotonic())}
+        return {"deleted": self.manager.flush(now=self._now())}
 
     def _call(self, call_id: str) -> list[MediaSession]:
         """Every session of a Call-ID: one per answer (forks)."""
@@ -784,19 +731,19 @@ class Daemon:
         return sessions
 
     def _call_show(self, call_id: str) -> list[dict[str, Any]]:
-        now = time.monotonic()
+        now = self._now()
         return [{**self._describe(s, now), "flows": self._flows_of([s], now)}
                 for s in self._call(call_id)]
 
     def _call_del(self, call_id: str) -> dict[str, Any]:
-        now = time.monotonic()
+        now = self._now()
         deleted = [self.manager.remove(s.id, now=now).id for s in self._call(call_id)]
         self._flush()  # forwarding has stopped when the caller hears of it
         return {"call_id": call_id, "deleted": deleted}
 
     def _flows_of(self, sessions: Sequence[Any], now: float) -> list[dict[str, Any]]:
         flows = [f for s in sessions for f in self.manager.flows(s)]
-        counts = self.counters([f.match for f in flows])
+        counts = self.datapath.counters([f.match for f in flows])
         out = []
         for f in flows:
             c = counts.get(f.match, FlowCounters())
@@ -814,7 +761,7 @@ class Daemon:
         return out
 
     def _flow_list(self) -> list[dict[str, Any]]:
-        return self._flows_of(self.manager.sessions(), time.monotonic())
+        return self._flows_of(self.manager.sessions(), self._now())
 
     def _stats(self) -> dict[str, Any]:
         sessions = self.manager.sessions()
@@ -826,16 +773,16 @@ class Daemon:
         return {
             "uptime": round(time.monotonic() - self.started, 1),
             "datapath": self.media_relay,  # what relays media
-            "guard": "+".join(p.name for p in self.parts if p not in self.forwarders),
+            "guard": self.datapath.guard.name if self.datapath.guard is not None else "",
             "sessions": len(sessions),
             "deleting": sum(s.state == "deleting" for s in sessions),
             "flows": self.manager.flow_count,
             "ports": pools,
             "ended": dict(self.manager.ended),
             "forwarded": {p.name: {"packets": (f := p.forwarded()).packets, "bytes": f.bytes}
-                          for p in self.forwarders},
+                          for p in self.datapath.forwarders},
             "drops": {r: {"packets": d.packets, "bytes": d.bytes}
-                      for r, d in sorted(self.drops().items())},
+                      for r, d in sorted(self.datapath.drops().items())},
             "reasons": _reason_meanings(),
             "table_restored": self.table_restored,
         }
@@ -867,22 +814,6 @@ def _peer(label: str, text: str) -> Endpoint:
     if ep.host.is_unspecified or ep.port == 0:
         raise ControlError(f"{label}: {ep} is not a usable address")
     return ep
-
-
-def _apply(parts: Sequence[Datapath], remove: Sequence[Endpoint], install: Sequence[Flow],
-           refresh: Sequence[Flow]) -> None:
-    """One batch to each part; a part that fails is logged and the others still get it."""
-    for part in parts:
-        try:
-            if remove:
-                part.remove(remove)
-            if install:
-                part.install(install)
-            if refresh:
-                part.refresh(refresh)
-        except Exception:
-            log.exception("datapath %s rejected a batch (%d install, %d remove)",
-                          part.name, len(install), len(remove))
 
 
 def trusted_sources(cfg: Config) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:

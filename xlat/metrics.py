@@ -82,7 +82,8 @@ class DaemonCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         d = self.daemon
         info = InfoMetricFamily("xlat", "Version and datapath of this xlat")
-        info.add_metric([], {"version": d.version, "datapath": "+".join(p.name for p in d.parts)})
+        info.add_metric([], {"version": d.version,
+                             "datapath": "+".join(p.name for p in d.datapath.parts)})
         yield info
         yield from self._sessions()
         yield from self._media()
@@ -123,7 +124,7 @@ class DaemonCollector(Collector):
                                       "by datapath", labels=["datapath"])
         octets = CounterMetricFamily("xlat_forwarded_bytes", "Media bytes relayed (L3, "
                                      "as received), by datapath", labels=["datapath"])
-        for part in d.forwarders:
+        for part in d.datapath.forwarders:
             total = part.forwarded()
             packets.add_metric([part.name], total.packets)
             octets.add_metric([part.name], total.bytes)
@@ -145,7 +146,7 @@ class DaemonCollector(Collector):
                                         labels=["datapath", "reason"])
         dropped_b = CounterMetricFamily("xlat_dropped_bytes", "Bytes not forwarded, by "
                                         "datapath and reason", labels=["datapath", "reason"])
-        for part in d.parts:
+        for part in d.datapath.parts:
             try:
                 drops = part.drops()
             except Exception as e:  # one unreadable datapath must not fail the scrape

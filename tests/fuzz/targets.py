@@ -24,7 +24,7 @@ from xlat.config import Config, ConfigError, build
 from xlat.control import bencode
 from xlat.control.api import Registry
 from xlat.control.ng import NgCore
-from xlat.media.datapath import FakeDatapath
+from xlat.media.datapath import CompositeDatapath, FakeDatapath
 from xlat.media.negotiate import stream_specs
 from xlat.media.ports import RelayPortPool
 from xlat.media.session import SessionManager
@@ -79,12 +79,8 @@ def _media() -> SessionManager:
                              idle_timeout=60.0, delete_delay=1.0, rng=random.Random(1))
     datapath = FakeDatapath()
 
-    def apply() -> None:
-        batch = manager.drain()
-        datapath.remove(batch.remove)
-        datapath.install(batch.install)
-
-    manager.on_change = apply
+    composite = CompositeDatapath([datapath])  # as the daemon drives it
+    manager.on_change = lambda: composite.apply(manager.drain())
     return manager
 
 

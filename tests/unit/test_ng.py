@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from xlat.addr import Endpoint
 from xlat.control.bencode import BencodeError, decode, encode
 from xlat.control.ng import READ_BATCH, NgCore, start_ng
-from xlat.media.datapath import FakeDatapath, FlowCounters
+from xlat.media.datapath import CompositeDatapath, FakeDatapath, FlowCounters
 from xlat.media.ports import RelayPortPool
 from xlat.media.session import SessionManager
 from xlat.sdp import parse_sdp
@@ -67,16 +67,21 @@ class Rig:
         self.now = 100.0
         self.cookies = 0
 
+    @property
+    def datapath(self) -> FakeDatapath:
+        (fake,) = self.composite.forwarders
+        assert isinstance(fake, FakeDatapath)
+        return fake
+
+    @datapath.setter
+    def datapath(self, fake: FakeDatapath) -> None:  # a restarted daemon keeps the kernel's
+        self.composite = CompositeDatapath([fake])  # as the daemon drives it
+
     def lookup(self, matches: Sequence[Endpoint]) -> Mapping[Endpoint, FlowCounters]:
-        return {m: self.datapath.stats[m] for m in matches if m in self.datapath.stats}
+        return self.composite.counters(matches)
 
     def apply(self) -> None:
-        batch = self.manager.drain()
-        if batch.remove:
-            self.datapath.remove(batch.remove)
-        if batch.install:
-            self.datapath.install(batch.install)
-        self.datapath.refresh(batch.refresh)
+        self.composite.apply(self.manager.drain())
 
     def raw(self, datagram: bytes, source: str = "127.0.0.1:5000") -> bytes | None:
         reply = self.core.handle(datagram, source, self.now)

@@ -7,7 +7,7 @@ from ipaddress import IPv4Address, IPv6Address
 import pytest
 
 from xlat.addr import Endpoint
-from xlat.media.datapath import FakeDatapath, FlowCounters, Latch
+from xlat.media.datapath import CompositeDatapath, FakeDatapath, FlowCounters, Latch
 from xlat.media.ports import PortsExhausted, RelayPortPool
 from xlat.media.session import SessionManager, SessionNotFound, StreamMismatch, StreamSpec
 
@@ -30,14 +30,8 @@ def make(ports: int = 999, **kw: object) -> tuple[SessionManager, FakeDatapath]:
         rng=random.Random(1), **kw,  # type: ignore[arg-type]
     )
     dp = FakeDatapath()
-
-    def apply() -> None:
-        batch = mgr.drain()
-        dp.remove(batch.remove)
-        dp.install(batch.install)
-        dp.refresh(batch.refresh)
-
-    mgr.on_change = apply
+    datapath = CompositeDatapath([dp])  # as the daemon drives it
+    mgr.on_change = lambda: datapath.apply(mgr.drain())
     return mgr, dp
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from xlat.addr import Endpoint
-from xlat.media.datapath import FakeDatapath
+from xlat.media.datapath import CompositeDatapath, FakeDatapath
 from xlat.media.ports import RelayPortPool
 from xlat.media.session import SessionManager
 from xlat.sip.auth import ALGORITHMS, Credentials, digest_response, ha1
@@ -182,18 +182,14 @@ class Gateway:
             rng=random.Random(7),
         )
         self.datapath = FakeDatapath()
-        self.media.on_change = self._apply
+        composite = CompositeDatapath([self.datapath])  # as the daemon drives it
+        self.media.on_change = lambda: composite.apply(self.media.drain())
         self.proxy = SipProxy(
             ProxyConfig(sip={4: GW4, 6: GW6}, **config),  # type: ignore[arg-type]
             self.media,
             random.Random(42),
         )
         self.now = 0.0
-
-    def _apply(self) -> None:
-        batch = self.media.drain()
-        self.datapath.remove(batch.remove)
-        self.datapath.install(batch.install)
 
     def local_for(self, phone: Phone) -> Endpoint:
         return GW4 if phone.addr.family == 4 else GW6

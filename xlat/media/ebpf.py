@@ -331,6 +331,9 @@ class EbpfDatapath:
     same layout and replaces its own leftover filters (hitless restart).
     """
 
+    behind_guard = False  # TC ingress: it redirects before netfilter sees the packet
+    close_blocks = True  # detaching uses pyroute2
+
     def __init__(
         self,
         interfaces: Sequence[str],

@@ -208,6 +208,8 @@ class UserspaceRelay:
     calls ``install``."""
 
     name = "userspace"
+    behind_guard = True  # its sockets see only what table inet xlat admits
+    close_blocks = False
 
     def __init__(
         self,
