@@ -19,24 +19,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-import fcntl
 import gc
-import ipaddress
 import logging
 import os
-import resource
 import signal
-import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import fields, replace
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from xlat import eventloop, state, systemd
 from xlat.addr import Endpoint
 from xlat.config import Config, ConfigError
 from xlat.control.api import ControlError, ControlServer, Registry, listening
+from xlat.host import InterfaceBusy, InterfaceLocks, default_interfaces, raise_fd_limit
 from xlat.media.datapath import CompositeDatapath, Flow, FlowCounters, Forwarder
 from xlat.media.ports import RelayPortPool
 from xlat.media.session import MediaSession, SessionManager
@@ -47,7 +43,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("xlat")
 
-LOCK_DIR = Path("/run/xlat/locks")
 TABLE_CHECK = 1.0  # seconds between checks that table inet xlat is still there
 # Sessions one expiry pass looks at before the loop serves signalling again: a mass
 # expiry (10k calls idle at once) becomes many short passes, not one long stall.
@@ -70,77 +65,6 @@ class ExitCode(enum.IntEnum):
 
 class StartupError(Exception):
     """The daemon cannot start; the message says why in one line."""
-
-
-def raise_fd_limit(want: int = 1 << 20) -> int:
-    """The userspace relay holds two sockets per RTP/RTCP pair: lift RLIMIT_NOFILE as far
-    as the kernel lets root. Returns the limit in force."""
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    for limit in (want, hard):
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
-            return limit
-        except (ValueError, OSError):
-            continue
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-
-
-def default_interfaces() -> list[str]:
-    """Every non-loopback interface that is up, in this network namespace."""
-    from pyroute2 import IPRoute
-
-    with IPRoute() as ipr:
-        return [
-            link.get_attr("IFLA_IFNAME")
-            for link in ipr.get_links()
-            if link.get_attr("IFLA_IFNAME") != "lo" and link["flags"] & 1  # IFF_UP
-        ]
-
-
-class InterfaceLocks:
-    """One flock per (network namespace, interface): the kernel drops it when the
-    holder dies, so only a *live* daemon on the same interfaces blocks a new one. A
-    clean stop removes its lock files."""
-
-    def __init__(self, interfaces: Sequence[str]) -> None:
-        self.interfaces = interfaces
-        self._held: list[tuple[Path, int]] = []
-
-    def acquire(self) -> None:
-        LOCK_DIR.mkdir(parents=True, exist_ok=True)
-        netns = os.stat("/proc/self/ns/net").st_ino
-        for name in sorted(self.interfaces):  # one order: two starting daemons cannot cross
-            path = LOCK_DIR / f"net{netns}-{name}.lock"
-            while True:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
-                    os.close(fd)
-                    self.release()
-                    raise StartupError(
-                        f"interface {name} is already served by a running xlat (pid {holder})"
-                    ) from None
-                if _same_file(path, fd):
-                    break
-                os.close(fd)  # its holder removed it as we locked it: lock the new one
-            os.ftruncate(fd, 0)
-            os.write(fd, str(os.getpid()).encode())
-            self._held.append((path, fd))
-
-    def release(self) -> None:
-        for path, fd in self._held:
-            path.unlink(missing_ok=True)  # while still locked: a waiter sees it is stale
-            os.close(fd)
-        self._held.clear()
-
-
-def _same_file(path: Path, fd: int) -> bool:
-    try:
-        return os.stat(path).st_ino == os.fstat(fd).st_ino
-    except FileNotFoundError:
-        return False
 
 
 class Daemon:
@@ -265,6 +189,8 @@ class Daemon:
     async def _reload_guard(self, cfg: Config, applied: str) -> None:
         """The SIP rate limit's exempt sources (route targets are looked up again) and
         rate, replaced in table inet xlat; then READY=1."""
+        from xlat.media.nft import trusted_sources
+
         assert self.nft_guard is not None
         try:
             trusted = await asyncio.to_thread(trusted_sources, cfg)
@@ -305,7 +231,10 @@ class Daemon:
                     raise StartupError(f"eBPF datapath: {e}") from None
                 self._ebpf_problem = e
         self._locks = InterfaceLocks(interfaces)
-        self._locks.acquire()
+        try:
+            self._locks.acquire()
+        except InterfaceBusy as e:
+            raise StartupError(str(e)) from None
         log.debug("file descriptor limit %d", raise_fd_limit())
         self._load_journal()
         await self._attach_datapath(interfaces)
@@ -367,7 +296,7 @@ class Daemon:
         """Bring up what relays media, failing closed: with ``--datapath ebpf`` a kernel
         path that cannot come up stops the start before anything in the kernel changed
         (see ebpf.py for the order); only ``--datapath auto`` falls back to sockets."""
-        from xlat.media.nft import NftError, NftGuard
+        from xlat.media.nft import NftError, NftGuard, trusted_sources
 
         cfg = self.config
         ebpf = None
@@ -814,29 +743,6 @@ def _peer(label: str, text: str) -> Endpoint:
     if ep.host.is_unspecified or ep.port == 0:
         raise ControlError(f"{label}: {ep} is not a usable address")
     return ep
-
-
-def trusted_sources(cfg: Config) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
-    """Sources the SIP rate limit spares: ``--trusted`` prefixes and every route target
-    (a host name is resolved once, now; one that does not resolve is logged)."""
-    from xlat.sip.uri import SipUri
-
-    out = list(cfg.trusted)
-    for route in cfg.routes:
-        host = SipUri.parse(route.target).host.strip("[]")
-        try:
-            out.append(ipaddress.ip_network(host))
-            continue
-        except ValueError:
-            pass
-        try:
-            infos = socket.getaddrinfo(host, None, type=socket.SOCK_DGRAM)
-        except OSError as e:
-            log.warning("route target %s does not resolve (%s): its SIP is rate-limited; "
-                        "give --trusted for it", host, e)
-            continue
-        out += [ipaddress.ip_network(str(info[4][0]).partition("%")[0]) for info in infos]
-    return list(dict.fromkeys(out))
 
 
 def _media_each_way(session: MediaSession, flows: Sequence[Flow],

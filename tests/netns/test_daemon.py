@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from xlat.addr import Endpoint
-from xlat.daemon import LOCK_DIR
+from xlat.host import LOCK_DIR
 from xlat.lab import GW4, GW6, V4_HOST, V6_HOST, Lab, in_netns
 
 pytestmark = pytest.mark.netns

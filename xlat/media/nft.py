@@ -14,22 +14,28 @@ every return code is checked and turned into ``NftError``.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import math
 import shutil
+import socket
 import string
 from collections.abc import Callable, Iterable, Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from xlat.addr import Endpoint, IPAddress, parse_ip
 from xlat.media.datapath import DropCounter, Flow, FlowCounters
+
+if TYPE_CHECKING:
+    from xlat.config import Config
 
 try:
     import nftables
 except ImportError:  # reported by check_nft(); NftGuard needs it
     nftables = None
 
+log = logging.getLogger("xlat")
 RULESET = Path(str(resources.files("xlat") / "nft" / "xlat.nft"))  # package data (top-level nft/)
 FAMILY = "inet"
 TABLE = "xlat"
@@ -172,6 +178,29 @@ class NftGuard:
         rc, out, err = self._nft.json_cmd({"nftables": cmds})
         _check(rc, err)
         return out if isinstance(out, dict) else {}
+
+
+def trusted_sources(cfg: Config) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    """Sources the SIP rate limit spares: ``--trusted`` prefixes and every route target
+    (a host name is resolved once, now; one that does not resolve is logged)."""
+    from xlat.sip.uri import SipUri
+
+    out = list(cfg.trusted)
+    for route in cfg.routes:
+        host = SipUri.parse(route.target).host.strip("[]")
+        try:
+            out.append(ipaddress.ip_network(host))
+            continue
+        except ValueError:
+            pass
+        try:
+            infos = socket.getaddrinfo(host, None, type=socket.SOCK_DGRAM)
+        except OSError as e:
+            log.warning("route target %s does not resolve (%s): its SIP is rate-limited; "
+                        "give --trusted for it", host, e)
+            continue
+        out += [ipaddress.ip_network(str(info[4][0]).partition("%")[0]) for info in infos]
+    return list(dict.fromkeys(out))
 
 
 def load_script(
