@@ -408,7 +408,7 @@ def log_level(ctx: click.Context, level: str | None, as_json: bool) -> None:
 def check(ctx: click.Context, as_json: bool) -> None:
     """Check that every kernel feature and tool the datapath needs is here, and say
     which datapath relays media."""
-    from xlat.media.ebpf import check_kernel
+    from xlat.media.ebpfcheck import check_kernel
     from xlat.media.nft import check_nft
 
     results = [*check_kernel(), *check_nft()]

@@ -39,7 +39,8 @@ from xlat.lab import (
     in_netns,
 )
 from xlat.media.datapath import Flow, Latch
-from xlat.media.ebpf import BpffsError, EbpfDatapath, PinnedMapMismatch, check_kernel
+from xlat.media.ebpf import BpffsError, EbpfDatapath, PinnedMapMismatch
+from xlat.media.ebpfcheck import check_kernel
 
 pytestmark = pytest.mark.netns
 

@@ -27,7 +27,6 @@ import re
 import socket
 import threading
 import time
-import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -35,7 +34,7 @@ from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 from typing import Any
 
-from pyroute2 import IPRoute, netns
+from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from xlat.addr import Endpoint
@@ -355,7 +354,7 @@ class EbpfDatapath:
             self._wanted = resolve_interfaces(self._ipr, interfaces)
             self.bpffs.mkdir(parents=True, exist_ok=True)
             pinned = {m for m in MAP_NAMES if (self.bpffs / m).exists()}
-            self._bpf = _compile(self.bpffs)
+            self._bpf = compile_program(self.bpffs)
         except BaseException:
             self._ipr.close()
             raise
@@ -364,7 +363,7 @@ class EbpfDatapath:
             self._reasons = self._bpf[b"reasons"]
             self._epoch = self._bpf[b"link_epoch"]
             self._check_layout()
-            self._fn = _load(self._bpf, BPF.SCHED_CLS)
+            self._fn = load_program(self._bpf, BPF.SCHED_CLS)
             if attach:
                 self.attach()
         except BaseException:
@@ -673,7 +672,7 @@ class EbpfDatapath:
                 self._ipr.tc("del", "clsact", idx)
 
 
-def _compile(pin_dir: Path | None) -> Any:
+def compile_program(pin_dir: Path | None) -> Any:
     """bcc's BPF object for bpf/xlat.c (maps pinned in ``pin_dir``; private if None)."""
     from bcc import BPF
 
@@ -684,7 +683,7 @@ def _compile(pin_dir: Path | None) -> Any:
                            "headers with `xlat check`") from None
 
 
-def _load(bpf: Any, prog_type: int) -> Any:
+def load_program(bpf: Any, prog_type: int) -> Any:
     """Load (verify) the ``xlat`` function as ``prog_type``."""
     try:
         return bpf.load_func(PROG_NAME.encode(), prog_type)
@@ -743,92 +742,3 @@ def prog_test_run(prog_fd: int, frame: bytes, repeat: int) -> tuple[int, int, by
     if libbpf.bpf_prog_test_run_opts(prog_fd, ct.byref(opts)) != 0:
         raise EbpfError(f"BPF_PROG_TEST_RUN: {os.strerror(ct.get_errno())}")
     return opts.retval, opts.duration, data_out.raw[: opts.data_size_out]
-
-
-# ---- xlat check -------------------------------------------------------------------------
-
-
-def check_kernel(bpffs: Path = DEFAULT_BPFFS) -> list[tuple[str, bool, str]]:
-    """What ``xlat check`` reports for the eBPF datapath: (feature, ok, detail), the
-    privileges first; every failing detail ends with its fix. Touches nothing outside
-    a throw-away network namespace."""
-    problem = privilege_problem(mount=not is_bpffs(bpffs))
-    caps = f"CapEff {effective_capabilities():016x}"
-    results = [("privileges", problem is None, problem or f"uid {os.geteuid()}, {caps}")]
-    try:
-        import bcc
-    except ImportError as e:
-        return [*results,
-                ("bcc", False, f"cannot import bcc ({e}); fix: apt-get install python3-bpfcc")]
-    results.append(("bcc", True, f"python3-bpfcc at {Path(bcc.__file__).parent}"))
-    headers_ok, detail = kernel_headers()
-    results.append(("kernel headers", headers_ok, detail))
-    if is_bpffs(bpffs):
-        results.append(("bpffs", True, f"{bpffs} is on a bpf filesystem"))
-    else:
-        results.append(("bpffs", True, f"{bpffs} is not on a bpf filesystem: xlat run mounts "
-                        f"one at {BPFFS_ROOT if bpffs.is_relative_to(BPFFS_ROOT) else bpffs}"))
-    for key, path in (
-        ("ipv4 forwarding", "net/ipv4/ip_forward"),
-        ("ipv6 forwarding", "net/ipv6/conf/all/forwarding"),
-    ):
-        sysctl = path.replace("/", ".")
-        try:
-            value = Path("/proc/sys", path).read_text().strip()
-        except OSError as e:
-            results.append((key, False, f"{sysctl}: {e.strerror}; fix: run in a network "
-                            "namespace with /proc/sys mounted"))
-            continue
-        results.append((key, value == "1", f"{sysctl} = {value} (bpf_fib_lookup needs 1)"
-                        + ("" if value == "1" else f"; fix: sysctl -w {sysctl}=1")))
-    if problem is None and headers_ok:
-        results.extend(_check_program())
-    return results
-
-
-def _check_program() -> list[tuple[str, bool, str]]:
-    """Compile and load xlat.c with private maps, then attach it to clsact on the
-    loopback of a temporary network namespace."""
-    from bcc import BPF
-
-    try:
-        bpf = _compile(None)
-    except ProgramError as e:
-        return [("bpf program", False, str(e))]
-    try:
-        fn = _load(bpf, BPF.SCHED_CLS)
-    except EbpfError as e:
-        bpf.cleanup()
-        return [("bpf program", False, str(e))]
-    results = [("bpf program", True, f"{BPF_SOURCE} compiles and passes the verifier")]
-    ns = f"xlat-check-{uuid.uuid4().hex[:8]}"
-    saved = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    try:
-        netns.create(ns)
-        netns.setns(ns, flags=0)
-        with IPRoute() as ipr:
-            (lo,) = ipr.link_lookup(ifname="lo")
-            ipr.tc("add", "clsact", lo)
-            ipr.tc(
-                "add-filter",
-                "bpf",
-                lo,
-                TC_HANDLE,
-                fd=fn.fd,
-                name=PROG_NAME,
-                parent=TC_INGRESS,
-                classid=1,
-                direct_action=True,
-                prio=TC_PRIO,
-            )
-        results.append(("clsact", True, "direct-action bpf filter attaches on clsact ingress"))
-    except (OSError, NetlinkError) as e:
-        results.append(("clsact", False, f"clsact/bpf filter in a scratch netns: {e}; fix: "
-                        "a kernel with CONFIG_NET_CLS_BPF and CONFIG_NET_SCH_INGRESS"))
-    finally:
-        netns.setns(saved, flags=0)
-        os.close(saved)
-        with contextlib.suppress(OSError):
-            netns.remove(ns)
-        bpf.cleanup()
-    return results
