@@ -15,6 +15,7 @@ from typing import Any
 
 import click
 
+from xlat import compiled
 from xlat.config import (
     DEFAULT_BPFFS,
     DEFAULT_CONTROL,
@@ -48,7 +49,7 @@ def _ask(ctx: click.Context, cmd: str, **args: Any) -> Any:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="xlat", message="xlat %(version)s")
+@click.version_option(package_name="xlat", message=f"xlat %(version)s, {compiled.describe()}")
 @click.option("--control", type=click.Path(path_type=Path), envvar="XLAT_CONTROL",
               default=DEFAULT_CONTROL, show_default=True, help="The daemon's control socket.")
 @click.option("-j", "--json", "as_json", is_flag=True, help="Print JSON only (every command).")
@@ -412,6 +413,7 @@ def check(ctx: click.Context, as_json: bool) -> None:
     from xlat.media.nft import check_nft
 
     results = [*check_kernel(), *check_nft()]
+    results.append(("signalling cores", True, compiled.describe()))
     results.append(_relaying(ctx.obj["control"], all(ok for _, ok, _ in results)))
     if as_json:
         click.echo(json.dumps([{"check": n, "ok": ok, "detail": d} for n, ok, d in results]))

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from xlat.addr import Endpoint
+from xlat.compiled import mypyc_attr
 from xlat.media.datapath import Flow, FlowCounters, Latch
 from xlat.media.ports import PortsExhausted, RelayPortPool
 from xlat.media.timers import DeadlineBuckets
@@ -66,6 +67,7 @@ class StreamMismatch(ValueError):
     """An answer whose streams do not line up with the offer (RFC 3264 §6)."""
 
 
+@mypyc_attr(native_class=False)  # mypyc: a KeyError subclass cannot be native
 class SessionNotFound(KeyError):
     """No session matches the given id, or call-id and tags."""
 
