@@ -75,8 +75,10 @@ config_file_option = click.option(
               help="SIP listen address: UDP and TCP, or only the transport prefixed "
                    "(default: port 5060 of each media address).")
 @click.option("--domain", multiple=True, metavar="NAME", help="A domain we serve.")
-@click.option("--route", multiple=True, metavar="'DOMAIN|*=sip:HOST:PORT'",
-              help="Static next hop for a domain.")
+@click.option("--route", multiple=True, metavar="'DOMAIN|*=SIP-URI'",
+              help="Next hop for requests to DOMAIN (`*`: every request nothing else "
+                   "claims), e.g. '*=sip:pbx.example.net' (HOST a name or an IP; "
+                   ":PORT and ;transport= optional, RFC 3263 finds the rest).")
 @click.option("--trusted", multiple=True, metavar="PREFIX",
               help="SIP from here is not rate-limited (a trunk, an upstream proxy); route "
                    "targets never are.")
