@@ -33,7 +33,8 @@ from xlat.addr import Endpoint
 from xlat.config import Config, ConfigError
 from xlat.control.api import ControlError, ControlServer, Registry, listening
 from xlat.host import InterfaceBusy, InterfaceLocks, default_interfaces, raise_fd_limit
-from xlat.media.datapath import CompositeDatapath, Flow, FlowCounters, Forwarder
+from xlat.media.datapath import CompositeDatapath, FlowCounters, Forwarder
+from xlat.media.model import State
 from xlat.media.ports import RelayPortPool
 from xlat.media.session import MediaSession, SessionManager
 
@@ -503,8 +504,7 @@ class Daemon:
         """One line per ended session (its flows still hold their counters): how long it
         lasted, packets and bytes each way (A = the offerer or peer A), why it ended."""
         try:
-            ways = _media_each_way(session, self.manager.flows(session),
-                                   self.datapath.counters)
+            ways = self.manager.each_way(session, self.datapath.counters)
         except Exception:  # a datapath that cannot be read must not keep a call alive
             log.exception("counters of session %s unreadable", session.id)
             ways = {}
@@ -614,7 +614,7 @@ class Daemon:
         return reg
 
     def _describe(self, session: Any, now: float) -> dict[str, Any]:
-        d = self.manager.describe(session, now)
+        d = session.describe(now)
         flows = self.manager.flows(session)
         counts = self.datapath.counters([f.match for f in flows])
         d["packets"] = sum(c.packets for c in counts.values())
@@ -704,7 +704,8 @@ class Daemon:
             "datapath": self.media_relay,  # what relays media
             "guard": self.datapath.guard.name if self.datapath.guard is not None else "",
             "sessions": len(sessions),
-            "deleting": sum(s.state == "deleting" for s in sessions),
+            "deleting": sum(n for (_, state), n in self.manager.census().items()
+                            if state is State.DELETING),
             "flows": self.manager.flow_count,
             "ports": pools,
             "ended": dict(self.manager.ended),
@@ -743,25 +744,6 @@ def _peer(label: str, text: str) -> Endpoint:
     if ep.host.is_unspecified or ep.port == 0:
         raise ControlError(f"{label}: {ep} is not a usable address")
     return ep
-
-
-def _media_each_way(session: MediaSession, flows: Sequence[Flow],
-                    lookup: Any) -> dict[str, tuple[int, int]]:
-    """(packets, bytes) that arrived from side A (``a->b``) and from side B (``b->a``),
-    RTP and RTCP, over the flows the session owns."""
-    side_a = {leg.relay for stream in session.streams if stream is not None
-              for leg in stream[:1]}
-    counts = lookup([f.match for f in flows])
-    ways = {"a->b": (0, 0), "b->a": (0, 0)}
-    for f in flows:
-        c = counts.get(f.match)
-        if c is None:
-            continue
-        rtp = Endpoint(f.match.host, f.match.port & ~1)  # RTCP arrives on the odd port
-        way = "a->b" if rtp in side_a else "b->a"
-        p, b = ways[way]
-        ways[way] = (p + c.packets, b + c.bytes)
-    return ways
 
 
 def _reason_meanings() -> dict[str, str]:
