@@ -182,7 +182,7 @@ def test_idle_timeout_frees_flows_set_elements_and_ports(gateway: Gateway) -> No
         # only sockets need their ports admitted: with eBPF alone the range stays closed
         sockets = "userspace" in gateway.json("stats")["datapath"]  # type: ignore[index]
         admitted = [(str(GW6), relay_a.port), (str(GW6), relay_a.port + 1)] if sockets else []
-        # the nft guard is updated in batches (daemon.GUARD_DELAY): wait for the batch
+        # the nft guard is updated in batches (datapath.GUARD_DELAY): wait for the batch
         deadline = time.monotonic() + 2
         while nft_elements(gateway.lab, "relay6") != admitted and time.monotonic() < deadline:
             time.sleep(0.02)

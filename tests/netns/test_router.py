@@ -225,7 +225,7 @@ def test_nft_flush_ruleset_mid_stream_brings_the_table_back(
     gw = start(lab, tmp_path, "--datapath", datapath)
     try:
         relay_a, _, _ = gw.add(str(A), str(B))
-        time.sleep(0.1)  # the guard's batch (daemon.GUARD_DELAY)
+        time.sleep(0.1)  # the guard's batch (datapath.GUARD_DELAY)
         before = nft_elements(lab, "relay6")
         with udp(lab.v6, A) as a, udp(lab.v4, B) as b, Stream(a, relay_a, b) as stream:
             assert stream.first_after(time.monotonic()) is not None
