@@ -78,16 +78,14 @@ static __always_inline void count(__u32 reason, __u32 bytes)
 }
 
 /* verdict — count a packet we do not forward and say what happens to it.
- * Returns TC_ACT_SHOT for the (drop) reasons of reasons.h, TC_ACT_OK for the others.
+ * Returns TC_ACT_SHOT for the reasons whose EBPF column in reasons.h is `drop`, TC_ACT_OK for
+ * the others.
  */
 static __always_inline int verdict(__u32 reason, __u32 bytes)
 {
 	count(reason, bytes);
 	switch (reason) {
-	case REASON_NO_PEER:
-	case REASON_STRICT_MISMATCH:
-	case REASON_RATE_LIMITED:
-	case REASON_REWRITE_FAIL:
+	XLAT_REASONS(XLAT_EBPF_DROP)
 		return TC_ACT_SHOT;
 	}
 	return TC_ACT_OK;

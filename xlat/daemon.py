@@ -33,6 +33,7 @@ from xlat.addr import Endpoint
 from xlat.config import Config, ConfigError
 from xlat.control.api import ControlError, ControlServer, Registry, listening
 from xlat.host import InterfaceBusy, InterfaceLocks, default_interfaces, raise_fd_limit
+from xlat.media import reasons
 from xlat.media.datapath import CompositeDatapath, FlowCounters, Forwarder
 from xlat.media.model import State
 from xlat.media.ports import RelayPortPool
@@ -713,7 +714,7 @@ class Daemon:
                           for p in self.datapath.forwarders},
             "drops": {r: {"packets": d.packets, "bytes": d.bytes}
                       for r, d in sorted(self.datapath.drops().items())},
-            "reasons": _reason_meanings(),
+            "reasons": reasons.meanings(),
             "table_restored": self.table_restored,
         }
 
@@ -744,15 +745,6 @@ def _peer(label: str, text: str) -> Endpoint:
     if ep.host.is_unspecified or ep.port == 0:
         raise ControlError(f"{label}: {ep} is not a usable address")
     return ep
-
-
-def _reason_meanings() -> dict[str, str]:
-    """What each drop/pass reason means, from the kernel program's list and nftables'."""
-    from xlat.media import ebpf, nft
-
-    meanings = {r.name: f"({r.action}) {r.text}" for r in ebpf.reasons()}
-    meanings.update(nft.MEANINGS)
-    return meanings
 
 
 def _version() -> str:

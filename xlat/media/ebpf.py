@@ -6,7 +6,7 @@ interface. Two maps are pinned under ``bpffs`` so a restarted daemon adopts live
 ``flows`` (hash: relay address:port -> rewrite, latching, rate cap, soft state,
 counters) and ``reasons`` (per-CPU packets/bytes per reason a packet was not forwarded).
 The C headers are the single source of the layouts (bcc's generated Key/Leaf), the
-reason names (``bpf/reasons.h``) and the flag bits (``bpf/maps.h``).
+reason slots (``bpf/reasons.h``, read by ``xlat.media.reasons``) and the flag bits (``bpf/maps.h``).
 
 Everything runs in the caller's network namespace (``ip netns exec <gw> xlat run``).
 Bringing it up fails closed, in an order that changes nothing in the kernel before the
@@ -28,7 +28,6 @@ import socket
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from importlib import resources
 from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
@@ -38,6 +37,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from xlat.addr import Endpoint
+from xlat.media import reasons
 from xlat.media.datapath import DropCounter, Flow, FlowCounters, Latch
 
 # Package data (top-level bpf/, shipped as xlat/bpf): bcc compiles a file path whose
@@ -97,27 +97,6 @@ class ProgramError(EbpfError):
 
 
 # ---- what the C headers say ----------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Reason:
-    """One entry of ``bpf/reasons.h``: ``action`` is ``stack``, ``drop`` or ``sent``."""
-
-    name: str
-    action: str
-    text: str
-
-
-_REASON_RE = re.compile(
-    r"^\s*REASON_([A-Z0-9_]+)\b[^/\n]*/\*\s*\((stack|drop|sent)\)\s*(.*?)\s*\*/", re.M
-)
-
-
-@functools.cache
-def reasons() -> tuple[Reason, ...]:
-    """The reasons in enum order (index = counter slot); ``forwarded`` is first."""
-    text = (BPF_DIR / "reasons.h").read_text()
-    return tuple(Reason(m[1].lower(), m[2], m[3]) for m in _REASON_RE.finditer(text))
 
 
 @functools.cache
@@ -463,7 +442,7 @@ class EbpfDatapath:
     def drops(self) -> dict[str, DropCounter]:
         """Every reason but ``forwarded``, summed over CPUs (zeros included)."""
         out = {}
-        for i, reason in enumerate(reasons()):
+        for i, reason in enumerate(reasons.counted_by("ebpf")):
             if reason.name == "forwarded":
                 continue
             per_cpu = self._reasons.getvalue(self._reasons.Key(i))
@@ -524,9 +503,9 @@ class EbpfDatapath:
                     f"pinned map {self.bpffs / map_name} has {got}, this xlat needs {want}; "
                     f"fix: stop the xlat that uses it, or rm {self.bpffs / map_name}"
                 )
-        if self._reasons.max_entries != len(reasons()):
+        if self._reasons.max_entries != len(reasons.counted_by("ebpf")):
             raise EbpfError(
-                f"reasons.h lists {len(reasons())} reasons, the map has "
+                f"reasons.h lists {len(reasons.counted_by('ebpf'))} eBPF reasons, the map has "
                 f"{self._reasons.max_entries}: parse error in reasons.h"
             )
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from xlat.addr import Endpoint, IPAddress, parse_ip
+from xlat.media import reasons
 from xlat.media.datapath import DropCounter, Flow, FlowCounters
 
 if TYPE_CHECKING:
@@ -39,13 +40,7 @@ log = logging.getLogger("xlat")
 RULESET = Path(str(resources.files("xlat") / "nft" / "xlat.nft"))  # package data (top-level nft/)
 FAMILY = "inet"
 TABLE = "xlat"
-DROP_COUNTERS = ("unallocated", "sip_rate_limited")
-MEANINGS = {  # one line each, for `xlat stats`
-    "unallocated": "(drop) UDP to a relay port that no userspace relay serves: no session "
-                   "holds it, or eBPF alone forwards and passed it up (nftables)",
-    "sip_rate_limited": "(drop) SIP to a listen address over the per-source rate: IPv4 address "
-                        "or IPv6 /64; route targets and --trusted exempt (nftables)",
-}
+DROP_COUNTERS = tuple(r.name for r in reasons.counted_by("nft"))  # the ruleset's drop counters
 NAMED_COUNTERS = ("to_stack", *DROP_COUNTERS)
 _RELAY_SET = {4: "relay4", 6: "relay6"}
 _CONFIG_SETS = ("media4", "media6", "relay_ports", "sip_listen4", "sip_listen6", "trusted4",
@@ -132,7 +127,7 @@ class NftGuard:
         }
 
     def drops(self) -> dict[str, DropCounter]:
-        """``unallocated`` and ``sip_rate_limited``."""
+        """The drop counters (``DROP_COUNTERS``: the NFT column of ``bpf/reasons.h``)."""
         named = self.named_counters()
         return {reason: named[reason] for reason in DROP_COUNTERS}
 

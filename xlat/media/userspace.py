@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from xlat.addr import Endpoint
+from xlat.media import reasons
 from xlat.media.datapath import DropCounter, Flow, FlowCounters, Latch
 
 # Datagrams read from one socket per wake-up before yielding to the loop: enough to
@@ -34,14 +35,20 @@ ADDRESS_MEMO = 4096
 
 
 class DropReason(enum.StrEnum):
-    """Why the relay did not forward a datagram (the keys of ``drops()``)."""
+    """Why the relay did not forward a datagram (the keys of ``drops()``): the entries of
+    ``bpf/reasons.h`` with a USERSPACE action, named here for the code that returns them (the
+    check below holds the two to each other; meanings and actions live in the list)."""
 
-    UNALLOCATED = "unallocated"  # arrived at a relay socket that no installed flow matches
-    EXPIRED = "expired"  # the flow was idle longer than its idle timeout
-    STRICT_MISMATCH = "strict_mismatch"  # STRICT flow, source is not the negotiated one
-    RATE_LIMITED = "rate_limited"  # over the flow's packet-rate cap
-    NO_PEER = "no_peer"  # the flow does not know where to send yet (port 0)
-    SEND_FAILED = "send_failed"  # the kernel refused the onward sendto (counted at the edge)
+    UNALLOCATED = "unallocated"
+    EXPIRED = "expired"
+    STRICT_MISMATCH = "strict_mismatch"
+    RATE_LIMITED = "rate_limited"
+    NO_PEER = "no_peer"
+    SEND_FAILED = "send_failed"  # counted at the edge
+
+
+if {r.value for r in DropReason} != {r.name for r in reasons.counted_by("userspace")}:
+    raise reasons.ReasonsError("reasons.h USERSPACE column and userspace.DropReason differ")
 
 
 @dataclass(frozen=True, slots=True)
