@@ -50,7 +50,7 @@ from netaddr import IPNetwork
 
 from xlat import eventloop
 from xlat.addr import Endpoint
-from xlat.media.datapath import FakeDatapath
+from xlat.media.datapath import CompositeDatapath, FakeDatapath
 from xlat.media.ports import RelayPortPool
 from xlat.media.session import SessionManager
 from xlat.sip.proxy import ProxyConfig, Send, SipProxy
@@ -196,15 +196,14 @@ class Bench:
         self.lab = lab
         self.media = media_manager(lab)
         self.datapath = FakeDatapath()
+        self.composite = CompositeDatapath([self.datapath])  # as the daemon drives it
         self.media.on_change = self._flush
         self.proxy = lab.proxy(self.media)
         self.now = 0.0
         self.spent = 0.0  # seconds of CPU time inside the gateway
 
     def _flush(self) -> None:
-        batch = self.media.drain()
-        self.datapath.remove(batch.remove)
-        self.datapath.install(batch.install)
+        self.composite.apply(self.media.drain())
 
     def _timed_call(self, work: Callable[..., _T], *args: Any) -> _T:
         return self._timed(functools.partial(work, *args))
@@ -223,7 +222,7 @@ class Bench:
             self._timed(lambda: self.proxy.handle_timer(self.now))
         due = self.media.next_deadline()
         if due is not None and due <= self.now:
-            self._timed(lambda: self.media.expire(self.now, self.datapath.counters))
+            self._timed(lambda: self.media.expire(self.now, self.composite.counters))
 
     def send(self, data: bytes, source: Endpoint) -> list[Send]:
         local = self.lab.gw6 if source.family == 6 else self.lab.gw4
