@@ -17,7 +17,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 # What a wheel or source package is built from (the same list as debian/source: the
 # package data are the top-level bpf/ and nft/ trees the xlat/bpf, xlat/nft links name).
-SOURCE = ("pyproject.toml", "README.md", "Makefile", "xlat", "bpf", "nft", "systemd",
+SOURCE = ("pyproject.toml", "setup.py", "README.md", "Makefile", "xlat", "bpf", "nft", "systemd",
           "debian", "docs", "etc", "scripts")
 
 
@@ -38,7 +38,8 @@ def copy_source(dest: Path) -> Path:
         src = REPO / name
         if src.is_dir():
             shutil.copytree(src, dest / name, symlinks=True,
-                            ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+                            ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "*.so",
+                                                          "_compiled.json"))
         elif src.exists():
             shutil.copy2(src, dest / name)
     return dest
