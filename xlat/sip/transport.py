@@ -197,6 +197,7 @@ class SipServer:
         self.resolver = resolver
         self.tls_client = tls_client
         self.udp: dict[Endpoint, asyncio.DatagramTransport] = {}
+        self.udp_sockets: dict[Endpoint, socket.socket] = {}  # the same, as sockets
         self.tcp: list[asyncio.Server] = []
         self.connections: dict[Endpoint, _Tcp] = {}
         self._connecting: dict[tuple[Endpoint, str], list[bytes]] = {}
@@ -318,13 +319,22 @@ class SipServer:
         task.add_done_callback(self._tasks.discard)
 
     def _send_udp(self, send: Send) -> None:
-        sock = self.udp.get(send.local) if send.local is not None else None
-        if sock is None:
-            sock = next((t for ep, t in self.udp.items() if ep.family == send.dest.family), None)
-        if sock is None:
+        local = send.local if send.local in self.udp else next(
+            (ep for ep in self.udp if ep.family == send.dest.family), None)
+        if local is None:
             log.info("no IPv%d UDP socket to reach %s", send.dest.family, send.dest)
             return
-        sock.sendto(send.data, _sockaddr(send.dest))
+        transport = self.udp[local]
+        if cast(asyncio.WriteTransport, transport).get_write_buffer_size() == 0:
+            # straight to the socket: an error (EMSGSIZE for a forward too big for a
+            # datagram, EPERM...) is this message's, raised here and logged by transmit;
+            # uvloop's transport would take it as fatal and stop sending on the socket
+            try:
+                self.udp_sockets[local].sendto(send.data, _sockaddr(send.dest))
+                return
+            except (BlockingIOError, InterruptedError):
+                pass  # the transport queues it until the socket is writable
+        transport.sendto(send.data, _sockaddr(send.dest))
 
     def _send_stream(self, send: Send) -> None:
         """TCP or TLS: down the peer's connection of that kind, else a new one."""
@@ -422,6 +432,7 @@ class SipServer:
             if conn.transport is not None:
                 conn.transport.close()
         self.udp.clear()
+        self.udp_sockets.clear()
         self.tcp.clear()
 
 
@@ -444,6 +455,7 @@ async def start_sip(
                 udp, _ = await loop.create_datagram_endpoint(
                     functools.partial(_Udp, server, ep, sock), sock=sock)
                 server.udp[ep] = udp
+                server.udp_sockets[ep] = sock
             else:
                 context = tls_server if transport == "tls" else None
                 sock = _socket(ep, socket.SOCK_STREAM)
