@@ -75,11 +75,13 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import bcc, nftables' 2>/
   rm -rf .venv
   /usr/bin/python3 -m venv --system-site-packages .venv
 fi
-stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
-if [ ! -e "$stamp" ]; then
+stamp=.venv/.installed-$(cat pyproject.toml setup.py | sha256sum | cut -c1-16)
+# pip builds the compiled cores (setup.py, mypyc) too: again when one's source changed
+if [ ! -e "$stamp" ] || ! env -u XLAT_PURE_PYTHON .venv/bin/python -c \
+    'import xlat.compiled as c; raise SystemExit(c.stale())'; then
   .venv/bin/pip install -q --upgrade pip
   .venv/bin/pip install -q -e '.[dev]'
   rm -f .venv/.installed-*
   touch "$stamp"
 fi
-echo "setup: ok ($(.venv/bin/python -c 'import bcc, nftables, pyroute2, scapy; print("bcc", bcc.__version__ if hasattr(bcc, "__version__") else "?", "pyroute2", pyroute2.__version__)'))"
+echo "setup: ok ($(.venv/bin/python -c 'import bcc, nftables, pyroute2, scapy; print("bcc", bcc.__version__ if hasattr(bcc, "__version__") else "?", "pyroute2", pyroute2.__version__)'); $(.venv/bin/xlat --version))"

@@ -1,0 +1,3 @@
+from xlat import compiled as _compiled
+
+_compiled.install()

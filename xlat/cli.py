@@ -15,6 +15,7 @@ from typing import Any
 
 import click
 
+from xlat import compiled
 from xlat.config import (
     DEFAULT_BPFFS,
     DEFAULT_CONTROL,
@@ -48,7 +49,7 @@ def _ask(ctx: click.Context, cmd: str, **args: Any) -> Any:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="xlat", message="xlat %(version)s")
+@click.version_option(package_name="xlat", message=f"xlat %(version)s, {compiled.describe()}")
 @click.option("--control", type=click.Path(path_type=Path), envvar="XLAT_CONTROL",
               default=DEFAULT_CONTROL, show_default=True, help="The daemon's control socket.")
 @click.option("-j", "--json", "as_json", is_flag=True, help="Print JSON only (every command).")
@@ -75,8 +76,10 @@ config_file_option = click.option(
               help="SIP listen address: UDP and TCP, or only the transport prefixed "
                    "(default: port 5060 of each media address).")
 @click.option("--domain", multiple=True, metavar="NAME", help="A domain we serve.")
-@click.option("--route", multiple=True, metavar="'DOMAIN|*=sip:HOST:PORT'",
-              help="Static next hop for a domain.")
+@click.option("--route", multiple=True, metavar="'DOMAIN|*=SIP-URI'",
+              help="Next hop for requests to DOMAIN (`*`: every request nothing else "
+                   "claims), e.g. '*=sip:pbx.example.net' (HOST a name or an IP; "
+                   ":PORT and ;transport= optional, RFC 3263 finds the rest).")
 @click.option("--trusted", multiple=True, metavar="PREFIX",
               help="SIP from here is not rate-limited (a trunk, an upstream proxy); route "
                    "targets never are.")
@@ -412,6 +415,7 @@ def check(ctx: click.Context, as_json: bool) -> None:
     from xlat.media.nft import check_nft
 
     results = [*check_kernel(), *check_nft()]
+    results.append(("signalling cores", True, compiled.describe()))
     results.append(_relaying(ctx.obj["control"], all(ok for _, ok, _ in results)))
     if as_json:
         click.echo(json.dumps([{"check": n, "ok": ok, "detail": d} for n, ok, d in results]))

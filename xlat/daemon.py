@@ -38,6 +38,7 @@ from xlat.addr import Endpoint
 from xlat.config import Config, ConfigError
 from xlat.control.api import ControlError, ControlServer, Registry, listening
 from xlat.media.datapath import Datapath, DropCounter, Flow, FlowCounters, Forwarder
+from xlat.media.model import State
 from xlat.media.ports import RelayPortPool
 from xlat.media.session import MediaSession, SessionManager
 
@@ -649,7 +650,7 @@ class Daemon:
         """One line per ended session (its flows still hold their counters): how long it
         lasted, packets and bytes each way (A = the offerer or peer A), why it ended."""
         try:
-            ways = _media_each_way(session, self.manager.flows(session), self.counters)
+            ways = self.manager.each_way(session, self.counters)
         except Exception:  # a datapath that cannot be read must not keep a call alive
             log.exception("counters of session %s unreadable", session.id)
             ways = {}
@@ -740,7 +741,7 @@ class Daemon:
         return reg
 
     def _describe(self, session: Any, now: float) -> dict[str, Any]:
-        d = self.manager.describe(session, now)
+        d = session.describe(now)
         flows = self.manager.flows(session)
         counts = self.counters([f.match for f in flows])
         d["packets"] = sum(c.packets for c in counts.values())
@@ -830,7 +831,8 @@ class Daemon:
             "datapath": self.media_relay,  # what relays media
             "guard": "+".join(p.name for p in self.parts if p not in self.forwarders),
             "sessions": len(sessions),
-            "deleting": sum(s.state == "deleting" for s in sessions),
+            "deleting": sum(n for (_, state), n in self.manager.census().items()
+                            if state is State.DELETING),
             "flows": self.manager.flow_count,
             "ports": pools,
             "ended": dict(self.manager.ended),
@@ -908,25 +910,6 @@ def trusted_sources(cfg: Config) -> list[ipaddress.IPv4Network | ipaddress.IPv6N
             continue
         out += [ipaddress.ip_network(str(info[4][0]).partition("%")[0]) for info in infos]
     return list(dict.fromkeys(out))
-
-
-def _media_each_way(session: MediaSession, flows: Sequence[Flow],
-                    lookup: Any) -> dict[str, tuple[int, int]]:
-    """(packets, bytes) that arrived from side A (``a->b``) and from side B (``b->a``),
-    RTP and RTCP, over the flows the session owns."""
-    side_a = {leg.relay for stream in session.streams if stream is not None
-              for leg in stream[:1]}
-    counts = lookup([f.match for f in flows])
-    ways = {"a->b": (0, 0), "b->a": (0, 0)}
-    for f in flows:
-        c = counts.get(f.match)
-        if c is None:
-            continue
-        rtp = Endpoint(f.match.host, f.match.port & ~1)  # RTCP arrives on the odd port
-        way = "a->b" if rtp in side_a else "b->a"
-        p, b = ways[way]
-        ways[way] = (p + c.packets, b + c.bytes)
-    return ways
 
 
 def _reason_meanings() -> dict[str, str]:

@@ -12,6 +12,7 @@ come from ``xlat flow list -j``. The SIPp scenarios live in tests/e2e/sipp/.
 from __future__ import annotations
 
 import contextlib
+import functools
 import ipaddress
 import json
 import math
@@ -30,6 +31,8 @@ from typing import Any
 
 from xlat.addr import Endpoint, IPAddress
 from xlat.lab import GW4, GW6, LAB_RUN_DIR, V4_HOST, V6_HOST, Lab, LabError
+from xlat.sip.headers import canonical_name
+from xlat.sip.message import SipRequest, SipResponse, parse_message
 
 SIPP_DIR = Path(__file__).resolve().parent.parent / "tests" / "e2e" / "sipp"
 SIP_PORT = 5060
@@ -209,86 +212,50 @@ class Phone:
         return f"sip:{self.user}@{host}"
 
 
-_COMPACT = {"v": "via", "m": "contact", "f": "from", "t": "to", "i": "call-id",
-            "l": "content-length", "c": "content-type"}
-_LIST_HEADERS = frozenset({"via", "contact", "record-route", "route"})
-
-
 @dataclass(frozen=True)
 class Message:
-    """One SIP message as a SIPp phone logged it (``-trace_msg``): sent or received."""
+    """One SIP message as a SIPp phone logged it (``-trace_msg``): sent or received,
+    parsed by ``xlat.sip.message`` like any message the proxy reads."""
 
     sent: bool
     transport: str
-    text: str
+    text: str  # as logged, line ends as "\n"
     at: float  # when SIPp logged it (time.time() seconds; SIPp writes local time)
 
-    @property
-    def head(self) -> list[str]:
-        """Start line and header lines (folded lines joined)."""
-        lines: list[str] = []
-        for line in self.text.split("\n\n", 1)[0].splitlines():
-            if line[:1] in (" ", "\t") and lines:
-                lines[-1] += " " + line.strip()
-            elif line.strip():
-                lines.append(line.rstrip())
-        return lines
+    @functools.cached_property
+    def sip(self) -> SipRequest | SipResponse:
+        """The message parsed (SIPp sends CRLF line ends; its log has "\n")."""
+        return parse_message(self.text.replace("\n", "\r\n").encode())
 
     @property
     def start(self) -> str:
-        return self.head[0]
+        return self.text.partition("\n")[0].rstrip()
 
     @property
     def body(self) -> str:
-        parts = self.text.split("\n\n", 1)
-        return parts[1].strip() if len(parts) > 1 else ""
+        return self.sip.body.decode(errors="replace").replace("\r\n", "\n").strip()
 
     @property
     def is_request(self) -> bool:
-        return not self.start.startswith("SIP/2.0")
+        return isinstance(self.sip, SipRequest)
 
     @property
     def method(self) -> str:
         """The request's method, or the method a response answers (from CSeq)."""
-        if self.is_request:
-            return self.start.split()[0]
-        return (self.values("cseq") or ["? ?"])[0].split()[-1]
+        return self.sip.method if isinstance(self.sip, SipRequest) else self.sip.cseq[1]
 
     @property
     def status(self) -> int | None:
-        return None if self.is_request else int(self.start.split()[1])
+        return self.sip.status if isinstance(self.sip, SipResponse) else None
 
     def header_lines(self, *names: str) -> list[str]:
-        """The header lines named (full or compact names), in order."""
-        return [line for line in self.head[1:] if _name(line) in names]
+        """The header lines named (full or compact names), in order, unfolded."""
+        keys = {canonical_name(n) for n in names}
+        return [f"{h.name}: {h.value}" for h in self.sip.headers if h.key in keys]
 
     def values(self, name: str) -> list[str]:
         """Every value of header ``name``; list headers are split at their commas."""
-        out: list[str] = []
-        for line in self.header_lines(name):
-            value = line.partition(":")[2].strip()
-            out += _split_commas(value) if name in _LIST_HEADERS else [value]
-        return out
-
-
-def _name(line: str) -> str:
-    name = line.partition(":")[0].strip().lower()
-    return _COMPACT.get(name, name)
-
-
-def _split_commas(value: str) -> list[str]:
-    """Split a list header at commas outside <…> and quotes."""
-    parts, depth, quoted, start = [], 0, False, 0
-    for i, ch in enumerate(value):
-        if ch == '"':
-            quoted = not quoted
-        elif not quoted and ch in "<>":
-            depth += 1 if ch == "<" else -1
-        elif not quoted and depth == 0 and ch == ",":
-            parts.append(value[start:i].strip())
-            start = i + 1
-    parts.append(value[start:].strip())
-    return [p for p in parts if p]
+        return self.sip.get_all(name)
 
 
 _SEPARATOR = re.compile(r"^-{20,} (\S+ \S+)\n(TCP|UDP) message (sent|received).*\n\n",
@@ -301,7 +268,9 @@ def read_trace(path: Path) -> list[Message]:
     pieces = _SEPARATOR.split(text)  # [before, when, transport, direction, message, …]
     return [
         Message(sent=direction == "sent", transport=transport,
-                text=re.split(r"^-{20,}", message, flags=re.MULTILINE)[0].strip("\n"),
+                # up to the next separator; what SIPp adds after the body is cut off
+                # at Content-Length by the parser
+                text=re.split(r"^-{20,}", message, flags=re.MULTILINE)[0].lstrip("\n"),
                 at=datetime.strptime(when, "%Y-%m-%d %H:%M:%S.%f").timestamp())
         for when, transport, direction, message in zip(
             pieces[1::4], pieces[2::4], pieces[3::4], pieces[4::4], strict=True)

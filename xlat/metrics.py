@@ -19,7 +19,6 @@ import asyncio
 import bisect
 import contextlib
 import logging
-from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
@@ -96,7 +95,7 @@ class DaemonCollector(Collector):
         sessions = GaugeMetricFamily("xlat_sessions", "Media sessions now, by origin "
                                      "(sip, ng, manual) and state (active, deleting)",
                                      labels=["origin", "state"])
-        by = Counter((s.origin, s.state) for s in manager.sessions())
+        by = manager.census()
         for origin in ("sip", "ng", "manual"):
             for state in ("active", "deleting"):
                 sessions.add_metric([origin, state], by[origin, state])

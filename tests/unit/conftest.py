@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from xlat import eventloop
+from xlat import compiled, eventloop
 
 
 @pytest.fixture(params=["asyncio", "uvloop"])
@@ -18,3 +18,8 @@ def run_loop(request: pytest.FixtureRequest) -> Callable[[Coroutine[Any, Any, An
     choice = str(request.param)
     assert eventloop.resolve(choice)[0] == choice
     return lambda main: eventloop.run(main, choice)
+
+
+def pytest_report_header() -> str:
+    """Which cores this run tests: compiled (mypyc) or the pure Python fallback."""
+    return f"xlat: {compiled.describe()}"

@@ -292,7 +292,7 @@ def test_lifetime_caps_a_busy_session() -> None:
 def test_manual_session_describe_matches_cli_contract() -> None:
     mgr, dp = make()
     s = mgr.add(A6, B4, now=0.0)
-    d = mgr.describe(s, now=1.0)
+    d = s.describe(now=1.0)
     legs = d["legs"]
     assert isinstance(legs, list)
     assert legs[0]["peer"] == str(A6) and legs[0]["relay"].startswith("[2001:db8:6::1]:")

@@ -53,7 +53,7 @@ def run(dest: Destination, zone: Zone, *, now: float = 0.0, cache: DnsCache | No
         rng: random.Random | None = None) -> tuple[object, list[set[Query]]]:
     """Drive ``locate`` to its end against ``zone`` (a query not in it: NXDOMAIN);
     returns the result and the queries asked, step by step."""
-    cache = cache or DnsCache()
+    cache = cache if cache is not None else DnsCache()
     steps: list[set[Query]] = []
     while True:
         result = locate(dest, cache, now, rng=rng or random.Random(1), transports=transports,
@@ -214,3 +214,39 @@ def test_failed_targets_are_avoided_for_a_while_unless_nothing_else_is_left() ->
     assert failed.order([a], 11.0) == [a]  # last resort
     assert not failed.avoided(a.endpoint, "tcp", 11.0)  # per transport
     assert failed.order([a, b], 10.0 + FAILED_TARGET_HOLD) == [a, b]
+
+
+def test_located_targets_last_until_the_first_answer_expires_and_a_store_forgets_them() -> None:
+    cache = DnsCache()
+    dest = Destination("pbx.example")
+    ttls = {"NAPTR": 600, "SRV": 60, "AAAA": 300, "A": 300}
+    zone: Zone = {Query("pbx.example", "NAPTR"): [Naptr(10, 10, "S", "SIP+D2U",
+                                                         "_sip._udp.pbx.example")],
+                  Query("_sip._udp.pbx.example", "SRV"): [Srv(10, 0, 5080, "uas.pbx.example")],
+                  Query("uas.pbx.example", "A"): [ip_address("203.0.113.2")]}
+    rng = random.Random(1)
+    while isinstance(result := locate(dest, cache, 0.0, rng=rng), Lookup):
+        for query in result.queries:
+            cache.store(query, zone.get(query, []), ttls[query.rdtype], 0.0)  # type: ignore
+    assert endpoints(result) == [("203.0.113.2:5080", "udp")]
+    again = locate(dest, cache, 59.9, rng=rng)
+    assert again == result and again is not result  # the caller's own list
+    assert locate(dest, cache, 60.0, rng=rng) == Lookup(frozenset({Query("_sip._udp.pbx.example",
+                                                                         "SRV")}))
+    cache.store(Query("_sip._udp.pbx.example", "SRV"), [Srv(10, 0, 5080, "uas.pbx.example")],
+                60, 60.0)
+    assert endpoints(locate(dest, cache, 61.0, rng=rng)) == [("203.0.113.2:5080", "udp")]
+    cache.store(Query("uas.pbx.example", "A"), [ip_address("203.0.113.9")], 300, 62.0)
+    assert endpoints(locate(dest, cache, 62.0, rng=rng)) == [("203.0.113.9:5080", "udp")]
+
+
+def test_srv_records_of_one_priority_are_drawn_anew_for_every_request() -> None:
+    zone: Zone = {Query("_sip._udp.x.example", "SRV"): [Srv(10, 50, 5060, "a.x.example"),
+                                                       Srv(10, 50, 5060, "b.x.example")],
+                  Query("a.x.example", "A"): [ip_address("192.0.2.1")],
+                  Query("b.x.example", "A"): [ip_address("192.0.2.2")]}
+    cache, rng = DnsCache(), random.Random(3)
+    run(Destination("x.example", transport="udp"), zone, cache=cache)
+    firsts = Counter(endpoints(locate(Destination("x.example", transport="udp"), cache, 1.0,
+                                      rng=rng))[0][0] for _ in range(400))
+    assert firsts["192.0.2.1:5060"] / 400 == pytest.approx(0.5, abs=0.1)

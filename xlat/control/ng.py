@@ -32,9 +32,9 @@ from dataclasses import replace as dc_replace
 from xlat.addr import AddressError, Endpoint, IPAddress, parse_ip
 from xlat.control.bencode import BencodeError, Value, decode, encode
 from xlat.media import negotiate
-from xlat.media.datapath import FlowCounters
+from xlat.media.model import StreamSpec
 from xlat.media.negotiate import Description, NegotiationError
-from xlat.media.session import CountersLookup, Leg, MediaSession, SessionManager, StreamSpec
+from xlat.media.session import CountersLookup, SessionManager, SessionNotFound
 from xlat.metrics import LatencyHistogram
 from xlat.sdp import SdpInfo
 
@@ -199,25 +199,6 @@ def _sdp_family(specs: Sequence[StreamSpec], info: SdpInfo) -> int | None:
     return None if info.origin_address is None else info.origin_address.version
 
 
-def _endpoint(ep: Endpoint) -> dict[str, object]:
-    return {"family": _FAMILY_NAMES[ep.family], "address": str(ep.host), "port": ep.port}
-
-
-def _stats(counters: FlowCounters | None) -> dict[str, int]:
-    if counters is None:
-        return {"packets": 0, "bytes": 0, "errors": 0}
-    return {"packets": counters.packets, "bytes": counters.bytes, "errors": 0}
-
-
-def _add(total: dict[str, int], stats: dict[str, int]) -> None:
-    for key, value in stats.items():
-        total[key] += value
-
-
-def _shift(ep: Endpoint) -> Endpoint:
-    return Endpoint(ep.host, ep.port + 1)
-
-
 class NgCore:
     """The NG protocol engine over one SessionManager. Sans-I/O; never raises from
     ``handle``: every problem becomes an error reply (or no reply without a cookie).
@@ -340,7 +321,7 @@ class NgCore:
         if "direction" in request.fields:
             request.warn("direction ignored in answer: the offer chose the interfaces")
         wanted = self._address_family(request)
-        offerer = self._offerer_family(call_id, from_tag)
+        offerer = self.manager.family_of(call_id, from_tag)
         if wanted is not None and offerer is not None and wanted != offerer:
             raise NgError(f"address family IP{wanted} contradicts the offer, whose offerer "
                           f"is {_FAMILY_NAMES[offerer]}")
@@ -366,7 +347,7 @@ class NgCore:
         delay = request.integer("delete-delay")
         if delay is not None and delay < 0:
             raise NgError("delete-delay must not be negative")
-        totals = self._totals(self._matching(call_id, from_tag, to_tag))
+        totals = self.manager.totals(self.manager.find(call_id, from_tag, to_tag), self.counters)
         if not self.manager.delete(call_id, from_tag, to_tag, now=now,
                                    delay=None if delay is None else float(delay)):
             reason = f"unknown call-id {call_id!r}" + (f" or tag {from_tag!r}" if from_tag else "")
@@ -378,12 +359,12 @@ class NgCore:
 
     def _query(self, request: _Request, now: float) -> dict[str, object]:
         request.warn_unknown(_QUERY_KEYS)
-        call_id = request.need("call-id")
-        sessions = self._matching(call_id, request.text("from-tag") or None,
-                                  request.text("to-tag") or None)
-        if not sessions:
-            raise NgError(f"unknown call-id {call_id!r}")
-        return _ok(request, **self._call_info(sessions))
+        try:
+            info = self.manager.query(request.need("call-id"), request.text("from-tag") or None,
+                                      request.text("to-tag") or None, self.counters)
+        except SessionNotFound as e:
+            raise NgError(str(e)) from None
+        return _ok(request, **info)
 
     def _list(self, request: _Request, now: float) -> dict[str, object]:
         request.warn_unknown(frozenset({"command", "limit"}))
@@ -392,19 +373,13 @@ class NgCore:
             limit = LIST_LIMIT
         if limit <= 0:
             raise NgError("limit must be > 0")
-        calls: dict[str, None] = {}
-        for session in self.manager.sessions():
-            if session.call_id is not None:
-                calls[session.call_id] = None
-                if len(calls) >= limit:
-                    break
-        return _ok(request, calls=list(calls))
+        return _ok(request, calls=self.manager.call_ids(limit))
 
     def _statistics(self, request: _Request, now: float) -> dict[str, object]:
         sessions = self.manager.sessions()
-        own = sum(1 for s in sessions if s.origin == "ng")
+        own = sum(n for (origin, _), n in self.manager.census().items() if origin == "ng")
         ended = self.manager.ended
-        totals = self._totals(sessions)
+        totals = self.manager.totals(sessions, self.counters)
         return _ok(request, statistics={
             "currentstatistics": {
                 "sessionsown": own,
@@ -544,92 +519,6 @@ class NgCore:
         if wanted not in _FAMILIES:
             raise NgError(f"address family must be IP4 or IP6, not {wanted!r}")
         return _FAMILIES[wanted]
-
-    def _offerer_family(self, call_id: str, from_tag: str) -> int | None:
-        for session in self.manager.find(call_id):
-            side = session.side_of(from_tag)
-            if side is not None:
-                return session.families[side]
-        return None
-
-    # ---- query helpers ------------------------------------------------------------
-
-    def _matching(self, call_id: str, from_tag: str | None, to_tag: str | None
-                  ) -> list[MediaSession]:
-        return [
-            s for s in self.manager.find(call_id)
-            if (from_tag is None or from_tag in s.tags) and (to_tag is None or to_tag in s.tags)
-        ]
-
-    def _call_info(self, sessions: Sequence[MediaSession]) -> dict[str, object]:
-        """rtpengine's ``query`` shape (``tags`` and ``totals``); rtpengine's UNIX
-        timestamps are left out: the core only knows monotonic time."""
-        counters = self._counters(sessions)
-        return {"tags": self._tags(sessions, counters),
-                "totals": self._totals(sessions, counters)}
-
-    def _counters(self, sessions: Sequence[MediaSession]) -> Mapping[Endpoint, FlowCounters]:
-        """Datapath counters of every relay (RTP and RTCP) of the sessions."""
-        matches = [ep for s in sessions for leg in s.legs()
-                   for ep in (leg.relay, _shift(leg.relay))]
-        return self.counters(matches) if self.counters is not None and matches else {}
-
-    def _totals(self, sessions: Sequence[MediaSession],
-                counters: Mapping[Endpoint, FlowCounters] | None = None
-                ) -> dict[str, dict[str, int]]:
-        """RTP and RTCP stats summed over every tag's legs (what ``delete`` returns)."""
-        if counters is None:
-            counters = self._counters(sessions)
-        totals = {"RTP": _stats(None), "RTCP": _stats(None)}
-        for session in sessions:
-            for leg in session.legs():
-                _add(totals["RTP"], _stats(counters.get(leg.relay)))
-                _add(totals["RTCP"], _stats(counters.get(_shift(leg.relay))))
-        return totals
-
-    def _tags(self, sessions: Sequence[MediaSession],
-              counters: Mapping[Endpoint, FlowCounters]) -> dict[str, object]:
-        """Per tag, per media, an RTP and an RTCP stream."""
-        tags: dict[str, object] = {}
-        for session in sorted(sessions, key=lambda s: s.answered):
-            for side, tag in enumerate(session.tags):
-                medias = []
-                for index, stream in enumerate(session.streams, start=1):
-                    if stream is not None:
-                        leg, other = stream[side], stream[1 - side]
-                        medias.append({"index": index,
-                                       "flags": ["rtcp-mux"] if leg.rtcp_mux else [],
-                                       "streams": _leg_streams(leg, other, counters)})
-                other_tag = session.tags[1 - side]
-                tags[tag or ""] = {"tag": tag or "", "in dialogue with": other_tag or "",
-                                   "medias": medias}
-        return tags
-
-
-def _leg_streams(
-    leg: Leg, other: Leg, counters: Mapping[Endpoint, FlowCounters]
-) -> list[dict[str, object]]:
-    """RTP and RTCP of one tag's leg: ``stats`` count what arrived at our relay from
-    that tag; ``endpoint`` is where the other leg's flow sends to it (after latching,
-    if the datapath knows), ``advertised endpoint`` what its SDP said."""
-    rtcp_peer = leg.peer if leg.rtcp_mux else leg.rtcp_peer
-    if rtcp_peer is None and leg.peer is not None:
-        rtcp_peer = _shift(leg.peer)
-    out = []
-    for kind, relay, sender, advertised in (
-        ("RTP", leg.relay, other.relay, leg.peer),
-        ("RTCP", _shift(leg.relay), _shift(other.relay), rtcp_peer),
-    ):
-        entry: dict[str, object] = {"local address": str(relay.host), "local port": relay.port,
-                                    "flags": [kind], "stats": _stats(counters.get(relay))}
-        sending = counters.get(sender)
-        endpoint = sending.to if sending is not None and sending.to else advertised
-        if endpoint is not None:
-            entry["endpoint"] = _endpoint(endpoint)
-        if advertised is not None:
-            entry["advertised endpoint"] = _endpoint(advertised)
-        out.append(entry)
-    return out
 
 
 # ---- asyncio edge ------------------------------------------------------------------

@@ -1,15 +1,16 @@
 """Media sessions: which parties talk through which relay ports, and for how long.
 
 Sans-I/O. Signalling (SIP proxy, NG, the CLI) calls ``offer``/``answer``/``delete``/
-``add``/``remove`` with the current time; the manager allocates relay pairs,
-derives the kernel flows each session needs, and queues the datapath changes.
-The daemon pulls them with ``drain()`` (it is told by ``on_change``), so changes
-made in one event-loop turn reach the kernel as one batch.
+``add``/``remove`` with the current time; the manager allocates relay pairs, keeps the
+media model (``xlat.media.model``: call → party → media → stream), derives the kernel
+flows each session needs, and queues the datapath changes. The daemon pulls them with
+``drain()`` (it is told by ``on_change``), so changes made in one event-loop turn reach
+the kernel as one batch.
 
-A session has two *sides* (0: the offerer, 1: the answerer; for a manual relay:
-peer A and peer B) and one pair of *legs* per media stream: leg ``i`` faces side
-``i`` on that side's IP family. Packets a side sends to its own leg's relay leave
-from the other leg's relay towards the other side.
+Each party's media has a relay standing in for it (the address its SDP is rewritten
+to); packets a party sends to the other's stand-in leave from its own towards the
+other party. A relay is held while a session uses it: forks (parties of one call
+sharing the offerer) need no reference counts.
 
 Timers are soft state: each session has one deadline (``DeadlineBuckets``). When it
 is due the manager asks the datapath only for the due sessions' counters; if media
@@ -24,14 +25,13 @@ their ports, and returns their flows for the daemon to adopt.
 
 Memory follows what the signalling said, nothing more: flows are derived from the
 sessions whenever they are needed (before and after a change, to queue the
-difference), relay endpoints are the port pool's own objects, and only relays that
-forks share are reference-counted.
+difference), and relay endpoints are the port pool's own objects.
 """
 
 from __future__ import annotations
 
-import functools
 import ipaddress
+import itertools
 import logging
 import random
 from collections import Counter
@@ -40,7 +40,21 @@ from dataclasses import dataclass
 from typing import Any
 
 from xlat.addr import Endpoint
+from xlat.compiled import mypyc_attr
 from xlat.media.datapath import Flow, FlowCounters, Latch
+from xlat.media.model import (
+    Call,
+    Event,
+    Media,
+    MediaSession,
+    Party,
+    Record,
+    State,
+    StreamSpec,
+    decode,
+    shift,
+    totals,
+)
 from xlat.media.ports import PortsExhausted, RelayPortPool
 from xlat.media.timers import DeadlineBuckets
 
@@ -58,76 +72,17 @@ __all__ = [
 
 CountersLookup = Callable[[Sequence[Endpoint]], Mapping[Endpoint, FlowCounters]]
 
-# One tuple object per family pair, shared by every session.
-_FAMILY_PAIRS = {(a, b): (a, b) for a in (4, 6) for b in (4, 6)}
-
 
 class StreamMismatch(ValueError):
     """An answer whose streams do not line up with the offer (RFC 3264 §6)."""
 
 
+@mypyc_attr(native_class=False)  # mypyc: a KeyError subclass cannot be native
 class SessionNotFound(KeyError):
     """No session matches the given id, or call-id and tags."""
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else "no such session"
-
-
-@dataclass(frozen=True, slots=True)
-class StreamSpec:
-    """One m= line as a party offered or answered it."""
-
-    peer: Endpoint | None  # RTP address:port; None = rejected stream (port 0)
-    rtcp: Endpoint | None = None  # from a=rtcp; None = peer.port + 1
-    rtcp_mux: bool = False
-
-
-@dataclass(slots=True)
-class Leg:
-    """Our relay pair facing one side of one stream, and what that side told us."""
-
-    relay: Endpoint  # RTP; RTCP is relay.port + 1
-    peer: Endpoint | None = None
-    rtcp_peer: Endpoint | None = None
-    rtcp_mux: bool = False
-
-    def learn(self, spec: StreamSpec) -> None:
-        self.peer, self.rtcp_peer, self.rtcp_mux = spec.peer, spec.rtcp, spec.rtcp_mux
-
-
-@dataclass(slots=True)
-class MediaSession:
-    """Both sides of one dialog (or one manual relay)."""
-
-    id: str
-    origin: str  # "sip" | "ng" | "manual"
-    call_id: str | None
-    tags: tuple[str | None, str | None]  # (side 0, side 1)
-    families: tuple[int, int]
-    streams: list[tuple[Leg, Leg] | None]  # None: rejected stream
-    idle_timeout: float
-    lifetime: float | None
-    created: float
-    activity: float  # last time signalling or media showed it alive
-    state: str = "active"  # "active" | "deleting"
-    ends_at: float | None = None  # end of the delete delay
-    answered: int = 0  # order of answers within a call: the latest owns shared flows
-    timer: float = 0.0  # the deadline in the heap that counts
-
-    def side_of(self, tag: str) -> int | None:
-        if self.tags[0] == tag:
-            return 0
-        if self.tags[1] == tag:
-            return 1
-        return None
-
-    def relays(self, side: int) -> list[Endpoint | None]:
-        return [None if s is None else s[side].relay for s in self.streams]
-
-    def legs(self) -> Iterable[Leg]:
-        for stream in self.streams:
-            if stream is not None:
-                yield from stream
 
 
 @dataclass(slots=True)
@@ -143,23 +98,16 @@ def _usable(peer: Endpoint | None) -> bool:
     return peer is not None and not peer.host.is_unspecified and peer.port != 0
 
 
-@functools.lru_cache(maxsize=1 << 16)  # relays and peers repeat in every record of a call
-def _endpoint_text(ep: Endpoint) -> str:
-    return str(ep)  # IPv6 text costs microseconds (ipaddress)
-
-
-def _text(ep: Endpoint | None) -> str | None:
-    return None if ep is None else _endpoint_text(ep)
-
-
 def _unknown(family: int) -> Endpoint:
     """Placeholder destination: the datapath drops (``no_peer``) until latching learns it."""
     host = ipaddress.IPv4Address(0) if family == 4 else ipaddress.IPv6Address(0)
     return Endpoint(host, 0)
 
 
-def _shift(ep: Endpoint, by: int) -> Endpoint:
-    return Endpoint(ep.host, ep.port + by)
+def _put(party: Party, index: int, media: Media | None) -> None:
+    if index >= len(party.media):
+        party.media.extend([None] * (index + 1 - len(party.media)))
+    party.media[index] = media
 
 
 class SessionManager:
@@ -188,12 +136,8 @@ class SessionManager:
         self.on_end: Callable[[MediaSession, str, float], None] | None = None
         self._rng = rng or random.Random()
         self._sessions: dict[str, MediaSession] = {}
-        # Sessions sharing a call-id (forks share the answerer-facing relays); manual
-        # sessions have no call-id and are not listed here.
-        self._calls: dict[str, list[MediaSession]] = {}
-        self._shared: Counter[Endpoint] = Counter()  # relay -> holders beyond the first
+        self._calls: dict[str, Call] = {}  # by call-id; a manual relay is in no call-id
         self._timers: DeadlineBuckets[MediaSession] = DeadlineBuckets()
-        self._answers = 0
         self._remove: set[Endpoint] = set()
         self._install: dict[Endpoint, Flow] = {}
         self._refresh: list[Flow] = []
@@ -217,28 +161,30 @@ class SessionManager:
     ) -> list[Endpoint | None]:
         """An offer from ``from_tag`` to be sent to a party of family ``toward``.
 
-        Returns per stream the relay (family ``toward``) for the SDP sent to the
-        answerer, None for a rejected stream. Repeating an offer returns the same
-        relays; a changed one updates the peers in place. Raises PortsExhausted
-        with nothing changed."""
+        Returns per stream the relay standing in for the offerer (family ``toward``)
+        for the SDP sent to the answerer, None for a rejected stream. Repeating an offer
+        returns the same relays; a changed one updates the peers in place. Raises
+        PortsExhausted with nothing changed."""
         session = self._find(call_id, from_tag, to_tag) or self._latest(call_id, from_tag)
         created = session is None
         if session is None:
             fam = offerer_family or self._family_of(streams, default=toward)
-            session = self._new_session(origin, call_id, (from_tag, to_tag), (fam, toward), now)
+            session = self._new_session(origin, call_id, Party(from_tag, fam, []),
+                                        Party(to_tag, toward, []), now)
         side = session.side_of(from_tag)
         assert side is not None
+        session.handle(Event.OFFER)
         before = self._wanted(session)
         try:
-            self._update_streams(session, side, streams, now)
+            self._offered(session, side, streams, now)
         except PortsExhausted:
             if created:  # it has no streams yet: it never had flows
-                self._end(session, now, "ports_exhausted")
+                self._end(session, now, Event.PORTS_EXHAUSTED)
             raise
         session.activity = now
         self._dirty.add(session.id)
         self._queue(before, self._wanted(session))
-        return session.relays(1 - side)
+        return session.stand_ins(side)
 
     def answer(
         self,
@@ -250,33 +196,37 @@ class SessionManager:
         now: float,
     ) -> list[Endpoint | None]:
         """The answer of ``to_tag`` to the offer of ``from_tag``. Returns per stream the
-        relay (offerer's family) for the SDP sent back to the offerer. A new to-tag on
-        an already answered offer is a fork and gets its own offerer-facing legs.
-        Raises SessionNotFound, StreamMismatch, PortsExhausted (a fork), with nothing
-        changed."""
+        relay standing in for the answerer (offerer's family) for the SDP sent back to
+        the offerer. A new to-tag on an already answered offer is a fork: a party of its
+        own, in a session with the offerer. Raises SessionNotFound, StreamMismatch,
+        PortsExhausted (a fork), with nothing changed."""
         session = self._find(call_id, from_tag, to_tag)
         offered = session or self._latest(call_id, from_tag)
         # a fork answers the offerer (side 0): an unknown to-tag from the callee's side
         # answers no offer
         if offered is None or (session is None and offered.side_of(from_tag) != 0):
             raise SessionNotFound(f"no offer for call {call_id!r} from tag {from_tag!r}")
-        if len(streams) != len(offered.streams):
+        offered_streams = offered.pairs()
+        if len(streams) != len(offered_streams):
             raise StreamMismatch(
-                f"answer has {len(streams)} streams, the offer had {len(offered.streams)}"
+                f"answer has {len(streams)} streams, the offer had {len(offered_streams)}"
             )
         before = self._wanted(offered)
         if session is None:
             session = self._fork(offered, now)
         side = session.side_of(from_tag)
         assert side is not None
-        session.tags = (session.tags[0], to_tag) if side == 0 else (to_tag, session.tags[1])
-        self._answers += 1
-        session.answered = self._answers
-        self._update_streams(session, 1 - side, streams, now, answer=True)
+        session.handle(Event.ANSWER)
+        session.parties[1 - side].tag = to_tag
+        call = session.call
+        call.answered(session)
+        if len(call.sessions) > 1:  # their ranks in the answer order moved
+            self._dirty.update(s.id for s in call.sessions)
+        self._learn(session, 1 - side, streams, now)
         session.activity = now
         self._dirty.add(session.id)
         self._queue(before, self._wanted(session))
-        return session.relays(side)
+        return session.stand_ins(1 - side)
 
     def delete(
         self,
@@ -289,17 +239,15 @@ class SessionManager:
     ) -> bool:
         """End a call, or the sessions of one tag (and to-tag), after ``delay`` seconds
         (default: the delete delay); flows keep forwarding until then."""
-        hits = [
-            s
-            for s in self._calls.get(call_id, ())
-            if (from_tag is None or from_tag in s.tags) and (to_tag is None or to_tag in s.tags)
-        ]
+        call = self._calls.get(call_id)
+        hits = [] if call is None else call.matching(from_tag, to_tag)
         wait = self.delete_delay if delay is None else delay
         for s in hits:
             if wait <= 0:
-                self._end(s, now, "deleted")
-            elif s.state != "deleting":
-                s.state, s.ends_at = "deleting", now + wait
+                self._end(s, now, Event.DELETED)
+            elif s.state is State.ACTIVE:
+                s.handle(Event.DELETE)
+                s.ends_at = now + wait
                 self._schedule(s, now + wait)
                 self._dirty.add(s.id)
         self._changed()
@@ -316,16 +264,16 @@ class SessionManager:
         idle_timeout: float | None = None,
         lifetime: float | None = None,
     ) -> MediaSession:
-        """A relay between two fixed peers: leg 0 faces A on A's family, leg 1 faces B.
-        Raises PortsExhausted with nothing left behind."""
-        session = self._new_session("manual", None, (None, None), (peer_a.family, peer_b.family),
-                                    now, idle_timeout, lifetime)
+        """A relay between two fixed peers, A standing in for B on A's family and B
+        for A on B's. Raises PortsExhausted with nothing left behind."""
+        session = self._new_session("manual", None, Party(None, peer_a.family, []),
+                                    Party(None, peer_b.family, []), now, idle_timeout, lifetime)
         try:
-            self._update_streams(session, 0, [StreamSpec(peer_a)], now)
+            self._offered(session, 0, [StreamSpec(peer_a)], now)
         except PortsExhausted:
-            self._end(session, now, "ports_exhausted")
+            self._end(session, now, Event.PORTS_EXHAUSTED)
             raise
-        self._update_streams(session, 1, [StreamSpec(peer_b)], now, answer=True)
+        self._learn(session, 1, [StreamSpec(peer_b)], now)
         self._dirty.add(session.id)
         self._queue({}, self._wanted(session))
         return session
@@ -333,18 +281,23 @@ class SessionManager:
     def remove(self, session_id: str, *, now: float) -> MediaSession:
         """End a session at once (no delete delay)."""
         session = self.get(session_id)
-        self._end(session, now, "removed")
+        self._end(session, now, Event.REMOVED)
         return session
 
     def flush(self, *, now: float) -> int:
-        """End every session at once; returns how many. One pass over the legs (no
+        """End every session at once; returns how many. One pass over the parties (no
         per-session flow diff): every relay endpoint's flows are queued for removal."""
         sessions = list(self._sessions.values())
+        calls = {id(s.call): s.call for s in sessions}
+        for call in calls.values():
+            for party in call.parties():
+                for media in party.media:
+                    if media is not None:
+                        self._remove.update((media.relay, shift(media.relay)))
+                        self._release(media.relay, now)
+                party.media = []
         for session in sessions:
-            for leg in session.legs():
-                self._remove.update((leg.relay, _shift(leg.relay, 1)))
-                self._release(leg.relay, now)
-            session.streams = []
+            session.handle(Event.FLUSHED)
         self._dirty.update(self._sessions)
         self._sessions.clear()
         self._calls.clear()
@@ -352,7 +305,7 @@ class SessionManager:
         self._install.clear()
         self._refresh.clear()
         self.flow_count = 0
-        self.ended["flushed"] += len(sessions)
+        self.ended[Event.FLUSHED.value] += len(sessions)
         log.info("flushed %d session(s)", len(sessions))
         self._changed()
         return len(sessions)
@@ -363,85 +316,65 @@ class SessionManager:
         """(session id, record) of every session changed since the last call; None for
         one that ended. The daemon journals them (xlat/state.py) once per loop turn."""
         dirty, self._dirty = self._dirty, set()
-        return [(sid, None if (s := self._sessions.get(sid)) is None else self.record(s))
+        return [(sid, None if (s := self._sessions.get(sid)) is None else s.record())
                 for sid in dirty]
-
-    @staticmethod
-    def record(s: MediaSession) -> dict[str, Any]:
-        """A session as JSON-able data, for ``restore``: relay ports, peers and tags (what
-        a BYE, re-INVITE or NG request after a restart needs), and its times (monotonic
-        seconds)."""
-
-        def leg(lg: Leg) -> list[str | bool | None]:
-            return [_endpoint_text(lg.relay), _text(lg.peer), _text(lg.rtcp_peer), lg.rtcp_mux]
-
-        return {
-            "id": s.id, "origin": s.origin, "call_id": s.call_id, "tags": list(s.tags),
-            "families": list(s.families), "idle_timeout": s.idle_timeout,
-            "lifetime": s.lifetime, "created": s.created, "activity": s.activity,
-            "state": s.state, "ends_at": s.ends_at, "answered": s.answered,
-            "streams": [None if st is None else [leg(st[0]), leg(st[1])] for st in s.streams],
-        }
 
     def restore(self, items: Iterable[Mapping[str, Any]], now: float, shift: float = 0.0
                 ) -> list[Flow]:
-        """Re-create sessions from ``record`` data (times moved by ``shift``, see
-        ``xlat.state.clock_shift``), claiming their relay pairs, so no new call is given a
-        port a restored one holds. Returns the flows they need; nothing is queued: the
-        caller installs only what the datapath lacks (a flow it has keeps its counters and
-        what latching learnt). A record that does not decode is skipped and logged."""
-
-        groups: dict[str, MediaSession] = {}  # one session of each call (or manual one)
+        """Re-create sessions from ``MediaSession.record`` data (times moved by
+        ``shift``, see ``xlat.state.clock_shift``), claiming their relay pairs, so no new
+        call is given a port a restored one holds. Returns the flows they need; nothing
+        is queued: the caller installs only what the datapath lacks (a flow it has keeps
+        its counters and what latching learnt). A record that does not decode is
+        skipped and logged."""
+        decoded = []
         for d in items:
             try:
-                session = self._restored(d, shift)
+                decoded.append(decode(d, shift))
             except (KeyError, TypeError, ValueError, IndexError) as exc:
                 sid = d.get("id") if isinstance(d, Mapping) else d
                 log.warning("journaled session %r not restored: %s", sid, exc)
+        calls: dict[int, Call] = {}
+        for rec in sorted(decoded, key=lambda r: r.answered):  # the calls' answer order
+            if rec.id in self._sessions:
+                log.warning("journaled session %r not restored: session id in use", rec.id)
                 continue
+            call = self._call(rec.call_id)
+            first, second = (self._restored_party(call, rec, side) for side in (0, 1))
+            session = MediaSession(
+                id=rec.id, origin=rec.origin, call=call, parties=(first, second),
+                idle_timeout=rec.idle_timeout, lifetime=rec.lifetime, created=rec.created,
+                activity=rec.activity, state=rec.state, ends_at=rec.ends_at)
+            call.sessions.append(session)
+            self._sessions[session.id] = session
+            self._dirty.add(session.id)
             if session.ends_at is not None:
                 self._schedule(session, session.ends_at)
             else:
                 self._arm(session)
-            groups[session.call_id or session.id] = session
-        flows = [f for s in groups.values() for f in self._wanted(s).values()]
+            calls[id(call)] = call
+        flows = [f for c in calls.values() for f in self._wanted(c.sessions[0]).values()]
         self.flow_count += len(flows)
         self._changed()
         return flows
 
-    def _restored(self, d: Mapping[str, Any], shift: float) -> MediaSession:
-        """One session from its record (validated whole before its ports are claimed)."""
-
-        def ep(text: object) -> Endpoint | None:
-            return None if text is None else Endpoint.parse(str(text))
-
-        def leg(data: Sequence[Any]) -> Leg:
-            relay = ep(data[0])
-            if relay is None:
-                raise ValueError("leg without a relay")
-            return Leg(relay, ep(data[1]), ep(data[2]), bool(data[3]))
-
-        if d["id"] in self._sessions:
-            raise ValueError("session id in use")
-        families = _FAMILY_PAIRS[(int(d["families"][0]), int(d["families"][1]))]
-        streams = [None if st is None else (leg(st[0]), leg(st[1])) for st in d["streams"]]
-        session = MediaSession(
-            id=str(d["id"]), origin=str(d["origin"]), call_id=d["call_id"],
-            tags=(d["tags"][0], d["tags"][1]), families=families, streams=streams,
-            idle_timeout=float(d["idle_timeout"]), lifetime=d["lifetime"],
-            created=float(d["created"]) + shift, activity=float(d["activity"]) + shift,
-            state=str(d["state"]),
-            ends_at=None if d["ends_at"] is None else float(d["ends_at"]) + shift,
-            answered=int(d["answered"]),
-        )
-        for lg in session.legs():
-            lg.relay = self._claim(lg.relay)
-        self._sessions[session.id] = session
-        self._dirty.add(session.id)
-        if session.call_id is not None:
-            self._calls.setdefault(session.call_id, []).append(session)
-        self._answers = max(self._answers, session.answered)
-        return session
+    def _restored_party(self, call: Call, rec: Record, side: int) -> Party:
+        """Side ``side`` of a journaled session: the call's party of that tag (the
+        offerer of a fork) or a new one, whose relays are claimed once."""
+        tag = rec.tags[side]
+        party = None if tag is None else call.party(tag)
+        if party is None:
+            party = Party(tag, rec.families[side], [])
+        for i, said in enumerate(rec.media[side]):
+            if said is None:
+                continue
+            relay, peer, rtcp, mux = said
+            media = party.at(i)
+            if media is None:
+                _put(party, i, Media(self._claim(relay), peer, rtcp, mux))
+            else:  # the offerer of a fork: the latest answer's word counts
+                media.peer, media.rtcp_peer, media.rtcp_mux = peer, rtcp, mux
+        return party
 
     # ---- queries -------------------------------------------------------------
 
@@ -451,42 +384,64 @@ class SessionManager:
         except KeyError:
             raise SessionNotFound(f"no session {session_id!r}") from None
 
-    def find(self, call_id: str) -> list[MediaSession]:
-        return list(self._calls.get(call_id, ()))
+    def find(self, call_id: str, from_tag: str | None = None, to_tag: str | None = None
+             ) -> list[MediaSession]:
+        """The sessions of ``call_id`` (one per answer: forks), in answer order; only
+        those with ``from_tag`` and ``to_tag`` if given."""
+        call = self._calls.get(call_id)
+        return [] if call is None else call.matching(from_tag, to_tag)
 
     def sessions(self) -> list[MediaSession]:
         return list(self._sessions.values())
+
+    def call_ids(self, limit: int) -> list[str]:
+        """Up to ``limit`` call-ids, oldest first (NG ``list``)."""
+        return list(itertools.islice(self._calls, limit))
+
+    def census(self) -> Counter[tuple[str, State]]:
+        """Sessions now, by (origin, state)."""
+        return Counter((s.origin, s.state) for s in self._sessions.values())
+
+    def family_of(self, call_id: str, tag: str) -> int | None:
+        """The IP family party ``tag`` of ``call_id`` uses in its SDP (None: unknown)."""
+        call = self._calls.get(call_id)
+        party = None if call is None else call.party(tag)
+        return None if party is None else party.family
 
     def flows(self, session: MediaSession) -> list[Flow]:
         """The flows installed for a session (shared ones belong to the latest answer)."""
         return [f for f in self._wanted(session).values() if f.session == session.id]
 
-    def describe(self, session: MediaSession, now: float) -> dict[str, object]:
-        """The JSON object ``session list -j`` prints for a session."""
+    def totals(self, sessions: Sequence[MediaSession], lookup: CountersLookup | None
+               ) -> dict[str, dict[str, int]]:
+        """RTP and RTCP packets and bytes over the sessions' relay ports."""
+        return totals(sessions, self._counters(sessions, lookup))
 
-        def leg(lg: Leg) -> dict[str, object]:
-            return {"peer": str(lg.peer) if lg.peer else None, "relay": str(lg.relay)}
+    def query(self, call_id: str, from_tag: str | None, to_tag: str | None,
+              lookup: CountersLookup | None) -> dict[str, object]:
+        """NG ``query``: per tag, per media, the RTP and RTCP streams, and the totals.
+        Raises SessionNotFound."""
+        sessions = self.find(call_id, from_tag, to_tag)
+        if not sessions:
+            raise SessionNotFound(f"unknown call-id {call_id!r}")
+        return sessions[0].call.query(sessions, self._counters(sessions, lookup))
 
-        streams = [[leg(a), leg(b)] for a, b in (s for s in session.streams if s is not None)]
-        return {
-            "id": session.id,
-            "legs": streams[0] if streams else [],
-            "state": session.state,
-            "origin": session.origin,
-            "call_id": session.call_id,
-            "tags": list(session.tags),
-            "streams": [{"legs": s} for s in streams],
-            "idle_timeout": session.idle_timeout,
-            "lifetime": session.lifetime,
-            "age": round(now - session.created, 3),
-            "idle": round(max(0.0, now - session.activity), 3),
-            "ends_in": None if session.ends_at is None else round(session.ends_at - now, 3),
-        }
+    def each_way(self, session: MediaSession, lookup: CountersLookup
+                 ) -> dict[str, tuple[int, int]]:
+        """(packets, bytes) from side A (``a->b``) and from side B (``b->a``)."""
+        flows = self.flows(session)
+        return session.each_way(flows, lookup([f.match for f in flows]))
 
     def next_deadline(self) -> float | None:
         """When ``expire`` has work next (at most two timer buckets, 0.2 s, after the
         deadline)."""
         return self._timers.next_deadline()
+
+    @staticmethod
+    def _counters(sessions: Sequence[MediaSession], lookup: CountersLookup | None
+                  ) -> Mapping[Endpoint, FlowCounters]:
+        matches = [ep for s in sessions for ep in s.relay_ports()]
+        return lookup(matches) if lookup is not None and matches else {}
 
     # ---- timers ---------------------------------------------------------------
 
@@ -507,10 +462,10 @@ class SessionManager:
                 if self._timers.bucket(session.timer) <= self._timers.bucket(now):
                     self._timers.defer(now, session)  # its bucket has begun, not its time
                 continue  # else: stale entry, the timer sits in a later bucket too
-            if session.state == "deleting":
-                self._end(session, now, "deleted")
+            if session.state is State.DELETING:
+                self._end(session, now, Event.DELETED)
             elif session.lifetime is not None and now >= session.created + session.lifetime:
-                self._end(session, now, "lifetime")
+                self._end(session, now, Event.LIFETIME)
             else:
                 idle.append(session)
                 continue
@@ -527,11 +482,12 @@ class SessionManager:
                        if f.match in counters]
             session.activity = max([session.activity, *seen_at])
             if now >= session.activity + session.idle_timeout:  # as _arm computes it
-                self._end(session, now, "idle")
+                self._end(session, now, Event.IDLE)
                 ended.append(session)
             else:
                 log.debug("session %s alive: last activity %.1f s ago", session.id,
                           now - session.activity)
+                session.handle(Event.MEDIA)
                 self._arm(session)
                 self._refresh.extend(flows[session.id])
                 self._changed()
@@ -545,32 +501,39 @@ class SessionManager:
 
     # ---- internals ------------------------------------------------------------
 
+    def _call(self, call_id: str | None) -> Call:
+        if call_id is None:
+            return Call(None, [])
+        call = self._calls.get(call_id)
+        if call is None:
+            call = self._calls[call_id] = Call(call_id, [])
+        return call
+
     def _new_session(
         self,
         origin: str,
-        call_id: str | None,
-        tags: tuple[str | None, str | None],
-        families: tuple[int, int],
+        call: str | Call | None,
+        offerer: Party,
+        answerer: Party,
         now: float,
         idle_timeout: float | None = None,
         lifetime: float | None = None,
     ) -> MediaSession:
-        for fam in families:
-            if fam not in self.pools:
-                raise PortsExhausted(fam)
+        for party in (offerer, answerer):
+            if party.family not in self.pools:
+                raise PortsExhausted(party.family)
         sid = f"{self._rng.getrandbits(48):012x}"
         while sid in self._sessions:
             sid = f"{self._rng.getrandbits(48):012x}"
         session = MediaSession(
-            id=sid, origin=origin, call_id=call_id, tags=tags,
-            families=_FAMILY_PAIRS[families], streams=[],
+            id=sid, origin=origin, call=call if isinstance(call, Call) else self._call(call),
+            parties=(offerer, answerer),
             idle_timeout=self.idle_timeout if idle_timeout is None else idle_timeout,
             lifetime=lifetime, created=now, activity=now,
         )
+        session.call.sessions.insert(0, session)  # unanswered: before every answered one
         self._sessions[sid] = session
         self._dirty.add(sid)
-        if call_id is not None:
-            self._calls.setdefault(call_id, []).append(session)
         self._arm(session)
         return session
 
@@ -580,8 +543,9 @@ class SessionManager:
     def _find(self, call_id: str, tag: str, other: str | None) -> MediaSession | None:
         """The session of ``call_id`` with ``tag`` on one side and ``other`` on the
         other; failing that, one whose other side is not known yet (unanswered)."""
+        call = self._calls.get(call_id)
         # the other side's tag of each session ``tag`` is part of
-        mine = [(s, s.tags[1 - side]) for s in self._calls.get(call_id, ())
+        mine = [(s, s.parties[1 - side].tag) for s in (call.sessions if call else ())
                 if (side := s.side_of(tag)) is not None]
         for s, theirs in mine:
             if other is not None and theirs == other:
@@ -590,8 +554,9 @@ class SessionManager:
 
     def _latest(self, call_id: str, tag: str) -> MediaSession | None:
         """The most recently answered session of ``call_id`` that ``tag`` is part of."""
-        sessions = [s for s in self._calls.get(call_id, ()) if s.side_of(tag) is not None]
-        return max(sessions, key=lambda s: s.answered, default=None)
+        call = self._calls.get(call_id)
+        return next((s for s in reversed(call.sessions) if s.side_of(tag) is not None),
+                    None) if call else None
 
     def _allocate(self, family: int, now: float) -> Endpoint:
         for pool in self.pools[family]:
@@ -602,13 +567,10 @@ class SessionManager:
         raise PortsExhausted(family)
 
     def _claim(self, relay: Endpoint) -> Endpoint:
-        """A relay of a restored session: the pool's own Endpoint, claimed once and
-        shared after that. A relay no pool covers any more (the address or the port
-        range changed) is kept as it is."""
+        """A relay of a restored session: the pool's own Endpoint. A relay no pool
+        covers any more (the address or the port range changed) is kept as it is."""
         for pool in self.pools.get(relay.family, []):
             if pool.address == relay.host:
-                if pool.owns(relay):
-                    self._shared[relay] += 1
                 try:
                     return pool.claim(relay)
                 except ValueError:
@@ -616,43 +578,55 @@ class SessionManager:
         return relay
 
     def _release(self, relay: Endpoint, now: float) -> None:
-        if self._shared[relay] > 0:
-            self._shared[relay] -= 1
-            if not self._shared[relay]:
-                del self._shared[relay]
-            return
         for pool in self.pools.get(relay.family, []):
             if pool.owns(relay):
                 pool.release(relay, now)
 
-    def _update_streams(
-        self,
-        session: MediaSession,
-        side: int,
-        specs: Sequence[StreamSpec],
-        now: float,
-        answer: bool = False,
-    ) -> None:
-        """Record what ``side`` said about each stream. An offer may add streams (their
-        legs are allocated first: on PortsExhausted nothing has changed) or reject
-        them (their legs are released); an answer only fills in its side."""
-        streams = session.streams
-        added = [] if answer else [
-            i for i, spec in enumerate(specs)
-            if spec.peer is not None and (i >= len(streams) or streams[i] is None)
-        ]
-        relays = iter(self._allocate_all(session.families * len(added), now))
-        if len(specs) > len(streams) and not answer:
-            streams.extend([None] * (len(specs) - len(streams)))
-        for i in added:
-            streams[i] = (Leg(next(relays)), Leg(next(relays)))
+    def _offered(self, session: MediaSession, side: int, specs: Sequence[StreamSpec],
+                 now: float) -> None:
+        """Record what ``side`` offered for each stream. An offer may add streams (the
+        stand-ins they lack are allocated first: on PortsExhausted nothing has changed)
+        or reject them (their relays are released)."""
+        pairs = session.pairs()
+        added = [i for i, spec in enumerate(specs)
+                 if spec.peer is not None and (i >= len(pairs) or pairs[i] is None)]
+        first, second = session.parties
+        # each party's stand-in is on the other party's family
+        wanted = [(party, i, other.family) for i in added
+                  for party, other in ((second, first), (first, second)) if party.at(i) is None]
+        relays = iter(self._allocate_all([family for _, _, family in wanted], now))
+        for party in session.parties:  # a stream rejected from the start: None
+            party.media.extend([None] * (len(specs) - len(party.media)))
+        for party, i, _ in wanted:
+            _put(party, i, Media(next(relays)))
+        self._learn(session, side, specs, now)
+
+    def _learn(self, session: MediaSession, side: int, specs: Sequence[StreamSpec],
+               now: float) -> None:
+        """Record what ``side`` said about each stream it has (an answer only fills in
+        its media); a stream it rejects is released."""
+        pairs = session.pairs()
+        rejected = False
         for i, spec in enumerate(specs):
-            stream = streams[i]
+            pair = pairs[i] if i < len(pairs) else None
+            if pair is None:  # (an answer accepting a rejected stream: ignored)
+                continue
             if spec.peer is None:  # rejected (port 0), by the offer or the answer
-                if stream is not None:
-                    self._drop_stream(session, i, now)
-            elif stream is not None:  # (an answer accepting a rejected stream: ignored)
-                stream[side].learn(spec)
+                session.parties[1].media[i] = None  # the side no other session shares
+                rejected = True
+            else:
+                pair[side].learn(spec)
+        if rejected:
+            self._prune(session.call, session.parties, now)
+
+    def _prune(self, call: Call, parties: Iterable[Party], now: float) -> None:
+        """Release the media of ``parties`` that no session of ``call`` uses any more."""
+        live = {id(m) for s in call.sessions for pair in s.pairs() if pair for m in pair}
+        for party in parties:
+            for i, media in enumerate(party.media):
+                if media is not None and id(media) not in live:
+                    self._release(media.relay, now)
+                    party.media[i] = None
 
     def _allocate_all(self, families: Sequence[int], now: float) -> list[Endpoint]:
         """A relay of each of ``families``, all or none (raises PortsExhausted)."""
@@ -666,83 +640,65 @@ class SessionManager:
             raise
         return held
 
-    def _drop_stream(self, session: MediaSession, index: int, now: float) -> None:
-        stream = session.streams[index]
-        assert stream is not None
-        session.streams[index] = None
-        for leg in stream:
-            self._release(leg.relay, now)
-
-    def _fork(self, original: MediaSession, now: float) -> MediaSession:
-        """A second answer (new to-tag) to one offer: new offerer-facing legs, the
-        answerer-facing legs shared with the original. Raises PortsExhausted with
-        nothing changed."""
-        live = [s for s in original.streams if s is not None]
-        fresh = iter(self._allocate_all([original.families[0]] * len(live), now))
-        fork = self._new_session(original.origin, original.call_id,
-                                 (original.tags[0], None), original.families, now)
-        for stream in original.streams:
-            if stream is None:
-                fork.streams.append(None)
-                continue
-            a = Leg(next(fresh), stream[0].peer, stream[0].rtcp_peer, stream[0].rtcp_mux)
-            self._shared[stream[1].relay] += 1
-            fork.streams.append((a, Leg(stream[1].relay)))
-        return fork
+    def _fork(self, offered: MediaSession, now: float) -> MediaSession:
+        """A second answer (new to-tag) to one offer: a new answering party, whose
+        stand-ins the offerer is shown, in a session with the offerer. Raises
+        PortsExhausted with nothing changed."""
+        offerer, first = offered.parties
+        live = [pair is not None for pair in offered.pairs()]
+        fresh = iter(self._allocate_all([offerer.family] * sum(live), now))
+        answerer = Party(None, first.family, [Media(next(fresh)) if ok else None for ok in live])
+        return self._new_session(offered.origin, offered.call, offerer, answerer, now)
 
     def _flows_of(self, session: MediaSession) -> list[Flow]:
         flows: list[Flow] = []
-        for stream in session.streams:
-            if stream is None:
-                continue
-            for receiving, sending in (stream, stream[::-1]):
-                flows.extend(self._direction(session, receiving, sending))
+        for pair in session.pairs():
+            if pair is not None:
+                flows.extend(self._toward(session, pair[1], pair[0]))
+                flows.extend(self._toward(session, pair[0], pair[1]))
         return flows
 
-    def _direction(self, session: MediaSession, into: Leg, out: Leg) -> list[Flow]:
-        """Flows for packets arriving at ``into.relay`` (from its side) that leave from
-        ``out.relay`` to the other side. None while the other side is unknown or on hold."""
-        if out.peer is None or (out.peer.host.is_unspecified and out.peer.port != 0):
+    def _toward(self, session: MediaSession, to: Media, sender: Media) -> list[Flow]:
+        """Flows for packets ``sender`` sends to ``to``'s stand-in, leaving from its own
+        stand-in towards ``to``. None while ``to`` is unknown or on hold."""
+        if to.peer is None or (to.peer.host.is_unspecified and to.peer.port != 0):
             return []
-        family = out.relay.family
-        if not _usable(out.peer) or out.peer.family != family:
+        family = sender.relay.family
+        if not _usable(to.peer) or to.peer.family != family:
             rtp_to = rtcp_to = _unknown(family)  # learnt from its first packet
         else:
-            rtp_to = out.peer
-            if out.rtcp_mux:
-                rtcp_to = out.peer
-            elif out.rtcp_peer is not None and out.rtcp_peer.family == family:
-                rtcp_to = out.rtcp_peer
+            rtp_to = to.peer
+            if to.rtcp_mux:
+                rtcp_to = to.peer
+            elif to.rtcp_peer is not None and to.rtcp_peer.family == family:
+                rtcp_to = to.rtcp_peer
             else:
-                rtcp_to = _shift(out.peer, 1)
-        strict = self.latch is Latch.STRICT and _usable(into.peer)
+                rtcp_to = shift(to.peer)
+        strict = self.latch is Latch.STRICT and _usable(sender.peer)
         latch = Latch.STRICT if strict else (Latch.LEARN if self.latch else Latch.OFF)
         if rtp_to.port == 0:
             latch = Latch.LEARN if latch is Latch.OFF else latch
         expect_rtcp = None
-        if strict and into.peer is not None:
-            expect_rtcp = into.peer if into.rtcp_mux else (into.rtcp_peer or _shift(into.peer, 1))
+        if strict and sender.peer is not None:
+            expect_rtcp = (sender.peer if sender.rtcp_mux
+                           else (sender.rtcp_peer or shift(sender.peer)))
 
-        def flow(match: Endpoint, source: Endpoint, to: Endpoint, expect: Endpoint | None) -> Flow:
-            return Flow(session=session.id, match=match, source=source, to=to,
+        def flow(match: Endpoint, source: Endpoint, dest: Endpoint, expect: Endpoint | None
+                 ) -> Flow:
+            return Flow(session=session.id, match=match, source=source, to=dest,
                         idle_timeout=session.idle_timeout, latch=latch, reverse=source,
                         expect=expect, rate_limit_pps=self.rate_limit_pps)
 
         return [
-            flow(into.relay, out.relay, rtp_to, into.peer if strict else None),
-            flow(_shift(into.relay, 1), _shift(out.relay, 1), rtcp_to, expect_rtcp),
+            flow(to.relay, sender.relay, rtp_to, sender.peer if strict else None),
+            flow(shift(to.relay), shift(sender.relay), rtcp_to, expect_rtcp),
         ]
 
-    def _group(self, session: MediaSession) -> list[MediaSession]:
-        """The sessions whose flows are decided together: a call's, or a manual one."""
-        return self._calls.get(session.call_id, []) if session.call_id else [session]
-
     def _wanted(self, session: MediaSession) -> dict[Endpoint, Flow]:
-        """The flows of ``session``'s group, by match (the latest answer owns flows that
+        """The flows of ``session``'s call, by match (the latest answer owns flows that
         forks share)."""
-        group = self._group(session)
         wanted: dict[Endpoint, Flow] = {}
-        for s in sorted(group, key=lambda s: s.answered) if len(group) > 1 else group:
+        for s in session.call.sessions:
             for f in self._flows_of(s):
                 wanted[f.match] = f
         return wanted
@@ -759,28 +715,28 @@ class SessionManager:
                 self._install[match] = flow
         self._changed()
 
-    def _end(self, session: MediaSession, now: float, reason: str) -> None:
-        if self._sessions.pop(session.id, None) is None:
+    def _end(self, session: MediaSession, now: float, event: Event) -> None:
+        if self._sessions.get(session.id) is not session:
             return
+        session.handle(event)
+        del self._sessions[session.id]
         self._dirty.add(session.id)
         if self.on_end is not None:
-            self.on_end(session, reason, now)
+            self.on_end(session, event.value, now)
         before = self._wanted(session)
-        group = self._group(session)
-        group.remove(session)
-        for leg in session.legs():
-            self._release(leg.relay, now)
-        session.streams = []
-        self._queue(before, self._wanted(group[0]) if group else {})
-        if session.call_id is not None and not group:
-            del self._calls[session.call_id]
-        self.ended[reason] += 1
+        call = session.call
+        call.sessions.remove(session)
+        self._prune(call, session.parties, now)
+        self._queue(before, self._wanted(call.sessions[0]) if call.sessions else {})
+        if call.call_id is not None and not call.sessions:
+            del self._calls[call.call_id]
+        self.ended[event.value] += 1
 
     def _arm(self, session: MediaSession) -> None:
         self._schedule(session, session.activity + session.idle_timeout)
 
     def _schedule(self, session: MediaSession, when: float) -> None:
-        if session.lifetime is not None and session.state == "active":
+        if session.lifetime is not None and session.state is State.ACTIVE:
             when = min(when, session.created + session.lifetime)
         session.timer = when
         self._timers.add(when, session)

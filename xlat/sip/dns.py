@@ -29,6 +29,10 @@ then the other: a failed address is followed by the other family's (§4.3 and RF
 6555's fallback). Later NAPTR records are further fallbacks after the first one's
 targets (as Kamailio's ``dns_try_naptr`` does), so a dead transport does not end
 the search.
+
+What a walk found is kept in the cache (``DnsCache.located``) until the first answer
+it read expires, or anything is stored: later requests to the same name skip the
+walk. Not when RFC 2782 weights left a choice: that order is drawn for each request.
 """
 
 from __future__ import annotations
@@ -172,6 +176,9 @@ class _Entry:
     failed: bool  # the lookup got no answer at all
 
 
+_LocateKey = tuple[Destination, tuple[str, ...], int]
+
+
 class DnsCache:
     """Answers by query until their TTL runs out; negative answers (NXDOMAIN, no
     records) for the SOA's negative TTL (RFC 2308 §5), failures for FAILURE_TTL.
@@ -180,6 +187,10 @@ class DnsCache:
     def __init__(self, max_entries: int = MAX_CACHE_ENTRIES) -> None:
         self.max_entries = max_entries
         self._entries: OrderedDict[Query, _Entry] = OrderedDict()
+        # What ``locate`` made of the entries, by what it was asked, until the first
+        # of those entries expires: the walk NAPTR -> SRV -> AAAA/A is not redone on
+        # every request to the same name. Any store() forgets it all.
+        self._located: OrderedDict[_LocateKey, tuple[float, tuple[Target, ...]]] = OrderedDict()
 
     def store(self, query: Query, records: Sequence[Record], ttl: float | None,
               now: float) -> None:
@@ -206,7 +217,23 @@ class DnsCache:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def located(self, key: _LocateKey, now: float) -> list[Target] | None:
+        """The targets remembered for ``key`` while every answer they came from holds."""
+        known = self._located.get(key)
+        if known is None:
+            return None
+        if known[0] <= now:
+            del self._located[key]
+            return None
+        return list(known[1])
+
+    def remember(self, key: _LocateKey, targets: Sequence[Target], expires: float) -> None:
+        self._located[key] = (expires, tuple(targets))
+        while len(self._located) > self.max_entries:
+            self._located.popitem(last=False)
+
     def _put(self, query: Query, entry: _Entry) -> None:
+        self._located.clear()
         self._entries.pop(query, None)
         self._entries[query] = entry
         while len(self._entries) > self.max_entries:
@@ -268,26 +295,55 @@ def locate(dest: Destination, cache: DnsCache, now: float, *, rng: random.Random
     ``transports``: those we can use; ``prefer``: the address family tried first."""
     if dest.transport is not None and dest.transport not in transports:
         return Unresolvable(f"transport {dest.transport} not supported", failed=False)
-    allowed = ("tls",) if dest.secure else tuple(transports)
     if dest.secure and "tls" not in transports:
         return Unresolvable("sips: needs TLS, which is not configured", failed=False)
-    default = "tls" if dest.secure else "udp"
     ip = _literal(dest.host)
     if ip is not None:  # §4.1/§4.2: numeric host, no DNS
-        transport = dest.transport or default
+        transport = dest.transport or ("tls" if dest.secure else "udp")
         return [Target(Endpoint(ip, dest.port or DEFAULT_PORTS[transport]), transport, str(ip))]
+    key = (dest, tuple(transports), prefer)
+    known = cache.located(key, now)
+    if known is not None:
+        return known
+    walk = _Walk(cache, now)
+    result = _locate_name(dest, walk, rng, transports, prefer)
+    if isinstance(result, list) and not walk.chose:  # a random order is drawn anew each time
+        cache.remember(key, result, walk.expires)
+    return result
+
+
+class _Walk:
+    """One walk through the cache: the entries it read, when the first of them
+    expires, and whether RFC 2782 had a choice to draw (then the result is not kept)."""
+
+    def __init__(self, cache: DnsCache, now: float) -> None:
+        self.cache, self.now = cache, now
+        self.expires = float("inf")
+        self.chose = False
+
+    def get(self, query: Query) -> _Entry | None:
+        entry = self.cache.get(query, self.now)
+        if entry is not None:
+            self.expires = min(self.expires, entry.expires)
+        return entry
+
+
+def _locate_name(dest: Destination, walk: _Walk, rng: random.Random,
+                 transports: Sequence[str], prefer: int) -> Result:
+    """``locate`` for a host name."""
+    allowed = ("tls",) if dest.secure else tuple(transports)
+    default = "tls" if dest.secure else "udp"
     name = normalize(dest.host)
     if dest.port is not None:  # §4.2: explicit port, AAAA/A only
         transport = dest.transport or default
-        return _addresses(name, [(dest.port, transport, name)], cache, now, prefer, name)
+        return _addresses(name, [(dest.port, transport, name)], walk, prefer, name)
     if dest.transport is not None:  # §4.1: transport known, SRV of that transport
-        srv = _srv_targets([_SRV_PREFIX[dest.transport] + name], [dest.transport], cache, now,
-                           rng)
+        srv = _srv_targets([_SRV_PREFIX[dest.transport] + name], [dest.transport], walk, rng)
         if isinstance(srv, Lookup | Unresolvable):
             return srv
         hosts = srv or [(DEFAULT_PORTS[dest.transport], dest.transport, name)]
-        return _addresses(name, hosts, cache, now, prefer, name)
-    naptr = cache.get(Query(name, NAPTR), now)
+        return _addresses(name, hosts, walk, prefer, name)
+    naptr = walk.get(Query(name, NAPTR))
     if naptr is None:
         return Lookup(frozenset({Query(name, NAPTR)}))
     if naptr.failed:  # the server does not answer: asking it more only adds timeouts
@@ -299,11 +355,11 @@ def locate(dest: Destination, cache: DnsCache, now: float, *, rng: random.Random
     else:  # no (usable) NAPTR: SRV of every supported transport (§4.1)
         kinds = [t for t in _SRV_ORDER if t in allowed]
         names = [_SRV_PREFIX[t] + name for t in kinds]
-    srv = _srv_targets(names, kinds, cache, now, rng)
+    srv = _srv_targets(names, kinds, walk, rng)
     if isinstance(srv, Lookup | Unresolvable):
         return srv
     hosts = srv or [(DEFAULT_PORTS[default], default, name)]  # no SRV: §4.2, default port
-    return _addresses(name, hosts, cache, now, prefer, name)
+    return _addresses(name, hosts, walk, prefer, name)
 
 
 def _naptr_services(records: Sequence[Record], allowed: Sequence[str]) -> list[tuple[str, str]]:
@@ -321,22 +377,24 @@ def _naptr_services(records: Sequence[Record], allowed: Sequence[str]) -> list[t
     return [(replacement, transport) for _, _, replacement, transport in usable]
 
 
-def _srv_targets(names: Sequence[str], transports: Sequence[str], cache: DnsCache, now: float,
+def _srv_targets(names: Sequence[str], transports: Sequence[str], walk: _Walk,
                  rng: random.Random) -> list[tuple[int, str, str]] | Lookup | Unresolvable:
     """(port, transport, host) of every SRV record of ``names``, each name's records
     in RFC 2782 order, names in the order given. Empty: no SRV record at all."""
-    missing = [Query(n, SRV) for n in names if cache.get(Query(n, SRV), now) is None]
+    missing = [Query(n, SRV) for n in names if walk.get(Query(n, SRV)) is None]
     if missing:
         return Lookup(frozenset(missing))
     out: list[tuple[int, str, str]] = []
     failures = 0
     for srv_name, transport in zip(names, transports, strict=True):
-        entry = cache.get(Query(srv_name, SRV), now)
+        entry = walk.get(Query(srv_name, SRV))
         assert entry is not None
         failures += entry.failed
         records = [r for r in entry.records if isinstance(r, Srv)]
         if len(records) == 1 and normalize(records[0].target) == "":
             continue  # RFC 2782: target "." means "decidedly not available"
+        priorities = [r.priority for r in records]
+        walk.chose |= len(set(priorities)) < len(priorities)
         out += [(r.port, transport, normalize(r.target)) for r in rfc2782_order(records, rng)
                 if normalize(r.target)]
     if not out and failures == len(names):
@@ -364,15 +422,14 @@ def rfc2782_order(records: Sequence[Srv], rng: random.Random) -> list[Srv]:
     return out
 
 
-def _addresses(name: str, hosts: Sequence[tuple[int, str, str]], cache: DnsCache, now: float,
-               prefer: int, server_name: str) -> Result:
+def _addresses(name: str, hosts: Sequence[tuple[int, str, str]], walk: _Walk, prefer: int,
+               server_name: str) -> Result:
     """Every host's addresses (``prefer`` family first) as targets, hosts in order."""
     first, second = (AAAA, A) if prefer == 6 else (A, AAAA)
     missing = set()
     for _, _, host in hosts:
         if _literal(host) is None:
-            missing |= {Query(host, t) for t in (first, second) if cache.get(Query(host, t), now)
-                        is None}
+            missing |= {Query(host, t) for t in (first, second) if walk.get(Query(host, t)) is None}
     if missing:
         return Lookup(frozenset(missing))
     targets: list[Target] = []
@@ -384,7 +441,7 @@ def _addresses(name: str, hosts: Sequence[tuple[int, str, str]], cache: DnsCache
         else:
             found = []
             for rdtype in (first, second):
-                entry = cache.get(Query(host, rdtype), now)
+                entry = walk.get(Query(host, rdtype))
                 assert entry is not None
                 failed += entry.failed
                 found += [r for r in entry.records if isinstance(r, ipaddress.IPv4Address |

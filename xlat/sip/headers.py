@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import NamedTuple
 
+from xlat.compiled import mypyc_attr
 from xlat.sip.errors import SipParseError
 from xlat.sip.uri import IPAddress, SipUri, format_host, host_ip, parse_host, parse_port, parse_uri
 
@@ -139,6 +140,7 @@ class _HeaderLine(NamedTuple):
     key: str  # canonical_name(name)
 
 
+@mypyc_attr(native_class=False)  # mypyc: a NamedTuple subclass cannot be native
 class Header(_HeaderLine):
     """One header line: `name` as written, `value` unfolded and stripped, `raw` the
     original line(s) including folding and line ending (None for a new line), `key` the

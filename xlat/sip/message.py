@@ -459,10 +459,8 @@ class SipRequest(SipMessage):
         super().__init__(headers, body)
 
     def _clone_start(self) -> SipRequest:
-        clone = SipRequest.__new__(SipRequest)
-        clone.method, clone.version = self.method, self.version
-        clone.uri = self.uri.copy() if isinstance(self.uri, SipUri) else self.uri
-        return clone
+        uri = self.uri.copy() if isinstance(self.uri, SipUri) else self.uri
+        return SipRequest(self.method, uri, version=self.version)  # copy() sets the rest
 
     def _start_line(self) -> tuple[tuple[object, ...], str]:
         key = (self.method, str(self.uri), self.version)
@@ -496,9 +494,7 @@ class SipResponse(SipMessage):
         super().__init__(headers, body)
 
     def _clone_start(self) -> SipResponse:
-        clone = SipResponse.__new__(SipResponse)
-        clone.status, clone.reason, clone.version = self.status, self.reason, self.version
-        return clone
+        return SipResponse(self.status, self.reason, version=self.version)  # copy() sets the rest
 
     def _start_line(self) -> tuple[tuple[object, ...], str]:
         key = (self.version, self.status, self.reason)
@@ -694,7 +690,7 @@ def _parse_start_line(line: str) -> SipRequest | SipResponse:
         _check_version(version)
         if len(code) != 3 or not code.isascii() or not code.isdigit() or code[0] not in "123456":
             raise SipParseError(f"bad status code: {line!r}")
-        return _empty(SipResponse, status=int(code), reason=reason, version=version)
+        return _empty(SipResponse(int(code), reason, version=version))
     method, uri_text, version = parts
     if not TOKEN_RE.fullmatch(method) or not uri_text or " " in version:
         raise SipParseError(f"bad request line: {line!r}")
@@ -702,7 +698,7 @@ def _parse_start_line(line: str) -> SipRequest | SipResponse:
     uri = parse_uri(uri_text)
     if isinstance(uri, SipUri) and uri.headers is not None:
         raise SipParseError(f"headers in a Request-URI (§19.1.1): {uri_text!r}")
-    return _empty(SipRequest, method=method, uri=uri, version=version)
+    return _empty(SipRequest(method, uri, version=version))
 
 
 def _check_version(version: str) -> None:
@@ -713,10 +709,8 @@ def _check_version(version: str) -> None:
         raise SipParseError(f"unsupported SIP version: {version!r}", 505)
 
 
-def _empty(cls: type[_M], **fields: object) -> _M:
-    msg = cls.__new__(cls)
-    for name, value in fields.items():
-        setattr(msg, name, value)
+def _empty(msg: _M) -> _M:
+    """`msg` (just made) with no header lines at all, not even Content-Length."""
     msg.headers = []
     msg.eol = CRLF
     msg._body = b""

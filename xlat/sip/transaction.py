@@ -22,6 +22,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 __all__ = [
     "Action",
@@ -262,7 +263,7 @@ class Transmit:
 class Deliver:
     """A message for the transaction user: a response (client) or an ACK (server)."""
 
-    message: object
+    message: Any  # not `object`: mypyc's dataclass support fails on it at import
 
 
 @dataclass(frozen=True, slots=True)
