@@ -283,7 +283,7 @@ def test_adopting_leftover_table_keeps_elements(lab: Lab, guards: list) -> None:
         for o in nft_json(lab, "list", "chain", "inet", "xlat", "input")["nftables"]
         if "rule" in o
     ]
-    assert len(rules) == 6  # replaced, not appended
+    assert len(rules) == 8  # replaced, not appended
     ports = nft_json(lab, "list", "set", "inet", "xlat", "relay_ports")["nftables"]
     (relay_ports,) = (o["set"]["elem"] for o in ports if "set" in o)
     assert relay_ports == [{"range": [40000, 40999]}]
