@@ -38,7 +38,8 @@
 	X(MTU_EXCEEDED,     sent,  none, none, "translated; over the route MTU: to the stack") \
 	X(UNALLOCATED,      none,  drop, drop, "UDP to a relay port no flow is installed for: no session holds it, or eBPF alone forwards and passed it up (nftables)") \
 	X(SEND_FAILED,      none,  drop, none, "the kernel refused the userspace relay's onward sendto") \
-	X(SIP_RATE_LIMITED, none,  none, drop, "SIP to a listen address over the per-source rate: IPv4 address or IPv6 /64; route targets and --trusted exempt (nftables)")
+	X(SIP_RATE_LIMITED, none,  none, drop, "SIP to a listen address over the per-source rate: IPv4 address or IPv6 /64; route targets and --trusted exempt (nftables)") \
+	X(SIP_STRANGERS_LIMITED, none, none, drop, "SIP to a listen address from strangers (not trusted, no known peer) over their shared rate, 10x the per-source rate per family (nftables)")
 
 /* The enum: one slot per entry the eBPF program counts. */
 #define XLAT_EBPF_SLOT_sent(name) REASON_##name,

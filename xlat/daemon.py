@@ -580,6 +580,8 @@ class Daemon:
 
             try:
                 self.sip = await start_proxy(cfg, self.manager, self._adopt_signalling)
+                if self.nft_guard is not None:  # known peers leave the strangers' rate
+                    self.sip.tell_peers = self.nft_guard.know
             except TlsSetupError as e:
                 raise StartupError(str(e)) from None
             self._closers.append(self.sip)

@@ -184,7 +184,7 @@ def test_oversized_sip_is_dropped_and_the_daemon_keeps_serving(
                            for r in replies)
 
     call = place_call(gateway, alice6, bob4, bob4.uri, tmp_path, pause_ms=300)
-    assert call.ok, call.explain()
+    assert call.ok, call.explain() + gateway.log_tail(30)
 
 
 def test_sdp_with_thousands_of_m_lines_fails_that_call_only(
@@ -219,7 +219,8 @@ def test_sdp_with_thousands_of_m_lines_fails_that_call_only(
     refused = parse_message(answer)
     assert isinstance(refused, SipResponse) and refused.status == 488, answer[:200]
     assert "m= lines" in refused.reason
-    assert ports_in_use(gateway) <= before  # the call's ports were freed; none taken
+    end_call(gateway, call.call_id)  # its ports are held for the delete delay (10 s)
+    assert ports_in_use(gateway) <= before  # the refused offer took none
 
 
 def ng_in(lab: Lab, datagram: bytes) -> dict[str, object]:
@@ -281,16 +282,20 @@ def test_sip_junk_at_50k_per_second_from_one_source_and_calls_complete(
 
 def test_sip_junk_from_many_sources_under_the_meter_and_calls_complete(
         gateway: Gateway, lab: Lab, tmp_path: Path) -> None:
-    """Junk from 50 addresses at 40/s each (2,000/s, every datagram under the per-source
-    budget, so all of it reaches the daemon's parser) for JUNK_S seconds while real calls
-    go on: >= 99 % complete, and the daemon counted the junk as malformed."""
+    """Junk from 200 addresses at 100/s each (20,000/s, every source under the per-source
+    budget) for JUNK_S seconds while real calls go on: >= 99 % complete. All strangers
+    together get 10x the per-source rate (2,000/s), so most of the junk is dropped in the
+    kernel (sip_strangers_limited); the callee, a known peer (the proxy sent it the
+    INVITE), shares the flooded socket and is spared. The daemon parses at most the
+    strangers' budget of it."""
     phones = Phones(lab, tmp_path)
     try:
-        record = flood_with_calls(lab, gateway, phones, rate=2000, seconds=JUNK_S,
-                                  sources=add_sources(lab, 50), cps=5, name="junk50",
+        record = flood_with_calls(lab, gateway, phones, rate=20_000, seconds=JUNK_S,
+                                  sources=add_sources(lab, 200), cps=5, name="junk200",
                                   metrics_at=METRICS)
     finally:
         phones.stop()
     print(f"\n{record}")
     assert record["ok_pct"] >= 99
-    assert record["sip_rate_limited"] == 0 and record["malformed"] >= 0.5 * record["sent"]
+    assert record["sip_strangers_limited"] >= 0.5 * record["sent"]
+    assert 0 < record["malformed"] <= 2000 * (JUNK_S + 2) + 2000  # the strangers' rate + burst

@@ -93,7 +93,7 @@ def test_table_has_sets_counters_and_input_chain(lab: Lab, guards: list) -> None
     (chain,) = (o["chain"] for o in objs if "chain" in o)
     assert (chain["hook"], chain["prio"]) == ("input", -10)
     counters = {o["counter"]["name"] for o in objs if "counter" in o}
-    assert counters == {"to_stack", "unallocated", "sip_rate_limited"}
+    assert counters == {"to_stack", "unallocated", "sip_rate_limited", "sip_strangers_limited"}
 
 
 def test_install_sets_timeouts_and_remove_tolerates_missing(lab: Lab, guards: list) -> None:
@@ -223,6 +223,45 @@ def test_trusted_sources_and_other_ports_are_not_limited(lab: Lab, guards: list)
     assert g.drops()["sip_rate_limited"].packets == 400 - got["stranger"]
 
 
+def test_strangers_share_one_rate_and_known_peers_are_spared(lab: Lab, guards: list) -> None:
+    """40 strangers each at the per-source rate (50/s) for a second: together they get
+    the strangers' shared rate (10 x 50/s, burst 500); a peer told with ``know`` gets
+    through in full, as a route target's or a callee's replies must."""
+    from bench.junk import add_sources
+
+    g = new_guard(lab, guards, sip_listen=[Endpoint(GW4, 5060)])
+    peer = "203.0.113.3"
+    g.know([ip_address(peer)])
+    (peers4,) = (o["set"] for o in nft_json(lab, "list", "set", "inet", "xlat",
+                                              "peers4")["nftables"] if "set" in o)
+    assert [e["elem"]["val"] for e in peers4["elem"]] == [peer]
+    with udp(lab.gw, 4, "203.0.113.1:5060") as sip:
+        sip.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 1 << 24)
+        strangers = [udp(lab.v4, 4, f"{a}:0") for a in add_sources(lab, 40)]
+        known = udp(lab.v4, 4, f"{peer}:0")
+        known_port = known.getsockname()[1]
+        try:
+            for _ in range(50):  # 50 rounds in ~1 s: every source at 50/s
+                for sock in strangers:
+                    sock.sendto(b"junk", ("203.0.113.1", 5060))
+                known.sendto(b"SIP/2.0 200 OK", ("203.0.113.1", 5060))
+                time.sleep(0.02)
+            sources = drain(sip)
+        finally:
+            for sock in [*strangers, known]:
+                sock.close()
+    through_known = sources.count((peer, known_port))
+    through_strangers = len(sources) - through_known
+    drops = g.drops()
+    print(f"\nthrough: known peer {through_known}/50, strangers {through_strangers}/2000; "
+          f"drops {drops}")
+    assert through_known == 50
+    assert through_strangers <= 500 + 10 * 50 * 1.5  # burst + the rate for ~1.5 s
+    assert drops["sip_strangers_limited"].packets == 2000 - through_strangers \
+        - drops["sip_rate_limited"].packets
+    assert drops["sip_strangers_limited"].packets >= 500
+
+
 def test_close_deletes_table_keep_leaves_it(lab: Lab, guards: list) -> None:
     g = new_guard(lab, guards)
     g.close(keep=True)
@@ -244,7 +283,7 @@ def test_adopting_leftover_table_keeps_elements(lab: Lab, guards: list) -> None:
         for o in nft_json(lab, "list", "chain", "inet", "xlat", "input")["nftables"]
         if "rule" in o
     ]
-    assert len(rules) == 6  # replaced, not appended
+    assert len(rules) == 8  # replaced, not appended
     ports = nft_json(lab, "list", "set", "inet", "xlat", "relay_ports")["nftables"]
     (relay_ports,) = (o["set"]["elem"] for o in ports if "set" in o)
     assert relay_ports == [{"range": [40000, 40999]}]

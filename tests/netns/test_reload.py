@@ -26,7 +26,7 @@ def nft_set(gw: Gateway, name: str) -> list[str]:
 
 def sip_rate(gw: Gateway) -> int:
     out = gw.lab.run(gw.lab.gw, ["nft", "list", "chain", "inet", "xlat", "input"])
-    (line,) = [x for x in out.splitlines() if "ip saddr != @trusted4" in x]
+    (line,) = [x for x in out.splitlines() if "ip saddr != @trusted4 update @sip4" in x]
     return int(line.split("limit rate over ")[1].split("/")[0])
 
 

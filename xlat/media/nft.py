@@ -41,8 +41,13 @@ RULESET = Path(str(resources.files("xlat") / "nft" / "xlat.nft"))  # package dat
 FAMILY = "inet"
 TABLE = "xlat"
 DROP_COUNTERS = tuple(r.name for r in reasons.counted_by("nft"))  # the ruleset's drop counters
+# All strangers of a family together (not trusted, not a known peer) get this many times
+# the per-source SIP rate: what the daemon parses of a many-source flood stays bounded.
+STRANGER_FACTOR = 10
+PEER_TIMEOUT = 600  # seconds a known peer stays in peers4/peers6 unless told again
 NAMED_COUNTERS = ("to_stack", *DROP_COUNTERS)
 _RELAY_SET = {4: "relay4", 6: "relay6"}
+_PEER_SET = {4: "peers4", 6: "peers6"}
 _CONFIG_SETS = ("media4", "media6", "relay_ports", "sip_listen4", "sip_listen6", "trusted4",
                 "trusted6")
 
@@ -112,6 +117,16 @@ class NftGuard:
         kernel, so: add (in case it expired), delete, add — one transaction."""
         add = _cmds("add", _timed(flows, self.grace))
         self._batch(add + _cmds("delete", _keys([f.match for f in flows])) + add)
+
+    def know(self, hosts: Iterable[IPAddress]) -> None:
+        """SIP peers the proxy talks to: out of the strangers' shared rate for
+        PEER_TIMEOUT seconds (re-adding restarts the timer: delete, add)."""
+        by_set: dict[str, list[Any]] = {}
+        for host in dict.fromkeys(hosts):
+            by_set.setdefault(_PEER_SET[host.version], []).append(str(host))
+        timed = {name: [{"elem": {"val": h, "timeout": PEER_TIMEOUT}} for h in elems]
+                 for name, elems in by_set.items()}
+        self._batch(_cmds("add", timed) + _cmds("delete", by_set) + _cmds("add", timed))
 
     def counters(self, matches: Sequence[Endpoint] | None = None) -> dict[Endpoint, FlowCounters]:
         """No per-flow counters: the guard forwards nothing."""
@@ -212,7 +227,8 @@ def load_script(
     configuration sets. The SIP rate limit covers the ``sip_listen`` addresses (an
     unspecified host: every address of its family) and spares ``trusted`` sources.
     Raises KeyError if the file uses an unknown placeholder."""
-    body = string.Template(ruleset.read_text()).substitute(SIP_RATE=sip_rate)
+    body = string.Template(ruleset.read_text()).substitute(
+        SIP_RATE=sip_rate, STRANGER_RATE=sip_rate * STRANGER_FACTOR)
     t = f"{FAMILY} {TABLE}"
     lines = [f"table {t}", f"flush table {t}", body]
     lines += [f"flush set {t} {name}" for name in _CONFIG_SETS]

@@ -31,7 +31,7 @@ from typing import Any, cast
 
 from netaddr import IPNetwork
 
-from xlat.addr import Endpoint
+from xlat.addr import Endpoint, IPAddress
 from xlat.config import Config
 from xlat.media.session import SessionManager
 from xlat.sip import dns
@@ -56,6 +56,11 @@ IDLE_OPENED = 120.0
 # longer than the longest registration the registrar grants (a registered phone
 # refreshes within it).
 SWEEP_INTERVAL = 10.0  # how often idle connections are looked for
+# Known peers are told to ``tell_peers`` (the nft guard: they leave the strangers' shared
+# rate) in batches this long after the first new one, and again when last told longer
+# ago than PEER_RETELL (the kernel forgets a peer after nft.PEER_TIMEOUT, 600 s).
+PEER_BATCH = 0.02
+PEER_RETELL = 300.0
 # Linux <linux/in.h>, <linux/in6.h>: queue ICMP errors of a UDP socket (ip(7), ipv6(7));
 # Python's socket module does not name them.
 IP_RECVERR = getattr(socket, "IP_RECVERR", 11)
@@ -113,6 +118,13 @@ class _Udp(asyncio.DatagramProtocol):
         for dest, errno in _queued_errors(self.sock):
             log.info("UDP to %s failed: %s", dest, os.strerror(errno))
             self.server.transport_error(dest, "udp", unanswered=True)
+
+
+def _makes_known(data: bytes) -> bool:
+    """Does sending ``data`` make its destination a known peer: a request (the proxy
+    routed to it), or a 1xx/2xx response (the proxy took its request). A 4xx-6xx, such
+    as the 400 for a malformed request, does not."""
+    return not data.startswith(b"SIP/2.0 ") or data[8:9] in (b"1", b"2")
 
 
 def _queued_errors(sock: socket.socket) -> list[tuple[Endpoint, int]]:
@@ -185,6 +197,7 @@ class SipServer:
         self.resolver = resolver
         self.tls_client = tls_client
         self.udp: dict[Endpoint, asyncio.DatagramTransport] = {}
+        self.udp_sockets: dict[Endpoint, socket.socket] = {}  # the same, as sockets
         self.tcp: list[asyncio.Server] = []
         self.connections: dict[Endpoint, _Tcp] = {}
         self._connecting: dict[tuple[Endpoint, str], list[bytes]] = {}
@@ -193,6 +206,11 @@ class SipServer:
         self._timer_at = 0.0  # uvloop's call_at handles have no when()
         self._sweeper: asyncio.TimerHandle | None = None
         self.idle_accepted = float(proxy.config.register_expires[2])
+        # where known peers go (the daemon sets it to NftGuard.know), and who was told when
+        self.tell_peers: Callable[[list[IPAddress]], None] | None = None
+        self._peers_told: dict[IPAddress, float] = {}
+        self._peers_new: dict[IPAddress, None] = {}
+        self._peers_timer: asyncio.TimerHandle | None = None
 
     # ---- input ---------------------------------------------------------------------
 
@@ -257,6 +275,8 @@ class SipServer:
     def transmit(self, sends: Sequence[Send]) -> None:
         """Send everything, start the DNS lookups asked for, then re-arm the one timer."""
         for send in sends:
+            if self.tell_peers is not None and _makes_known(send.data):
+                self._known(send.dest.host)
             try:
                 if send.transport == "udp":
                     self._send_udp(send)
@@ -268,19 +288,53 @@ class SipServer:
             self._spawn(self._lookup(query))
         self._arm()
 
+    def _known(self, host: IPAddress) -> None:
+        told = self._peers_told.get(host)
+        if told is not None and self.loop.time() - told < PEER_RETELL:
+            return
+        self._peers_new[host] = None
+        if self._peers_timer is None:
+            self._peers_timer = self.loop.call_later(PEER_BATCH, self._tell_peers)
+
+    def _tell_peers(self) -> None:
+        """Hand the new known peers over in one batch; forget who was told so long ago
+        that the kernel has forgotten them too."""
+        self._peers_timer = None
+        hosts, self._peers_new = list(self._peers_new), {}
+        now = self.loop.time()
+        if len(self._peers_told) > 4 * len(hosts) + 1000:
+            self._peers_told = {h: t for h, t in self._peers_told.items()
+                                if now - t < PEER_RETELL}
+        assert self.tell_peers is not None
+        try:
+            self.tell_peers(hosts)
+        except Exception:  # NftError, or the table is gone (re-created within seconds)
+            log.exception("telling %d known SIP peer(s) to the nft guard failed", len(hosts))
+            return
+        self._peers_told.update(dict.fromkeys(hosts, now))
+
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = self.loop.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     def _send_udp(self, send: Send) -> None:
-        sock = self.udp.get(send.local) if send.local is not None else None
-        if sock is None:
-            sock = next((t for ep, t in self.udp.items() if ep.family == send.dest.family), None)
-        if sock is None:
+        local = send.local if send.local in self.udp else next(
+            (ep for ep in self.udp if ep.family == send.dest.family), None)
+        if local is None:
             log.info("no IPv%d UDP socket to reach %s", send.dest.family, send.dest)
             return
-        sock.sendto(send.data, _sockaddr(send.dest))
+        transport = self.udp[local]
+        if cast(asyncio.WriteTransport, transport).get_write_buffer_size() == 0:
+            # straight to the socket: an error (EMSGSIZE for a forward too big for a
+            # datagram, EPERM...) is this message's, raised here and logged by transmit;
+            # uvloop's transport would take it as fatal and stop sending on the socket
+            try:
+                self.udp_sockets[local].sendto(send.data, _sockaddr(send.dest))
+                return
+            except (BlockingIOError, InterruptedError):
+                pass  # the transport queues it until the socket is writable
+        transport.sendto(send.data, _sockaddr(send.dest))
 
     def _send_stream(self, send: Send) -> None:
         """TCP or TLS: down the peer's connection of that kind, else a new one."""
@@ -364,10 +418,10 @@ class SipServer:
 
     def close(self) -> None:
         """Stop listening, drop connections and the timer."""
-        for handle in (self._timer, self._sweeper):
+        for handle in (self._timer, self._sweeper, self._peers_timer):
             if handle is not None:
                 handle.cancel()
-        self._timer = self._sweeper = None
+        self._timer = self._sweeper = self._peers_timer = None
         for task in self._tasks:
             task.cancel()
         for udp in self.udp.values():
@@ -378,6 +432,7 @@ class SipServer:
             if conn.transport is not None:
                 conn.transport.close()
         self.udp.clear()
+        self.udp_sockets.clear()
         self.tcp.clear()
 
 
@@ -400,6 +455,7 @@ async def start_sip(
                 udp, _ = await loop.create_datagram_endpoint(
                     functools.partial(_Udp, server, ep, sock), sock=sock)
                 server.udp[ep] = udp
+                server.udp_sockets[ep] = sock
             else:
                 context = tls_server if transport == "tls" else None
                 sock = _socket(ep, socket.SOCK_STREAM)
