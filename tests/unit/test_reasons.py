@@ -15,7 +15,8 @@ def test_the_list_reads_with_forwarded_first_and_each_datapath_its_own_reasons()
     assert {"no_flow", "fragment", "rewrite_fail", "fib_fail"} <= set(ebpf)
     assert "unallocated" not in ebpf  # not a slot of the kernel counters
     assert {r.value for r in DropReason} == {r.name for r in reasons.counted_by("userspace")}
-    assert {r.name for r in reasons.counted_by("nft")} == {"unallocated", "sip_rate_limited"}
+    assert {r.name for r in reasons.counted_by("nft")} == {"unallocated", "sip_rate_limited",
+                                                             "sip_strangers_limited"}
     assert len({r.name for r in reasons.ALL}) == len(reasons.ALL)
 
 
