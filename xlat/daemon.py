@@ -525,9 +525,10 @@ class Daemon:
                                 "call": summary})
 
     def _now(self) -> float:
-        """The one clock of signalling and media: the loop's (SIP timers run on it; it is
-        CLOCK_MONOTONIC, the clock the kernel's last_seen is in)."""
-        return asyncio.get_running_loop().time()
+        """The one clock of signalling and media: CLOCK_MONOTONIC, the clock of the loop's
+        time() (SIP timers run on it) and of the kernel's last_seen. Not the running
+        loop's own method: control commands are also served where no loop runs."""
+        return time.monotonic()
 
     def _arm_expiry(self) -> None:
         """Make the loop call ``_expire`` at the manager's next deadline, as the SIP edge
@@ -540,7 +541,11 @@ class Daemon:
             if self._expiry_at <= deadline:
                 return
             self._expiry.cancel()
-        self._expiry = asyncio.get_running_loop().call_at(deadline, self._expire, deadline)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # a command served with no loop running: run() arms it
+            return
+        self._expiry = loop.call_at(deadline, self._expire, deadline)
         self._expiry_at = deadline
 
     def _expire(self, scheduled: float) -> None:
